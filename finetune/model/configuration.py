@@ -1,0 +1,60 @@
+"""ChatGLM3 configuration: reads the fields of an official chatglm3-6b config.json."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+
+
+@strict
+class ChatGLMConfig(PreTrainedConfig):
+    """Hyper-parameters of a ChatGLM3 model, with the official field names and defaults of chatglm3-6b."""
+
+    model_type = "chatglm"
+    attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size"}
+
+    num_layers: int = 28
+    padded_vocab_size: int = 65024
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 13696
+    kv_channels: int = 128
+    num_attention_heads: int = 32
+    seq_length: int = 8192
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-5
+    rmsnorm: bool = True
+    apply_residual_connection_post_layernorm: bool = False
+    post_layer_norm: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = True
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    original_rope: bool = True
+    rope_ratio: float = 1.0
+    apply_query_key_layer_scaling: bool = True
+    attention_softmax_in_fp32: bool = True
+    fp32_residual_connection: bool = False
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    classifier_dropout: float | None = None
+    quantization_bit: int = 0
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    bos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("auto_map", None)
+        kwargs.pop("vocab_size", None)
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """Number of K/V heads: the multi-query group count, or one per attention head."""
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.kv_channels

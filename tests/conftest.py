@@ -1,0 +1,44 @@
+"""Shared test fixtures: where ../shared lives, and the reference ChatGLM3 tiny checkpoint."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("CHATGLM_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def _require_shared(path: Path) -> Path:
+    """Return `path`, or skip the test when the shared fixtures are absent (fail under CI)."""
+    if path.exists():
+        return path
+    message = f"shared fixture {path} not found (set CHATGLM_SHARED_DIR to the shared/ folder)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; CI must run the reference tests")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared/ folder with the official reference fixtures."""
+    return _require_shared(SHARED_DIR)
+
+
+@pytest.fixture(scope="session")
+def reference_dir(shared_dir: Path) -> Path:
+    """The chatglm3-tiny reference folder produced with the official implementation."""
+    return _require_shared(shared_dir / "reference" / "chatglm3-tiny")
+
+
+@pytest.fixture(scope="session")
+def reference(reference_dir: Path) -> dict:
+    """The parsed reference.json."""
+    return json.loads((reference_dir / "reference.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def reference_model_dir(reference_dir: Path) -> Path:
+    """The official-layout tiny checkpoint folder."""
+    return reference_dir / "model"
