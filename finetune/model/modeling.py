@@ -1,0 +1,433 @@
+"""ChatGLM3 model: our own implementation with the official parameter names, on torch SDPA and the HF Cache API.
+
+Layout (official names):
+  transformer.embedding.word_embeddings
+  transformer.encoder.layers.N.{input_layernorm, self_attention.{query_key_value, dense},
+                                post_attention_layernorm, mlp.{dense_h_to_4h, dense_4h_to_h}}
+  transformer.encoder.final_layernorm
+  transformer.output_layer
+  transformer.prefix_encoder.{embedding, trans.0, trans.2}   (P-Tuning v2, when config.pre_seq_len is set)
+
+P-Tuning v2 prefix keys/values enter attention in `SelfAttention.forward`, in front of the sequence's own keys and
+values (and of the KV cache). Attention masks are decided once per forward in `build_attention_bias`.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .chat import ChatMixin
+from .checkpoint_files import check_chatglm_folder
+from .configuration import ChatGLMConfig
+from .loss import chunked_causal_lm_loss
+from .prefix_encoder import PrefixEncoder
+
+PrefixKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension."""
+        input_dtype = hidden_states.dtype
+        variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
+        normed = hidden_states * torch.rsqrt(variance + self.eps)
+        return (self.weight * normed).to(input_dtype)
+
+
+def make_norm(config: ChatGLMConfig) -> nn.Module:
+    """The layer norm the config asks for: RMSNorm (ChatGLM3) or LayerNorm."""
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class RotaryEmbedding(nn.Module):
+    """GLM rotary embedding: rotates the first half of each head's channels, in interleaved pairs."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.rotary_dim = config.kv_channels // 2
+        self.base = 10000.0 * config.rope_ratio
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `position_ids` (batch, seq), each (batch, 1, seq, rotary_dim // 2), in fp32."""
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
+        inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dim))
+        angles = position_ids.float().unsqueeze(-1) * inv_freq
+        return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (0,1), (2,3), ... of the first 2 * cos.shape[-1] channels of x (batch, heads, seq, dim)."""
+    rot_dim = cos.shape[-1] * 2
+    rotated, passed = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = rotated.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((out, passed), dim=-1)
+
+
+@dataclass
+class AttentionBias:
+    """How attention is masked in one forward: a boolean mask (True = may attend), plain causal, or nothing."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None,
+    query_length: int,
+    past_length: int,
+    prefix_length: int,
+    device: torch.device,
+) -> AttentionBias:
+    """Decide the attention mask for a forward pass.
+
+    `attention_mask` is 2-D over past + current tokens: 1 = token, 0 = padding, or segment ids 1, 2, ... for packed
+    rows (examples never attend to each other). Prefix keys are visible to every query. A left-padded query row with
+    nothing to attend (no past, no prefix) attends to every key, as in the official implementation; its output is
+    never used.
+    """
+    context_length = prefix_length + past_length
+    packed = attention_mask is not None and bool((attention_mask > 1).any())
+    if attention_mask is not None and not packed and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None:
+        if query_length == 1:
+            return AttentionBias(mask=None, is_causal=False)
+        if context_length == 0:
+            return AttentionBias(mask=None, is_causal=True)
+    key_length = context_length + query_length
+    query_positions = torch.arange(query_length, device=device).unsqueeze(-1) + context_length
+    causal = torch.arange(key_length, device=device).unsqueeze(0) <= query_positions
+    if attention_mask is None:
+        return AttentionBias(mask=causal[None, None], is_causal=False)
+    batch_size = attention_mask.shape[0]
+    prefix_columns = torch.ones(batch_size, query_length, prefix_length, dtype=torch.bool, device=device)
+    if packed:
+        segments = attention_mask[:, -query_length:]
+        same_segment = segments.unsqueeze(-1) == segments.unsqueeze(-2)
+        sequence_part = same_segment & causal[:, prefix_length:]
+        return AttentionBias(mask=torch.cat((prefix_columns, sequence_part), dim=-1).unsqueeze(1), is_causal=False)
+    key_valid = attention_mask.bool().unsqueeze(1)
+    sequence_part = causal[:, prefix_length:] & key_valid
+    if context_length == 0:
+        query_is_padding = ~attention_mask[:, -query_length:].bool()
+        sequence_part = sequence_part | query_is_padding.unsqueeze(-1)
+    return AttentionBias(mask=torch.cat((prefix_columns, sequence_part), dim=-1).unsqueeze(1), is_causal=False)
+
+
+class SelfAttention(nn.Module):
+    """Multi-query attention: 32 query heads share 2 K/V groups (ChatGLM3-6B), fused QKV projection."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_groups
+        self.head_dim = config.kv_channels
+        self.dropout = config.attention_dropout
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(
+            config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias
+        )
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        bias: AttentionBias,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Attend over [prefix keys/values, cached keys/values, current keys/values]; input (batch, seq, hidden)."""
+        batch_size, seq_length, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states)
+        query, key, value = qkv.split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1,
+        )
+        query = query.view(batch_size, seq_length, self.num_heads, self.head_dim).transpose(1, 2)
+        key = key.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = value.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        query = apply_rotary(query, cos, sin)
+        key = apply_rotary(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        if prefix is not None:
+            prefix_key, prefix_value = prefix
+            key = torch.cat((prefix_key.to(key.dtype), key), dim=2)
+            value = torch.cat((prefix_value.to(value.dtype), value), dim=2)
+        context = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=bias.mask,
+            is_causal=bias.is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        context = context.transpose(1, 2).reshape(batch_size, seq_length, self.num_heads * self.head_dim)
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: one projection to 2 x ffn_hidden_size, silu(gate) * up, projection back."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Apply the feed-forward block."""
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    """One transformer layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.residual_after_norm = config.apply_residual_connection_post_layernorm
+        self.input_layernorm = make_norm(config)
+        self.self_attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        bias: AttentionBias,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Run the layer on (batch, seq, hidden)."""
+        normed = self.input_layernorm(hidden_states)
+        attention_output = self.self_attention(normed, rotary, bias, prefix, cache)
+        residual = normed if self.residual_after_norm else hidden_states
+        hidden_states = residual + self.hidden_dropout(attention_output)
+        normed = self.post_attention_layernorm(hidden_states)
+        residual = normed if self.residual_after_norm else hidden_states
+        return residual + self.hidden_dropout(self.mlp(normed))
+
+
+class GLMTransformer(nn.Module):
+    """The stack of GLM blocks plus the final norm, with optional activation checkpointing per layer."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        self.final_layernorm = make_norm(config) if config.post_layer_norm else None
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        bias: AttentionBias,
+        prefixes: PrefixKeyValues | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Run every layer; checkpointing is non-reentrant so a frozen base with a trainable prefix still gets grads."""
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layers):
+            prefix = prefixes[index] if prefixes is not None else None
+            if recompute:
+                hidden_states = checkpoint(layer, hidden_states, rotary, bias, prefix, None, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, rotary, bias, prefix, cache)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
+
+class Embedding(nn.Module):
+    """Token embedding (official name: transformer.embedding.word_embeddings)."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embed token ids."""
+        return self.word_embeddings(input_ids)
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    """Common settings for ChatGLM3 models."""
+
+    config_class = ChatGLMConfig
+    config: ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load a checkpoint; a local folder is checked first so a wrong folder or a truncated shard is named."""
+        if os.path.isdir(pretrained_model_name_or_path):
+            check_chatglm_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """ChatGLM3 transformer with its output layer (the official `transformer` module)."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.embedding = Embedding(config)
+        self.rotary_pos_emb = RotaryEmbedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding."""
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding."""
+        self.embedding.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Final hidden states (batch, seq, hidden) and the updated KV cache."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, batch_size, seq_length, past_length, inputs_embeds.device)
+        prefixes = None
+        if self.prefix_encoder is not None:
+            prefixes = self.prefix_encoder(batch_size, inputs_embeds.dtype)
+        bias = build_attention_bias(
+            attention_mask,
+            query_length=seq_length,
+            past_length=past_length,
+            prefix_length=self.config.pre_seq_len or 0,
+            device=inputs_embeds.device,
+        )
+        rotary = self.rotary_pos_emb(position_ids)
+        hidden_states = self.encoder(inputs_embeds, rotary, bias, prefixes, cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, seq_length: int, past_length: int, device: torch.device
+) -> torch.LongTensor:
+    """Position ids when none are given: counted over real tokens (padding gets 0), restarting per packed segment."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+    if bool((attention_mask > 1).any()):
+        segments = attention_mask
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        index = torch.arange(segments.shape[1], device=device).expand_as(segments)
+        start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        positions = index - start_index
+        return positions.masked_fill(segments == 0, 0)[:, -seq_length:]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0).masked_fill(attention_mask == 0, 0)[:, -seq_length:]
+
+
+class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM3 causal LM: logits, chunked loss, generation with the KV cache, chat()."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding."""
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding."""
+        self.transformer.embedding.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The vocabulary projection."""
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        """Replace the vocabulary projection."""
+        self.transformer.output_layer = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits)."""
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        output_layer = self.transformer.output_layer
+        loss = None
+        logits = None
+        if labels is not None:
+            loss = chunked_causal_lm_loss(hidden_states, labels, output_layer)
+        if labels is None or not self.training:
+            kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+            logits = output_layer(kept)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)

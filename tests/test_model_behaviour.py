@@ -1,0 +1,192 @@
+"""Behaviour of our ChatGLM3 model beyond the reference numbers: P-Tuning training, loss, saving, errors, chat."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import finetune  # noqa: F401  (registers the Auto classes)
+from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.model.chat import parse_tool_call, split_response
+from finetune.model.checkpoint_files import CheckpointError
+from finetune.model.loss import chunked_causal_lm_loss
+from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix_weights
+
+
+def small_config(**overrides) -> ChatGLMConfig:
+    """A ChatGLM3-shaped config with other layer/group counts than the fixture."""
+    values = dict(
+        num_layers=3, hidden_size=48, num_attention_heads=6, kv_channels=8, multi_query_group_num=3,
+        ffn_hidden_size=96, padded_vocab_size=320, seq_length=256,
+    )
+    values.update(overrides)
+    return ChatGLMConfig(**values)
+
+
+def test_ptuning_with_gradient_checkpointing_trains_only_the_prefix():
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=4, prefix_projection=True))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("transformer.prefix_encoder.")
+    model.gradient_checkpointing_enable()
+    model.train()
+    input_ids = torch.randint(5, 300, (2, 12))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    prefix_grads = [p.grad for n, p in model.named_parameters() if n.startswith("transformer.prefix_encoder.")]
+    assert prefix_grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in prefix_grads)
+    base_grads = [p.grad for n, p in model.named_parameters() if not n.startswith("transformer.prefix_encoder.")]
+    assert all(g is None for g in base_grads)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=3))
+    model.train()
+    input_ids = torch.randint(5, 300, (2, 10))
+
+    def prefix_grad() -> torch.Tensor:
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return model.transformer.prefix_encoder.embedding.weight.grad.clone()
+
+    plain = prefix_grad()
+    model.gradient_checkpointing_enable()
+    assert torch.allclose(prefix_grad(), plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 1000])
+def test_chunked_loss_equals_full_cross_entropy(chunk_tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    output_layer = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 7))
+    labels[0, :3] = -100
+    loss = chunked_causal_lm_loss(hidden, labels, output_layer, chunk_tokens=chunk_tokens)
+    (hidden_grad,) = torch.autograd.grad(loss, hidden)
+    logits = output_layer(hidden)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(hidden_grad, expected_grad, atol=1e-6)
+
+
+def test_loss_without_labelled_tokens_is_zero_and_differentiable():
+    hidden = torch.randn(1, 4, 8, requires_grad=True)
+    loss = chunked_causal_lm_loss(hidden, torch.full((1, 4), -100), torch.nn.Linear(8, 10))
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad is not None
+
+
+def test_save_pretrained_round_trip_keeps_official_names(reference_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir).eval()
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        saved = set(handle.keys())
+    index = json.loads((reference_model_dir / "pytorch_model.bin.index.json").read_text())
+    official = {key for key in index["weight_map"] if not key.endswith("inv_freq")}
+    assert saved == official
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    input_ids = torch.tensor([[901, 903, 906, 736, 13, 470, 747]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, reloaded(input_ids).logits)
+
+
+def test_config_overrides_pass_through_from_pretrained(reference_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir, pre_seq_len=6, prefix_projection=True)
+    assert model.config.pre_seq_len == 6 and model.config.prefix_projection
+    assert model.transformer.prefix_encoder.embedding.weight.shape[0] == 6
+    assert model.transformer.prefix_encoder.trans is not None
+
+
+def test_prefix_checkpoint_round_trip(reference_model_dir, tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir, pre_seq_len=5).eval()
+    torch.nn.init.normal_(model.transformer.prefix_encoder.embedding.weight)
+    save_prefix_weights(model, tmp_path, official_bin=True)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "pytorch_model.bin").is_file()
+    other = AutoModelForCausalLM.from_pretrained(reference_model_dir, pre_seq_len=5).eval()
+    load_prefix_checkpoint(other, tmp_path)
+    input_ids = torch.tensor([[901, 903, 906, 736, 13]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, other(input_ids).logits)
+
+
+def test_folder_that_is_not_chatglm_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_truncated_shard_is_named(reference_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(reference_model_dir, folder)
+    shard = folder / "pytorch_model-00003-of-00005.bin"
+    shard.chmod(0o644)
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="pytorch_model-00003-of-00005.bin.*truncated"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_truncated_safetensors_is_named(reference_model_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(reference_model_dir).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_prefix_checkpoint_with_wrong_pre_seq_len_is_explained(reference_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_dir / "model", pre_seq_len=7)
+    with pytest.raises(CheckpointError, match=r"ptuning/pytorch_model.bin: pre_seq_len mismatch.*pre_seq_len=5"):
+        load_prefix_checkpoint(model, reference_dir / "ptuning")
+
+
+def test_prefix_checkpoint_for_other_layer_count_is_explained(reference_dir):
+    config = ChatGLMConfig.from_pretrained(reference_dir / "model", num_layers=3, pre_seq_len=5)
+    model = ChatGLMForConditionalGeneration(config)
+    with pytest.raises(CheckpointError, match="layer/shape mismatch.*2 layers"):
+        load_prefix_checkpoint(model, reference_dir / "ptuning")
+
+
+def test_prefix_checkpoint_into_model_without_prefix_is_explained(reference_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_dir / "model")
+    with pytest.raises(CheckpointError, match="built without pre_seq_len"):
+        load_prefix_checkpoint(model, reference_dir / "ptuning")
+
+
+def test_chat_and_stream_chat_agree(reference_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reference_model_dir)
+    history = [{"role": "system", "content": "You are a copywriter."}]
+    reply, new_history = model.chat(tokenizer, "你好", history=history, do_sample=False, max_new_tokens=8)
+    assert isinstance(reply, str)
+    assert [m["role"] for m in new_history] == ["system", "user", "assistant"]
+    assert new_history[1]["content"] == "你好"
+    streamed = list(model.stream_chat(tokenizer, "你好", history=history, do_sample=False, max_new_tokens=8))
+    assert streamed[-1] == (reply, new_history)
+    assert history == [{"role": "system", "content": "You are a copywriter."}]
+
+
+def test_tool_call_replies_are_parsed_without_eval():
+    history = [{"role": "system", "content": "tools", "tools": [{"name": "get_weather"}]}, {"role": "user", "content": "?"}]
+    reply, new_history = split_response("get_weather\n```python\ntool_call(city='北京', days=2)\n```", history)
+    assert reply == {"name": "get_weather", "parameters": {"city": "北京", "days": 2}}
+    assert new_history[-1]["metadata"] == "get_weather"
+    with pytest.raises(ValueError, match="tool_call"):
+        parse_tool_call("__import__('os').system('echo no')")
+
+
+def test_multi_segment_reply_keeps_every_assistant_turn():
+    reply, history = split_response("\nThinking.<|assistant|>\nDone.", [{"role": "user", "content": "q"}])
+    assert reply == "Done."
+    assert [m["content"] for m in history if m["role"] == "assistant"] == ["Thinking.", "Done."]
