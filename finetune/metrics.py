@@ -1,0 +1,139 @@
+"""ROUGE-1/2/L and BLEU-4 for generated Chinese text, as ChatGLM's P-Tuning v2 evaluation scores it.
+
+Convention (checked against shared/reference/metrics_reference.json):
+- ROUGE: both texts are cut into words with jieba, joined with spaces and scored with `rouge-chinese`;
+  the F-score x 100 is kept.
+- BLEU-4: nltk `sentence_bleu` on characters (the reference's characters against the prediction's), smoothing
+  method 3, x 100.
+- Every per-pair value is rounded to 4 decimals; the corpus value is the mean of the rounded per-pair values,
+  rounded to 4 decimals again.
+- A pair whose prediction or reference is empty or whitespace-only scores 0 on every metric.
+
+jieba builds its dictionary on first use (about 1-2 s) and logs while doing so; its logging is silenced here.
+Import this module only where metrics are computed, not from `finetune/__init__.py`.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+
+import jieba
+import numpy as np
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from rouge_chinese import Rouge
+from transformers import EvalPrediction, PreTrainedTokenizerBase
+
+METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+IGNORE_INDEX = -100
+DECIMALS = 4
+
+jieba.setLogLevel(logging.WARNING)
+_ROUGE = Rouge()
+_BLEU_SMOOTHING = SmoothingFunction().method3
+
+
+def _zero_scores() -> dict[str, float]:
+    """All four metrics at 0.0."""
+    return {name: 0.0 for name in METRIC_NAMES}
+
+
+def _words(text: str) -> str:
+    """The jieba words of `text` joined with single spaces, the input format rouge-chinese expects."""
+    return " ".join(jieba.cut(text))
+
+
+def score_pair(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-scores and character BLEU-4 of one prediction against one reference, x100, 4 decimals."""
+    prediction_words = _words(prediction)
+    reference_words = _words(reference)
+    # rouge-chinese raises ValueError on a text with no non-whitespace content; such a pair has no overlap to score.
+    if not prediction_words.strip() or not reference_words.strip():
+        return _zero_scores()
+    rouge = _ROUGE.get_scores(prediction_words, reference_words)[0]
+    scores = {name: round(rouge[name]["f"] * 100, DECIMALS) for name in ("rouge-1", "rouge-2", "rouge-l")}
+    bleu = sentence_bleu([list(reference)], list(prediction), smoothing_function=_BLEU_SMOOTHING)
+    scores["bleu-4"] = float(round(bleu * 100, DECIMALS))
+    return scores
+
+
+def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L and BLEU-4 over aligned (prediction, reference) pairs; all zeros for no pairs."""
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"compute_metrics got {len(predictions)} predictions but {len(references)} references; "
+            "pass one reference per prediction, in the same order"
+        )
+    if not predictions:
+        return _zero_scores()
+    pair_scores = [score_pair(prediction, reference) for prediction, reference in zip(predictions, references)]
+    return {
+        name: round(float(np.mean([scores[name] for scores in pair_scores])), DECIMALS) for name in METRIC_NAMES
+    }
+
+
+def _first_array(value: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
+    """The array itself, or the first array when the Trainer handed over a tuple."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _token_ids(row: np.ndarray, pad_token_id: int | None) -> list[int]:
+    """The ids of one row without the ignore index (-100) and without padding."""
+    dropped = {IGNORE_INDEX} if pad_token_id is None else {IGNORE_INDEX, pad_token_id}
+    return [int(token_id) for token_id in row if int(token_id) not in dropped]
+
+
+def _strip_prompt(prediction_row: np.ndarray, input_row: np.ndarray, row_index: int) -> np.ndarray:
+    """The generated part of `prediction_row`: what follows its prompt `input_row` (-100 padded at the end)."""
+    prompt_width = len(input_row)
+    while prompt_width > 0 and input_row[prompt_width - 1] == IGNORE_INDEX:
+        prompt_width -= 1
+    if not np.array_equal(prediction_row[:prompt_width], input_row[:prompt_width]):
+        raise ValueError(
+            f"generated row {row_index} does not begin with its input ids, so its prompt cannot be removed; "
+            "either leave `include_for_metrics` without 'inputs' when the trainer already strips the prompt, "
+            "or keep the prompt in the generated ids as `model.generate` returns them"
+        )
+    return prediction_row[prompt_width:]
+
+
+def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalPrediction], dict[str, float]]:
+    """A `compute_metrics` for Seq2SeqTrainer(predict_with_generate=True) that decodes ids and scores the text.
+
+    Expected `EvalPrediction` fields (numpy int arrays, one row per example, as the Trainer gives them with
+    `eval_do_concat_batches=True`, the default; it pads rows from different batches with -100 at the end):
+    - `predictions`: generated ids. They may contain the tokenizer's pad id and -100, which are dropped.
+      When `inputs` is present (TrainingArguments(include_for_metrics=["inputs"])), every row must begin with its
+      input row, as `model.generate` returns it for a decoder-only model, and that prompt prefix is removed.
+      When `inputs` is absent, the rows must hold only the generated tokens.
+    - `label_ids`: the reference answer's ids; -100 (masked prompt, padding) and pad ids are dropped, so labels
+      masked over the prompt and answer-only labels both work.
+    Both are decoded with `batch_decode(skip_special_tokens=True)` and scored with `compute_metrics`.
+    """
+    pad_token_id = tokenizer.pad_token_id
+
+    def compute(eval_prediction: EvalPrediction) -> dict[str, float]:
+        generated = _first_array(eval_prediction.predictions)
+        labels = _first_array(eval_prediction.label_ids)
+        if len(generated) != len(labels):
+            raise ValueError(
+                f"EvalPrediction has {len(generated)} prediction rows but {len(labels)} label rows; "
+                "they must come from the same evaluation dataset"
+            )
+        if eval_prediction.inputs is not None:
+            inputs = _first_array(eval_prediction.inputs)
+            if len(inputs) != len(generated):
+                raise ValueError(
+                    f"EvalPrediction has {len(generated)} prediction rows but {len(inputs)} input rows; "
+                    "they must come from the same evaluation dataset"
+                )
+            generated = [
+                _strip_prompt(row, prompt, index) for index, (row, prompt) in enumerate(zip(generated, inputs))
+            ]
+        prediction_texts = tokenizer.batch_decode(
+            [_token_ids(row, pad_token_id) for row in generated], skip_special_tokens=True
+        )
+        reference_texts = tokenizer.batch_decode(
+            [_token_ids(row, pad_token_id) for row in labels], skip_special_tokens=True
+        )
+        return compute_metrics(prediction_texts, reference_texts)
+
+    return compute

@@ -1,0 +1,166 @@
+"""ROUGE/BLEU metrics: the official reference values, hand-computed cases, edge cases and the Trainer factory."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import EvalPrediction
+
+from finetune.metrics import METRIC_NAMES, build_compute_metrics, compute_metrics, score_pair
+from finetune.model.tokenization import ChatGLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def metrics_reference(shared_dir: Path) -> dict:
+    """The parsed shared/reference/metrics_reference.json."""
+    return json.loads((shared_dir / "reference" / "metrics_reference.json").read_text(encoding="utf-8"))
+
+
+def test_reference_pairs_match_official_values(metrics_reference: dict) -> None:
+    for index, pair in enumerate(metrics_reference["pairs"]):
+        scores = score_pair(pair["prediction"], pair["reference"])
+        expected = {name: pair[name] for name in METRIC_NAMES}
+        assert scores == expected, f"pair {index}: {pair['prediction']!r} vs {pair['reference']!r}"
+
+
+def test_reference_corpus_mean_matches_official_value(metrics_reference: dict) -> None:
+    predictions = [pair["prediction"] for pair in metrics_reference["pairs"]]
+    references = [pair["reference"] for pair in metrics_reference["pairs"]]
+    assert compute_metrics(predictions, references) == metrics_reference["mean"]
+
+
+def test_identical_multi_word_text_scores_100() -> None:
+    text = "这款连衣裙设计简约，夏天穿非常清凉。"
+    assert score_pair(text, text) == {name: 100.0 for name in METRIC_NAMES}
+
+
+def test_disjoint_text_scores_0() -> None:
+    assert score_pair("完全不相关的句子", "牛仔外套") == {name: 0.0 for name in METRIC_NAMES}
+
+
+def test_rouge_counts_words_hand_computed() -> None:
+    # Unique words: 3 of 4 predicted unigrams match 3 of 5 reference unigrams; 2 of 3 bigrams match 2 of 4.
+    scores = score_pair("alpha beta gamma delta", "alpha beta gamma epsilon zeta")
+    rouge_1 = 2 * (3 / 4) * (3 / 5) / (3 / 4 + 3 / 5)
+    rouge_2 = 2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4)
+    assert scores["rouge-1"] == pytest.approx(100 * rouge_1, abs=1e-4)
+    assert scores["rouge-2"] == pytest.approx(100 * rouge_2, abs=1e-4)
+    assert scores["rouge-l"] == pytest.approx(100 * rouge_1, abs=1e-4)  # the LCS is the 3 shared words
+
+
+def test_bleu_brevity_penalty_hand_computed() -> None:
+    # Every character n-gram of "abcd" is in "abcde": precision 1, brevity penalty exp(1 - 5/4).
+    assert score_pair("abcd", "abcde")["bleu-4"] == round(100 * math.exp(1 - 5 / 4), 4)
+
+
+def test_bleu_smoothing_method3_hand_computed() -> None:
+    # 1-grams 3/4, 2-grams 1/3; no 3- or 4-gram matches, which method 3 smooths to 1/(2*2) and 1/(4*1).
+    expected = (3 / 4 * 1 / 3 * 1 / 4 * 1 / 4) ** (1 / 4)
+    assert score_pair("abxd", "abcd")["bleu-4"] == round(100 * expected, 4)
+
+
+def test_no_character_overlap_gives_float_zero_bleu() -> None:
+    bleu = score_pair("甲乙", "丙丁")["bleu-4"]
+    assert bleu == 0.0 and isinstance(bleu, float)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("", "这款连衣裙"),
+        ("这款连衣裙", ""),
+        ("", ""),
+        ("   ", "这款连衣裙"),
+        ("这款连衣裙", " \n\t"),
+        ("\n", "\n"),
+    ],
+)
+def test_empty_or_whitespace_text_scores_0(prediction: str, reference: str) -> None:
+    assert score_pair(prediction, reference) == {name: 0.0 for name in METRIC_NAMES}
+
+
+def test_punctuation_only_prediction_is_scored() -> None:
+    scores = score_pair("。", "这款连衣裙。")
+    assert scores["rouge-1"] > 0
+
+
+def test_empty_prediction_counts_as_zero_in_the_mean() -> None:
+    text = "这款连衣裙设计简约，夏天穿非常清凉。"
+    assert compute_metrics([text, ""], [text, text]) == {name: 50.0 for name in METRIC_NAMES}
+
+
+def test_corpus_value_is_mean_of_rounded_pair_values() -> None:
+    predictions = ["宽松的阔腿裤，遮肉显瘦。", "abxd", "alpha beta gamma delta"]
+    references = ["宽松的阔腿裤这两年真的吸粉不少，遮肉小能手。", "abcd", "alpha beta gamma epsilon zeta"]
+    pairs = [score_pair(prediction, reference) for prediction, reference in zip(predictions, references)]
+    expected = {name: round(sum(pair[name] for pair in pairs) / len(pairs), 4) for name in METRIC_NAMES}
+    assert compute_metrics(predictions, references) == expected
+
+
+def test_empty_lists_give_zeros() -> None:
+    assert compute_metrics([], []) == {name: 0.0 for name in METRIC_NAMES}
+
+
+def test_length_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        compute_metrics(["a", "b"], ["a"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
+    """The ChatGLM3 tokenizer of the official-layout tiny checkpoint (byte fallback covers Chinese text)."""
+    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
+
+
+def _ids(tokenizer: ChatGLMTokenizer, text: str) -> list[int]:
+    """The ids of `text` without special tokens."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+PROMPT = "问：写一句连衣裙广告答："
+ANSWERS = ["这款连衣裙简约大方，适合夏天穿着。", "这款连衣裙设计简约。"]
+REFERENCES = ["这款连衣裙设计简约，夏天穿非常清凉。", "这款连衣裙设计简约。"]
+
+
+def _padded(rows: list[list[int]], value: int) -> np.ndarray:
+    """Rows right-padded with `value` to the longest, as the Trainer concatenates batches."""
+    width = max(len(row) for row in rows)
+    return np.array([row + [value] * (width - len(row)) for row in rows], dtype=np.int64)
+
+
+def test_factory_removes_prompt_and_padding(tokenizer: ChatGLMTokenizer) -> None:
+    pad, eos, user = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.get_command("<|user|>")
+    prompt = tokenizer.encode(PROMPT)  # with the [gMASK] sop prefix
+    # Row 0 is left-padded by 2 in its batch; row 1 comes from a narrower batch, so the Trainer adds -100 at the end.
+    inputs = [[pad, pad] + prompt, prompt]
+    generated = [
+        inputs[0] + _ids(tokenizer, ANSWERS[0]) + [eos, pad],
+        inputs[1] + _ids(tokenizer, ANSWERS[1]) + [user],
+    ]
+    labels = [[-100] * len(prompt) + _ids(tokenizer, reference) + [eos] for reference in REFERENCES]
+    eval_prediction = EvalPrediction(
+        predictions=_padded(generated, -100), label_ids=_padded(labels, -100), inputs=_padded(inputs, -100)
+    )
+    metrics = build_compute_metrics(tokenizer)(eval_prediction)
+    assert metrics == compute_metrics(ANSWERS, REFERENCES)
+    assert metrics["rouge-1"] == pytest.approx((66.6667 + 100.0) / 2, abs=1e-4)
+
+
+def test_factory_without_inputs_scores_generated_ids_as_they_are(tokenizer: ChatGLMTokenizer) -> None:
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    generated = [_ids(tokenizer, answer) + [eos] for answer in ANSWERS]
+    labels = [_ids(tokenizer, reference) for reference in REFERENCES]
+    eval_prediction = EvalPrediction(predictions=(_padded(generated, pad),), label_ids=_padded(labels, -100))
+    assert build_compute_metrics(tokenizer)(eval_prediction) == compute_metrics(ANSWERS, REFERENCES)
+
+
+def test_factory_rejects_generated_rows_without_their_prompt(tokenizer: ChatGLMTokenizer) -> None:
+    prompt = _ids(tokenizer, PROMPT)
+    answer = _ids(tokenizer, ANSWERS[0])
+    eval_prediction = EvalPrediction(
+        predictions=np.array([answer]), label_ids=np.array([answer]), inputs=np.array([prompt])
+    )
+    with pytest.raises(ValueError, match="generated row 0 does not begin with its input ids"):
+        build_compute_metrics(tokenizer)(eval_prediction)

@@ -1,0 +1,179 @@
+"""ChatGLMTokenizer against the official tokenizer's outputs (reference.json) and transformers' tokenizer API."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoTokenizer, BatchEncoding
+
+import finetune  # noqa: F401  (registers ChatGLMTokenizer with AutoTokenizer)
+from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
+    """The tokenizer of the official-layout reference checkpoint."""
+    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
+
+
+def test_special_token_ids_follow_the_sentencepiece_vocabulary(tokenizer, reference):
+    base = reference["sp_vocab_size"]
+    assert tokenizer.sp_model.get_piece_size() == base
+    assert list(CHATGLM_SPECIAL_TOKENS) == list(reference["special_tokens"])
+    for token, token_id in reference["special_tokens"].items():
+        assert tokenizer.get_command(token) == token_id
+        assert tokenizer.convert_tokens_to_ids(token) == token_id
+        assert tokenizer.convert_ids_to_tokens(token_id) == token
+    assert tokenizer.vocab_size == base + 9
+    assert len(tokenizer) == base + 9
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("</s>", 2)
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.bos_token_id) == (0, 0, 1)
+    assert tokenizer.get_vocab()["<|assistant|>"] == reference["special_tokens"]["<|assistant|>"]
+
+
+def test_encode_matches_official_ids_pieces_and_decoding(tokenizer, reference):
+    cases = reference["tokenizer"]["encode"]
+    assert len(cases) >= 10
+    for case in cases:
+        text = case["text"]
+        assert tokenizer.encode(text, add_special_tokens=False) == case["ids"], text
+        assert tokenizer.encode(text) == case["with_special"], text
+        assert tokenizer(text)["input_ids"] == case["with_special"], text
+        assert tokenizer.convert_ids_to_tokens(case["ids"]) == case["pieces"], text
+        assert tokenizer.tokenize(text) == case["pieces"], text
+        assert tokenizer.decode(case["ids"]) == case["decoded"], text
+
+
+def test_special_token_text_inside_user_content_stays_text(tokenizer, reference):
+    ids = tokenizer.encode("<|user|> hi [gMASK] </s>", add_special_tokens=False)
+    assert not set(ids) & set(reference["special_tokens"].values())
+    assert tokenizer.eos_token_id not in ids
+    parsing = ChatGLMTokenizer(vocab_file=tokenizer.vocab_file, encode_special_tokens=True)
+    assert reference["special_tokens"]["<|user|>"] in parsing.encode("<|user|> hi", add_special_tokens=False)
+
+
+def test_build_single_message_matches_official(tokenizer, reference):
+    for case in reference["tokenizer"]["build_single_message"]:
+        ids = tokenizer.build_single_message(case["role"], case["metadata"], case["message"])
+        assert ids == case["ids"], case
+
+
+def test_build_chat_input_matches_official(tokenizer, reference):
+    case = reference["tokenizer"]["build_chat_input"]
+    inputs = tokenizer.build_chat_input(case["query"], history=case["history"], role=case["role"])
+    assert isinstance(inputs, BatchEncoding)
+    assert isinstance(inputs["input_ids"], torch.Tensor)
+    assert inputs["input_ids"].tolist() == [case["input_ids"]]
+    assert inputs["attention_mask"].tolist() == [[1] * len(case["input_ids"])]
+    assert tokenizer.build_chat_input("你好")["input_ids"][0].tolist() == (
+        [901, 903] + tokenizer.build_single_message("user", "", "你好") + [907]
+    )
+
+
+def test_bad_role_and_unknown_command_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match="unknown chat role 'robot'"):
+        tokenizer.build_single_message("robot", "", "hi")
+    with pytest.raises(KeyError, match="not a ChatGLM3 command token"):
+        tokenizer.get_command("<|robot|>")
+
+
+def test_decode_renders_special_tokens_unless_skipped(tokenizer):
+    ids = [901, 903] + tokenizer.build_single_message("user", "", "你好") + [907, 2]
+    assert tokenizer.decode(ids) == "[gMASK]sop<|user|>\n 你好<|assistant|></s>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "\n 你好"
+    assert tokenizer.decode([901, 903] + tokenizer.encode("数字12345和English混合", add_special_tokens=False)) == (
+        "[gMASK]sop数字12345和English混合"
+    )
+
+
+def test_decode_of_ids_beyond_the_vocabulary_gives_unk(tokenizer):
+    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["<unk>", "<unk>"]
+    assert tokenizer.decode([901, 903, 1000]) == "[gMASK]sop<unk>"
+
+
+def test_batch_padding_right_by_default_and_left_on_request(tokenizer):
+    texts = ["你好", "Hello world, the quick brown fox!"]
+    lengths = [len(tokenizer.encode(text)) for text in texts]
+    assert lengths[0] < lengths[1]
+    right = tokenizer(texts, padding=True, return_tensors="pt")
+    assert right["input_ids"].shape == (2, lengths[1])
+    assert right["input_ids"][0, lengths[0] :].eq(0).all()
+    assert right["attention_mask"][0].tolist() == [1] * lengths[0] + [0] * (lengths[1] - lengths[0])
+    left = tokenizer(texts, padding=True, return_tensors="pt", padding_side="left")
+    pad = lengths[1] - lengths[0]
+    assert left["input_ids"][0].tolist() == [0] * pad + tokenizer.encode(texts[0])
+    assert left["attention_mask"][0].tolist() == [0] * pad + [1] * lengths[0]
+    assert tokenizer.batch_decode(left["input_ids"], skip_special_tokens=True) == texts
+
+
+def test_padding_side_given_at_load_time_and_to_pad(reference_model_dir, tokenizer):
+    left_tokenizer = AutoTokenizer.from_pretrained(reference_model_dir, padding_side="left")
+    assert left_tokenizer.padding_side == "left"
+    features = [tokenizer("你好"), tokenizer("类型#裙*颜色#红色*风格#简约")]
+    padded = left_tokenizer.pad(features, return_tensors="pt")
+    assert padded["input_ids"][0, 0].item() == 0 and padded["attention_mask"][0, 0].item() == 0
+    padded = tokenizer.pad(features, padding_side="left", pad_to_multiple_of=8, return_tensors="pt")
+    assert padded["input_ids"].shape[1] % 8 == 0
+    assert padded["input_ids"][1, -1].item() == features[1]["input_ids"][-1]
+
+
+def test_truncation_keeps_the_prefix_and_pairs_end_with_eos(tokenizer):
+    truncated = tokenizer("Hello world, the quick brown fox!", max_length=5, truncation=True)["input_ids"]
+    assert truncated == [901, 903, 736, 75, 738]
+    pair = tokenizer("你好", "Hello")["input_ids"]
+    assert pair == [901, 903] + tokenizer.encode("你好", add_special_tokens=False) + tokenizer.encode(
+        "Hello", add_special_tokens=False
+    ) + [2]
+
+
+def test_save_and_reload_round_trip(tokenizer, reference, tmp_path):
+    files = tokenizer.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.model").read_bytes() == Path(tokenizer.vocab_file).read_bytes()
+    assert str(tmp_path / "tokenizer_config.json") in [str(path) for path in files]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "ChatGLMTokenizer"
+    assert "auto_map" not in config
+    assert not [path.name for path in tmp_path.iterdir() if ".tmp" in path.name]
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(reloaded) is ChatGLMTokenizer
+    for case in reference["tokenizer"]["encode"]:
+        assert reloaded.encode(case["text"]) == case["with_special"]
+    case = reference["tokenizer"]["build_chat_input"]
+    assert reloaded.build_chat_input(case["query"], case["history"])["input_ids"].tolist() == [case["input_ids"]]
+
+
+def test_auto_tokenizer_loads_official_folder_without_trust_remote_code(reference_model_dir):
+    official_config = json.loads((reference_model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "auto_map" in official_config
+    loaded = AutoTokenizer.from_pretrained(reference_model_dir)
+    assert type(loaded) is ChatGLMTokenizer
+    assert loaded.encode("你好") == [901, 903, 736, 231, 192, 163, 232, 168, 192]
+
+
+def test_datasets_map_with_tokenizer_in_worker_processes(tokenizer):
+    texts = ["你好", "类型#裙*颜色#红色", "Hello world", "emoji 😀"]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    encoded = dataset.map(lambda batch: tokenizer(batch["text"]), batched=True, num_proc=2, remove_columns=["text"])
+    assert encoded["input_ids"] == [tokenizer.encode(text) for text in texts]
+    assert encoded["attention_mask"] == [[1] * len(tokenizer.encode(text)) for text in texts]
+
+
+def test_remove_space_and_do_lower_case_options_apply_to_text(tokenizer):
+    collapsing = ChatGLMTokenizer(vocab_file=tokenizer.vocab_file, remove_space=True, do_lower_case=True)
+    assert collapsing.encode("  Hello \t World  ") == tokenizer.encode("hello world")
+    assert tokenizer.encode("  Hello") != tokenizer.encode("hello")
+
+
+def test_saved_token_ids_that_contradict_tokenizer_model_are_rejected(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(int(index) + 50 if int(index) >= 900 else int(index)): token
+        for index, token in config["added_tokens_decoder"].items()
+    }
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"'\[MASK\]' has id 950, expected 900"):
+        ChatGLMTokenizer.from_pretrained(tmp_path)
