@@ -286,6 +286,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
+    # A base checkpoint has no prefix encoder: it is created fresh (or loaded from a prefix checkpoint) on purpose.
+    _keys_to_ignore_on_load_missing = [r"transformer\.prefix_encoder\."]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):

@@ -1,0 +1,1 @@
+"""Command-line tools that use a trained checkpoint: interactive/batch inference and export to a standalone model."""

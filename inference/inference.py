@@ -1,0 +1,165 @@
+"""Chat with, or batch-generate from, any checkpoint: P-Tuning v2, LoRA, full fine-tune or base model.
+
+    python inference/inference.py --model output/checkpoint-1000                 # interactive chat
+    python inference/inference.py --model CKPT --prompt "..."                     # one reply
+    python inference/inference.py --model CKPT --input_file in.jsonl --output_file out.jsonl
+
+Interactive chat streams the reply; `/clear` forgets the history, `/exit` (or end of input) quits.
+Batch mode reads input-output records ({"prompt"}: encoded as in training, `[gMASK] sop` + prompt) or
+conversation records ({"conversations"}: ChatGLM3 chat turns, the reply follows them) and writes one
+{"prompt" or "conversations", "response"} line per record.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from finetune.checkpoints import ModelLoadError, load_for_inference  # noqa: E402
+from finetune.data.validation import DataValidationError  # noqa: E402
+from finetune.evaluate import (  # noqa: E402
+    DEFAULT_MAX_SOURCE_LENGTH,
+    build_generation_config,
+    generate_replies,
+    read_prompt_examples,
+    write_jsonl_atomically,
+)
+from finetune.model.checkpoint_files import CheckpointError  # noqa: E402
+
+CLEAR_COMMAND = "/clear"
+EXIT_COMMAND = "/exit"
+
+
+def chat_generation_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for model.chat/stream_chat from the command line."""
+    kwargs = {"max_new_tokens": args.max_new_tokens, "max_length": None, "do_sample": args.do_sample}
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None)
+    return kwargs
+
+
+def reply_text(reply: str | dict) -> str:
+    """A chat reply as text: plain text as is, a tool call as JSON."""
+    return reply if isinstance(reply, str) else json.dumps(reply, ensure_ascii=False)
+
+
+def stream_reply(model, tokenizer, query: str, history: list[dict], generation_kwargs: dict) -> list[dict]:
+    """Print the reply to `query` as it is generated; return the history with this turn added."""
+    printed = ""
+    text = ""
+    turn_history = history
+    for reply, updated_history in model.stream_chat(tokenizer, query, history=history, **generation_kwargs):
+        text = reply_text(reply)
+        turn_history = updated_history
+        if text.startswith(printed):
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+    if text != printed:
+        # The final reply no longer extends what was streamed (e.g. it turned out to be a tool call): show it whole.
+        print(f"\n{text}", end="")
+    print(flush=True)
+    return turn_history
+
+
+def chat_loop(model, tokenizer, generation_kwargs: dict) -> None:
+    """Interactive multi-turn chat on stdin/stdout until /exit or end of input."""
+    print(f"Chat with the model. {CLEAR_COMMAND} clears the history, {EXIT_COMMAND} quits.", flush=True)
+    history: list[dict] = []
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return
+        if not query:
+            continue
+        if query == EXIT_COMMAND:
+            return
+        if query == CLEAR_COMMAND:
+            history = []
+            print("History cleared.", flush=True)
+            continue
+        print("ChatGLM: ", end="", flush=True)
+        history = stream_reply(model, tokenizer, query, history, generation_kwargs)
+
+
+def run_batch(model, tokenizer, args: argparse.Namespace) -> int:
+    """Generate a reply for every record of --input_file and write them to --output_file; return the count."""
+    examples = read_prompt_examples(args.input_file, tokenizer, args.max_source_length, reference_from_record=False)
+    generation_config = build_generation_config(
+        tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p
+    )
+    replies = generate_replies(model, tokenizer, examples, generation_config, args.batch_size, show_progress=True)
+    rows = (
+        {"conversations" if isinstance(example.prompt, list) else "prompt": example.prompt, "response": reply}
+        for example, reply in zip(examples, replies, strict=True)
+    )
+    write_jsonl_atomically(Path(args.output_file), rows)
+    return len(examples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of inference."""
+    parser = argparse.ArgumentParser(description="Chat with or generate from a ChatGLM3 checkpoint of any kind.")
+    parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
+    parser.add_argument("--base", help="base model folder (default: from training_record.json / adapter_config.json)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--input_file", help="batch mode: .jsonl/.json of prompt or conversation records")
+    parser.add_argument("--output_file", help="batch mode: where to write the replies (JSONL)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--quantization_bit", type=int, choices=(4, 8), help="load the base in 4/8 bit (bitsandbytes)")
+    parser.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into the base for speed")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.8, help="with --do_sample")
+    parser.add_argument("--top_p", type=float, default=0.8, help="with --do_sample")
+    parser.add_argument("--batch_size", type=int, default=8, help="batch mode: prompts generated together")
+    parser.add_argument("--max_source_length", type=int, default=DEFAULT_MAX_SOURCE_LENGTH, help="batch mode")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (1 with a message on a checkpoint or input problem)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.input_file) != bool(args.output_file):
+        parser.error("--input_file and --output_file go together")
+    if args.prompt is not None and args.input_file:
+        parser.error("use either --prompt or --input_file, not both")
+    try:
+        model, tokenizer, kind = load_for_inference(
+            args.model,
+            base=args.base,
+            tokenizer=args.tokenizer,
+            device=args.device,
+            dtype=args.dtype,
+            quantization_bit=args.quantization_bit,
+            merge_lora=args.merge_lora,
+        )
+        print(f"loaded {kind.value} checkpoint {args.model} on {model.device}", file=sys.stderr)
+        if args.input_file:
+            count = run_batch(model, tokenizer, args)
+            print(f"wrote {count} replies to {args.output_file}", file=sys.stderr)
+        elif args.prompt is not None:
+            stream_reply(model, tokenizer, args.prompt, [], chat_generation_kwargs(args))
+        else:
+            chat_loop(model, tokenizer, chat_generation_kwargs(args))
+    except (CheckpointError, ModelLoadError, DataValidationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

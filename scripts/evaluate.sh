@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Evaluate a checkpoint (P-Tuning v2, LoRA, full or base) on a dev set: ROUGE-1/2/L and BLEU-4.
+# Usage: CHECKPOINT=output/<run>/checkpoint-1000 [KNOB=value ...] bash scripts/evaluate.sh [extra evaluate flags]
+# Knobs (defaults in brackets):
+#   CHECKPOINT       checkpoint folder to evaluate (required)
+#   DATASET_PATH     dev set, input-output or conversations .jsonl [formatted_data/advertise_gen_dev.jsonl]
+#   BASE_MODEL_PATH  base model for LoRA/P-Tuning checkpoints [the one in the checkpoint's training_record.json]
+#   OUTPUT_DIR       where generated_predictions.jsonl and metrics.json go [output/evaluation/<run>-<checkpoint>]
+#   BATCH_SIZE [8]   prompts generated together
+#   MAX_NEW_TOKENS [128]  longest prediction in tokens
+# Arguments go to `python -m finetune.evaluate` last (see its --help), e.g. --max_source_length 64 --device cpu.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+[ -n "${CHECKPOINT:-}" ] || launcher_error "set CHECKPOINT to the checkpoint folder to evaluate"
+BATCH_SIZE="${BATCH_SIZE:-8}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
+require_positive_integer BATCH_SIZE "$BATCH_SIZE"
+require_positive_integer MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
+
+flags=(
+    --model "$CHECKPOINT"
+    --data "${DATASET_PATH:-$_LAUNCHER_REPO_ROOT/formatted_data/advertise_gen_dev.jsonl}"
+    --batch_size "$BATCH_SIZE"
+    --max_new_tokens "$MAX_NEW_TOKENS"
+)
+add_optional_flag flags --base "${BASE_MODEL_PATH:-}"
+add_optional_flag flags --output_dir "${OUTPUT_DIR:-}"
+
+exec python -m finetune.evaluate "${flags[@]}" "$@"

@@ -1,0 +1,219 @@
+"""Checkpoint-kind detection, base resolution and loading for inference, on real checkpoints in the agreed format."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_builders import (
+    load_base,
+    make_full_checkpoint,
+    make_lora_checkpoint,
+    make_other_base,
+    make_prefix_checkpoint,
+    probe_logits,
+    truncate_file,
+)
+from peft import PeftModel
+
+from finetune.checkpoints import (
+    CheckpointKind,
+    ModelLoadError,
+    choose_tokenizer_source,
+    detect_checkpoint_kind,
+    load_for_inference,
+    read_training_record,
+    resolve_base,
+    resolve_device,
+    resolve_dtype,
+)
+from finetune.model import ChatGLMTokenizer
+from finetune.model.checkpoint_files import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
+    """The reference tiny tokenizer."""
+    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, reference_model_dir: Path) -> dict:
+    """One checkpoint of every kind made from the reference model, and the in-memory models they came from."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    lora_model = make_lora_checkpoint(reference_model_dir, root / "lora")
+    prefix_model = make_prefix_checkpoint(reference_model_dir, root / "prefix", pre_seq_len=4, prefix_projection=True)
+    make_full_checkpoint(reference_model_dir, root / "full")
+    load_base(reference_model_dir).save_pretrained(root / "exported")
+    return {
+        "root": root,
+        "lora": root / "lora",
+        "prefix": root / "prefix",
+        "full": root / "full",
+        "exported": root / "exported",
+        "lora_model": lora_model,
+        "prefix_model": prefix_model,
+    }
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """A private copy of a checkpoint folder, for tests that damage or edit it."""
+    shutil.copytree(source, target)
+    return target
+
+
+def test_detects_every_kind(checkpoints: dict, reference_model_dir: Path, reference_dir: Path):
+    assert detect_checkpoint_kind(checkpoints["lora"]) is CheckpointKind.LORA
+    assert detect_checkpoint_kind(checkpoints["prefix"]) is CheckpointKind.PREFIX
+    assert detect_checkpoint_kind(checkpoints["full"]) is CheckpointKind.FULL
+    assert detect_checkpoint_kind(checkpoints["exported"]) is CheckpointKind.BASE
+    assert detect_checkpoint_kind(reference_model_dir) is CheckpointKind.BASE
+
+
+@pytest.mark.parametrize("name", ["ptuning", "ptuning_proj"])
+def test_detects_official_prefix_folders(reference_dir: Path, name: str):
+    assert detect_checkpoint_kind(reference_dir / name) is CheckpointKind.PREFIX
+    assert read_training_record(reference_dir / name) is None
+
+
+def test_prefix_folder_with_official_bin_only_is_prefix(checkpoints: dict, tmp_path: Path):
+    folder = copy_checkpoint(checkpoints["prefix"], tmp_path / "prefix_bin")
+    state = {key: value for key, value in checkpoints["prefix_model"].state_dict().items() if "prefix_encoder" in key}
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert detect_checkpoint_kind(folder) is CheckpointKind.PREFIX
+
+
+def test_training_record_is_read(checkpoints: dict, reference_model_dir: Path):
+    record = read_training_record(checkpoints["lora"])
+    assert record["method"] == "lora"
+    assert record["base_model"] == str(reference_model_dir)
+    assert read_training_record(checkpoints["exported"]) is None
+
+
+def test_resolve_base_sources(checkpoints: dict, reference_model_dir: Path, reference_dir: Path, tmp_path: Path):
+    assert resolve_base(checkpoints["prefix"]) == str(reference_model_dir)
+    assert resolve_base(checkpoints["prefix"], "/elsewhere/base") == "/elsewhere/base"
+    without_record = copy_checkpoint(checkpoints["lora"], tmp_path / "lora_no_record")
+    (without_record / "training_record.json").unlink()
+    assert resolve_base(without_record) == str(reference_model_dir)
+    with pytest.raises(CheckpointError, match="--base"):
+        resolve_base(reference_dir / "ptuning")
+    assert resolve_base(reference_dir / "ptuning", str(reference_model_dir)) == str(reference_model_dir)
+
+
+def test_record_naming_a_missing_base_asks_for_base(checkpoints: dict, tmp_path: Path):
+    folder = copy_checkpoint(checkpoints["prefix"], tmp_path / "moved")
+    record = json.loads((folder / "training_record.json").read_text())
+    record["base_model"] = str(tmp_path / "no_such_base")
+    (folder / "training_record.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"does not exist on this machine.*--base"):
+        resolve_base(folder)
+
+
+def test_prefix_checkpoint_loads_its_trained_prefix(checkpoints: dict, tokenizer: ChatGLMTokenizer):
+    model, loaded_tokenizer, kind = load_for_inference(checkpoints["prefix"], device="cpu")
+    assert kind is CheckpointKind.PREFIX
+    assert (model.config.pre_seq_len, model.config.prefix_projection) == (4, True)
+    assert not model.training
+    expected = probe_logits(checkpoints["prefix_model"], tokenizer)
+    torch.testing.assert_close(probe_logits(model, loaded_tokenizer), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ptuning", "ptuning_proj"])
+def test_official_prefix_reproduces_official_greedy(reference_dir: Path, reference: dict, name: str):
+    model, tokenizer, _ = load_for_inference(reference_dir / name, base=str(reference_dir / "model"), device="cpu")
+    stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+    for item in reference["model"][f"{name}_greedy"]:
+        input_ids = torch.tensor([item["prompt_ids"]])
+        output = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stop_ids,
+        )
+        assert output[0, input_ids.shape[1] :].tolist() == item["new_ids"]
+
+
+def test_lora_checkpoint_loads_adapter_and_merges(checkpoints: dict, tokenizer: ChatGLMTokenizer):
+    expected = probe_logits(checkpoints["lora_model"], tokenizer)
+    model, _, kind = load_for_inference(checkpoints["lora"], device="cpu")
+    assert kind is CheckpointKind.LORA and isinstance(model, PeftModel)
+    torch.testing.assert_close(probe_logits(model, tokenizer), expected, atol=1e-5, rtol=0)
+    merged, _, _ = load_for_inference(checkpoints["lora"], device="cpu", merge_lora=True)
+    assert not isinstance(merged, PeftModel)
+    torch.testing.assert_close(probe_logits(merged, tokenizer), expected, atol=1e-5, rtol=0)
+    base_logits = probe_logits(load_base(Path(read_training_record(checkpoints["lora"])["base_model"])), tokenizer)
+    assert (base_logits - expected).abs().max() > 1e-2
+
+
+def test_full_checkpoint_loads_whole_model(checkpoints: dict, tokenizer: ChatGLMTokenizer):
+    model, _, kind = load_for_inference(checkpoints["full"], device="cpu", dtype="float32")
+    assert kind is CheckpointKind.FULL
+    expected = probe_logits(load_base(checkpoints["full"]), tokenizer)
+    torch.testing.assert_close(probe_logits(model, tokenizer), expected, atol=0, rtol=0)
+
+
+def test_tokenizer_source_order(checkpoints: dict, reference_model_dir: Path):
+    base = str(reference_model_dir)
+    assert choose_tokenizer_source(checkpoints["full"], base, None) == str(checkpoints["full"])
+    assert choose_tokenizer_source(checkpoints["lora"], base, None) == base
+    assert choose_tokenizer_source(checkpoints["lora"], base, "/my/tokenizer") == "/my/tokenizer"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallbacks")
+def test_device_and_dtype_resolution_without_gpu():
+    assert resolve_device("auto") in ("cpu", "mps")
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("auto", "mps") is torch.float16
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ModelLoadError, match="not available"):
+        resolve_device("cuda")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("float8", "cpu")
+
+
+def test_quantization_without_bitsandbytes_or_gpu_is_explained(checkpoints: dict):
+    with pytest.raises(ModelLoadError, match="bitsandbytes|CUDA GPU"):
+        load_for_inference(checkpoints["full"], device="cpu", quantization_bit=4)
+
+
+def test_missing_checkpoint_folder(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_for_inference(tmp_path / "nope")
+
+
+def test_folder_that_is_no_checkpoint(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        detect_checkpoint_kind(tmp_path)
+
+
+def test_incomplete_lora_checkpoint_is_named(checkpoints: dict, tmp_path: Path):
+    folder = copy_checkpoint(checkpoints["lora"], tmp_path / "lora_incomplete")
+    (folder / "adapter_config.json").unlink()
+    with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
+        detect_checkpoint_kind(folder)
+
+
+def test_truncated_adapter_is_reported_before_peft_loads_it(checkpoints: dict, tmp_path: Path):
+    folder = copy_checkpoint(checkpoints["lora"], tmp_path / "lora_truncated")
+    truncate_file(folder / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: truncated"):
+        load_for_inference(folder, device="cpu")
+
+
+def test_prefix_for_a_different_base_is_explained(checkpoints: dict, reference_model_dir: Path, tmp_path: Path):
+    other = make_other_base(reference_model_dir, tmp_path / "three_layers", num_layers=3)
+    with pytest.raises(CheckpointError, match="different base model"):
+        load_for_inference(checkpoints["prefix"], base=str(other), device="cpu")
+
+
+@pytest.mark.parametrize("overrides", [{"hidden_size": 32, "kv_channels": 8}, {"num_layers": 1}])
+def test_lora_for_a_different_base_is_explained(
+    checkpoints: dict, reference_model_dir: Path, tmp_path: Path, overrides: dict
+):
+    other = make_other_base(reference_model_dir, tmp_path / "other", **overrides)
+    with pytest.raises(CheckpointError, match="different"):
+        load_for_inference(checkpoints["lora"], base=str(other), device="cpu")

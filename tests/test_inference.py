@@ -1,0 +1,172 @@
+"""inference/inference.py: interactive chat fed through stdin, one-shot replies, batch mode and clear failures."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from checkpoint_builders import make_lora_checkpoint, make_other_base, make_prefix_checkpoint, truncate_file
+
+from finetune.checkpoints import load_for_inference
+from finetune.evaluate import build_generation_config, generate_replies, read_prompt_examples
+from inference.inference import main, reply_text
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "inference" / "inference.py"
+MAX_NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, reference_model_dir: Path) -> dict[str, Path]:
+    """A LoRA and a P-Tuning v2 checkpoint of the reference model."""
+    root = tmp_path_factory.mktemp("inference_checkpoints")
+    make_lora_checkpoint(reference_model_dir, root / "lora")
+    make_prefix_checkpoint(reference_model_dir, root / "prefix", pre_seq_len=3)
+    return {"lora": root / "lora", "prefix": root / "prefix"}
+
+
+def replies_in(output: str) -> list[str]:
+    """The text printed after each "ChatGLM: " label, up to the next "User: " prompt."""
+    return [part.split("\n\nUser: ")[0] for part in output.split("ChatGLM: ")[1:]]
+
+
+def test_interactive_session_through_stdin_as_a_script(checkpoints: dict):
+    session = "hello\n/clear\n你好\n/exit\nnot read\n"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(checkpoints["lora"]), "--max_new_tokens", str(MAX_NEW_TOKENS)],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "History cleared." in result.stdout
+    replies = replies_in(result.stdout)
+    assert len(replies) == 2 and all(reply.strip() for reply in replies)
+    assert "loaded lora checkpoint" in result.stderr
+
+
+def test_interactive_session_ends_cleanly_at_end_of_input(checkpoints: dict, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    status = main(["--model", str(checkpoints["prefix"]), "--max_new_tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    assert status == 0
+    assert len(replies_in(capsys.readouterr().out)) == 1
+
+
+def test_history_carries_over_until_clear(checkpoints: dict, monkeypatch, capsys):
+    model, tokenizer, _ = load_for_inference(checkpoints["prefix"], device="cpu")
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False}
+    first, history = model.chat(tokenizer, "hello", **kwargs)
+    second_with_history, _ = model.chat(tokenizer, "again", history=history, **kwargs)
+    second_fresh, _ = model.chat(tokenizer, "again", **kwargs)
+    assert second_with_history != second_fresh
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n/clear\nagain\n"))
+    assert main(["--model", str(checkpoints["prefix"]), "--max_new_tokens", str(MAX_NEW_TOKENS)]) == 0
+    expected = [reply_text(reply) for reply in (first, second_with_history, second_fresh)]
+    assert replies_in(capsys.readouterr().out) == expected
+
+
+def test_one_shot_prompt_prints_the_greedy_chat_reply(checkpoints: dict, capsys):
+    model, tokenizer, _ = load_for_inference(checkpoints["lora"], device="cpu")
+    expected, _ = model.chat(tokenizer, "类型#裙*颜色#红色", max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    status = main(
+        ["--model", str(checkpoints["lora"]), "--prompt", "类型#裙*颜色#红色", "--max_new_tokens", str(MAX_NEW_TOKENS)]
+    )
+    assert status == 0
+    assert capsys.readouterr().out == reply_text(expected) + "\n"
+    assert reply_text(expected).strip()
+
+
+def test_batch_mode_writes_one_reply_per_record(checkpoints: dict, tmp_path: Path):
+    records = [
+        {"conversations": [{"role": "user", "content": "hello"}]},
+        {
+            "conversations": [
+                {"role": "user", "content": "北京天气怎么样"},
+                {"role": "assistant", "content": "21度"},
+                {"role": "user", "content": "上海呢"},
+            ]
+        },
+        {"conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+    ]
+    input_file = tmp_path / "prompts.jsonl"
+    input_file.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    output_file = tmp_path / "out" / "replies.jsonl"
+    status = main(
+        [
+            "--model",
+            str(checkpoints["prefix"]),
+            "--input_file",
+            str(input_file),
+            "--output_file",
+            str(output_file),
+            "--max_new_tokens",
+            str(MAX_NEW_TOKENS),
+            "--batch_size",
+            "3",
+        ]
+    )
+    assert status == 0
+    rows = [json.loads(line) for line in output_file.read_text(encoding="utf-8").splitlines()]
+    assert [row["conversations"] for row in rows] == [record["conversations"] for record in records]
+    model, tokenizer, _ = load_for_inference(checkpoints["prefix"], device="cpu")
+    examples = read_prompt_examples(input_file, tokenizer, 1024, reference_from_record=False)
+    one_by_one = generate_replies(model, tokenizer, examples, build_generation_config(tokenizer, MAX_NEW_TOKENS), 1)
+    assert [row["response"] for row in rows] == one_by_one
+    assert [path.name for path in output_file.parent.iterdir()] == ["replies.jsonl"]
+
+
+def test_batch_mode_prompt_records_need_no_response(checkpoints: dict, tmp_path: Path):
+    input_file = tmp_path / "prompts.jsonl"
+    input_file.write_text('{"prompt": "类型#裙*颜色#红色"}\n{"prompt": "hello"}\n', encoding="utf-8")
+    output_file = tmp_path / "replies.jsonl"
+    status = main(
+        [
+            "--model",
+            str(checkpoints["lora"]),
+            "--input_file",
+            str(input_file),
+            "--output_file",
+            str(output_file),
+            "--max_new_tokens",
+            "3",
+        ]
+    )
+    assert status == 0
+    rows = [json.loads(line) for line in output_file.read_text(encoding="utf-8").splitlines()]
+    assert [row["prompt"] for row in rows] == ["类型#裙*颜色#红色", "hello"]
+    assert all(isinstance(row["response"], str) for row in rows)
+
+
+def test_missing_checkpoint_exits_non_zero_with_message(tmp_path: Path, capsys):
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
+    assert f"error: {tmp_path / 'nope'}: no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_official_prefix_without_base_asks_for_base(reference_dir: Path, capsys):
+    assert main(["--model", str(reference_dir / "ptuning"), "--prompt", "hi"]) == 1
+    assert "pass the base model folder with --base" in capsys.readouterr().err
+
+
+def test_prefix_for_a_different_base_exits_non_zero(checkpoints: dict, reference_model_dir: Path, tmp_path, capsys):
+    other = make_other_base(reference_model_dir, tmp_path / "wide", num_layers=4)
+    assert main(["--model", str(checkpoints["prefix"]), "--base", str(other), "--prompt", "hi"]) == 1
+    assert "trained for a different base model" in capsys.readouterr().err
+
+
+def test_lora_for_a_different_base_exits_non_zero(checkpoints: dict, reference_model_dir: Path, tmp_path, capsys):
+    other = make_other_base(reference_model_dir, tmp_path / "narrow", hidden_size=32, kv_channels=8)
+    assert main(["--model", str(checkpoints["lora"]), "--base", str(other), "--prompt", "hi"]) == 1
+    error = capsys.readouterr().err
+    assert "LoRA adapter was trained for a different base model" in error and "size mismatch" in error
+
+
+def test_truncated_adapter_exits_non_zero(reference_model_dir: Path, tmp_path: Path, capsys):
+    folder = tmp_path / "lora"
+    make_lora_checkpoint(reference_model_dir, folder)
+    truncate_file(folder / "adapter_model.safetensors", keep_fraction=0.9)
+    assert main(["--model", str(folder), "--prompt", "hi"]) == 1
+    assert "adapter_model.safetensors: truncated safetensors file" in capsys.readouterr().err
