@@ -1,0 +1,196 @@
+"""Convert ToolAlpaca's train_data.json to the toolkit's multi-turn (conversations with tools) JSONL.
+
+Each instance of each setting becomes one line:
+  {"tools": [NLDocumentation],
+   "conversations": [{"role": "user", "content": input},
+                     per intermediate step:
+                       {"role": "assistant", "content": <ReAct text before "Action:", stripped>},
+                       {"role": "tool", "name": tool, "parameters": <parsed JSON object>, "observation": observation},
+                     {"role": "assistant", "content": Final Thought + "\\n" + output}]}
+
+A missing, null or empty "Final Thought" gives a final assistant message of the output alone (counted in a note).
+An instance that cannot be converted (e.g. parameters that are not a JSON object) is skipped and reported with
+its setting and instance index and the reason.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_tools import ConversionReport, write_jsonl_atomically
+
+DEFAULT_OUTPUT = Path("formatted_data/tool_alpaca.jsonl")
+ACTION_MARKER = "Action:"
+
+
+class SourceFileError(ValueError):
+    """The ToolAlpaca file as a whole cannot be read (not UTF-8, not JSON, not an array of settings)."""
+
+
+def _require_string(container: dict, key: str, what: str) -> str:
+    """Return container[key] when it is a string, else raise ValueError naming `what`."""
+    if key not in container:
+        raise ValueError(f"{what} {key!r} is missing")
+    value = container[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {key!r} must be a string, got {json.dumps(value, ensure_ascii=False)[:80]}")
+    return value
+
+
+def _parse_parameters(raw: object, step_index: int) -> dict:
+    """Return the tool-call parameters of one step as a dict (they are stored as a JSON string)."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        raise ValueError(f"intermediate step {step_index}: parameters must be a JSON string, got {type(raw).__name__}")
+    try:
+        parameters = json.loads(raw)
+    except json.JSONDecodeError as error:
+        message = f"intermediate step {step_index}: parameters {raw!r} are not valid JSON ({error.msg})"
+        raise ValueError(message) from error
+    if not isinstance(parameters, dict):
+        raise ValueError(f"intermediate step {step_index}: parameters {raw!r} are not a JSON object")
+    return parameters
+
+
+def _convert_step(step: object, step_index: int) -> list[dict]:
+    """Turn one [[tool_name, parameters_json, react_text], observation] step into assistant + tool messages."""
+    if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], list) and len(step[0]) == 3):
+        raise ValueError(
+            f"intermediate step {step_index} is not [[tool_name, parameters_json, react_text], observation]"
+        )
+    (tool_name, raw_parameters, react_text), observation = step
+    if not isinstance(tool_name, str) or not tool_name:
+        raise ValueError(f"intermediate step {step_index}: tool name must be a non-empty string")
+    if not isinstance(react_text, str):
+        raise ValueError(f"intermediate step {step_index}: the ReAct text must be a string")
+    parameters = _parse_parameters(raw_parameters, step_index)
+    thought = react_text.split(ACTION_MARKER, 1)[0].strip()
+    return [
+        {"role": "assistant", "content": thought},
+        {"role": "tool", "name": tool_name, "parameters": parameters, "observation": observation},
+    ]
+
+
+def convert_instance(instance: object, documentation: str) -> tuple[dict, bool]:
+    """Convert one ToolAlpaca instance; return (record, whether it had a Final Thought) or raise ValueError."""
+    if not isinstance(instance, dict):
+        raise ValueError(f"expected an object, got {type(instance).__name__}")
+    user_input = _require_string(instance, "input", "field")
+    output = _require_string(instance, "output", "field")
+    steps = instance.get("intermediate_steps", [])
+    if not isinstance(steps, list):
+        raise ValueError("field 'intermediate_steps' must be a list")
+    final_thought = instance.get("Final Thought")
+    if final_thought is not None and not isinstance(final_thought, str):
+        raise ValueError("field 'Final Thought' must be a string")
+    conversation = [{"role": "user", "content": user_input}]
+    for step_index, step in enumerate(steps):
+        conversation.extend(_convert_step(step, step_index))
+    has_final_thought = bool(final_thought)
+    final_answer = f"{final_thought}\n{output}" if has_final_thought else output
+    conversation.append({"role": "assistant", "content": final_answer})
+    return {"tools": [documentation], "conversations": conversation}, has_final_thought
+
+
+def load_settings(source: Path) -> list:
+    """Read the ToolAlpaca file: a JSON array of settings. Raise SourceFileError saying what is wrong."""
+    try:
+        text = source.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SourceFileError(f"{source} is not valid UTF-8 (byte {error.start})") from error
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SourceFileError(f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from error
+    if not isinstance(settings, list):
+        raise SourceFileError(f"{source}: expected a JSON array of settings, got {type(settings).__name__}")
+    return settings
+
+
+def _convert_settings(settings: list, report: ConversionReport) -> Iterator[dict]:
+    """Yield one record per convertible instance, recording skipped ones (setting/instance index) in `report`."""
+    missing_final_thought = 0
+    for setting_index, setting in enumerate(settings):
+        where = f"{report.source} setting {setting_index}"
+        if not isinstance(setting, dict):
+            report.skip(where, f"expected an object, got {type(setting).__name__}")
+            continue
+        instances = setting.get("Instances")
+        if not isinstance(instances, list):
+            report.skip(where, "field 'Instances' is missing or not a list")
+            continue
+        documentation = setting.get("NLDocumentation")
+        for instance_index, instance in enumerate(instances):
+            location = f"{where} instance {instance_index}"
+            if not isinstance(documentation, str):
+                report.skip(location, "the setting's 'NLDocumentation' is missing or not a string")
+                continue
+            try:
+                record, has_final_thought = convert_instance(instance, documentation)
+            except ValueError as error:
+                report.skip(location, str(error))
+                continue
+            missing_final_thought += not has_final_thought
+            yield record
+    if missing_final_thought:
+        report.notes.append(
+            f"{missing_final_thought} instances had no 'Final Thought'; "
+            "their last assistant message is the output alone"
+        )
+
+
+def convert_tool_alpaca_file(source: Path, destination: Path) -> ConversionReport:
+    """Convert a ToolAlpaca file to JSONL at `destination` (written atomically, only if any instance converted)."""
+    report = ConversionReport(source=source, destination=destination)
+    records = list(_convert_settings(load_settings(source), report))
+    if records:
+        report.written = write_jsonl_atomically(destination, records)
+    return report
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """The command-line interface of this converter."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.format_tool_alpaca",
+        description=(
+            "Convert ToolAlpaca train_data.json to multi-turn training JSONL with tools. Instances that cannot be "
+            "converted are skipped and listed with their setting and instance index and the reason."
+        ),
+        epilog=(
+            "Example: python -m data_tools.format_tool_alpaca --input ToolAlpaca/data/train_data.json "
+            "--output formatted_data/tool_alpaca.jsonl. Exit status: 0 on success (even with skipped instances), "
+            "1 when no instance could be converted or the file is unreadable, 2 on a usage error."
+        ),
+    )
+    parser.add_argument("--input", type=Path, required=True, help="ToolAlpaca train_data.json")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"output JSONL (default: {DEFAULT_OUTPUT})"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter from the command line; return the process exit status."""
+    parser = build_argument_parser()
+    args = parser.parse_args(argv)
+    if not args.input.is_file():
+        parser.error(f"input file {args.input} does not exist")
+    if args.output.resolve() == args.input.resolve():
+        parser.error(f"output {args.output} is the input file; choose another --output")
+    try:
+        report = convert_tool_alpaca_file(args.input, args.output)
+    except SourceFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report.print_summary()
+    if report.written == 0:
+        print(f"error: no instance could be converted from {args.input}; nothing written", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Training files to an encoded `datasets.Dataset`: read, validate, encode with `Dataset.map` (cached, parallel).
+
+All problems are collected before anything is raised, so one error lists every bad record. The returned
+dataset has the columns `input_ids`, `labels` and `length` (for the Trainer's group-by-length sampler).
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from datasets.fingerprint import Hasher
+
+from finetune.data import encoding
+from finetune.data.encoding import CONVERSATIONS, DATA_FORMATS, INPUT_OUTPUT, IGNORE_INDEX
+from finetune.data.validation import (
+    DataProblem,
+    DataSummary,
+    DataValidationError,
+    check_records,
+    detect_file_format,
+    read_source_records,
+    summarize_lengths,
+    untrainable_problem,
+)
+from finetune.model.tokenization import ChatGLMTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(datasets.config.HF_DATASETS_CACHE) / "chatglm_finetune_encoded"
+RECORD_COLUMN = "record"
+OUTPUT_COLUMNS = ["input_ids", "labels", "length"]
+
+
+@dataclass(frozen=True)
+class EncodingLimits:
+    """Truncation lengths: prompt/response budgets for input-output data, a total for conversations."""
+
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    max_seq_length: int | None = None
+
+    def check_for(self, data_format: str) -> None:
+        """Raise ValueError when a length the format needs is missing or not positive."""
+        needed = ("max_source_length", "max_target_length") if data_format == INPUT_OUTPUT else ()
+        for name in needed:
+            if getattr(self, name) is None:
+                raise ValueError(f"{data_format} data needs {name}")
+        for name in ("max_source_length", "max_target_length", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of tokens, got {value}")
+
+
+@dataclass
+class TrainingData:
+    """An encoded training set, its format, the problems of the records left out, and its summary."""
+
+    dataset: datasets.Dataset
+    data_format: str
+    skipped: list[DataProblem]
+    summary: DataSummary
+
+
+def encode_record_batch(
+    batch: dict[str, list], tokenizer: ChatGLMTokenizer, data_format: str, limits: EncodingLimits
+) -> dict[str, list]:
+    """Dataset.map function: encode a batch of JSON-encoded records into ids, labels and lengths."""
+    encoded_batch: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "full_length": [], "learned": []}
+    for text in batch[RECORD_COLUMN]:
+        example = json.loads(text)
+        if data_format == INPUT_OUTPUT:
+            encoded = encoding.encode_input_output_with_length(
+                example, tokenizer, limits.max_source_length, limits.max_target_length
+            )
+        else:
+            encoded = encoding.encode_conversation_with_length(example, tokenizer, limits.max_seq_length)
+        encoded_batch["input_ids"].append(encoded["input_ids"])
+        encoded_batch["labels"].append(encoded["labels"])
+        encoded_batch["length"].append(len(encoded["input_ids"]))
+        encoded_batch["full_length"].append(encoded["full_length"])
+        encoded_batch["learned"].append(len(encoded["labels"]) - encoded["labels"].count(IGNORE_INDEX))
+    return encoded_batch
+
+
+def _cache_file_name(
+    cache_dir: Path, records: list[str], tokenizer: ChatGLMTokenizer, data_format: str, limits: EncodingLimits
+) -> str:
+    """Cache file for this exact data, tokenizer, format, limits and encoding code."""
+    encoding_source = Path(encoding.__file__).read_bytes()
+    fingerprint = Hasher.hash([records, Hasher.hash(tokenizer), data_format, limits, encoding_source])
+    return str(cache_dir / f"encoded-{data_format}-{fingerprint}.arrow")
+
+
+def _raise_for_problems(path: Path, problems: list[DataProblem], skip_invalid: bool, examples_left: int) -> None:
+    """Raise DataValidationError when there are problems and they may not be skipped, or nothing is left."""
+    if problems and not skip_invalid:
+        raise DataValidationError(problems)
+    if examples_left == 0:
+        raise DataValidationError(problems + [DataProblem(str(path), None, None, None, "no valid example left")])
+
+
+def load_training_data(
+    path: str | Path,
+    tokenizer: ChatGLMTokenizer,
+    limits: EncodingLimits,
+    data_format: str | None = None,
+    skip_invalid: bool = False,
+    num_proc: int | None = None,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+) -> TrainingData:
+    """Read, validate and encode a training file. Raise DataValidationError listing every problem unless
+    `skip_invalid`, which leaves bad records out (they are logged and returned in `skipped`).
+
+    `data_format` is "input_output" or "conversations"; None picks it from the fields of the first record.
+    `cache_dir=None` disables the encoding cache.
+    """
+    path = Path(path)
+    records, problems = read_source_records(path)
+    if data_format is None:
+        data_format = detect_file_format(records) or (CONVERSATIONS if records else None)
+    if data_format is None:
+        raise DataValidationError(problems)
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
+    limits.check_for(data_format)
+    valid, record_problems = check_records(records, data_format)
+    problems += record_problems
+    if not valid:
+        _raise_for_problems(path, problems, skip_invalid, examples_left=0)
+
+    record_texts = [record.text for record in valid]
+    dataset = datasets.Dataset.from_dict({RECORD_COLUMN: record_texts})
+    cache_file_name = None
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_file_name = _cache_file_name(Path(cache_dir), record_texts, tokenizer, data_format, limits)
+    dataset = dataset.map(
+        encode_record_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "data_format": data_format, "limits": limits},
+        remove_columns=[RECORD_COLUMN],
+        num_proc=num_proc if num_proc and num_proc > 1 and len(valid) > 1 else None,
+        cache_file_name=cache_file_name,
+        desc=f"Encoding {path.name}",
+    )
+
+    statistics = dataset.select_columns(["length", "full_length", "learned"])[:]
+    lengths, full_lengths, learned = statistics["length"], statistics["full_length"], statistics["learned"]
+    keep: list[int] = []
+    for row, record in enumerate(valid):
+        problem = untrainable_problem(record, learned[row], lengths[row], full_lengths[row])
+        if problem is None:
+            keep.append(row)
+        else:
+            problems.append(problem)
+    problems.sort(key=lambda problem: (problem.line is not None, problem.line or 0))
+    _raise_for_problems(path, problems, skip_invalid, examples_left=len(keep))
+    for problem in problems:
+        logger.warning("skipped: %s", problem)
+
+    skipped_records = {(problem.line, problem.record_index) for problem in problems if problem.line is not None}
+    truncated = sum(full_lengths[row] > lengths[row] for row in keep)
+    summary = summarize_lengths([lengths[row] for row in keep], truncated, len(skipped_records))
+    if len(keep) < len(valid):
+        dataset = dataset.select(keep)
+    return TrainingData(dataset.select_columns(OUTPUT_COLUMNS), data_format, problems, summary)

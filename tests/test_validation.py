@@ -1,0 +1,195 @@
+"""Validation and loading of training files: every problem reported with file, line and field, on a malformed corpus."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.data.encoding import encode_input_output
+from finetune.data.loading import EncodingLimits, load_training_data
+from finetune.data.validation import DataValidationError, print_token_labels
+from finetune.model.tokenization import ChatGLMTokenizer
+
+MALFORMED_DIR = Path(__file__).parent / "data" / "malformed"
+INPUT_OUTPUT_LIMITS = EncodingLimits(max_source_length=32, max_target_length=32)
+BOTH_LIMITS = EncodingLimits(max_source_length=32, max_target_length=32, max_seq_length=64)
+VALID_CORNER_CASES = ["utf8_bom.jsonl"]
+
+# file -> (every expected problem as (line, field, part of the message), examples kept with skip_invalid or None
+# when the file as a whole is unusable).
+MALFORMED_CASES = {
+    "empty_file.jsonl": ([(None, None, "file is empty")], None),
+    "blank_lines_only.jsonl": ([(None, None, "file is empty")], None),
+    "top_level_object.json": ([(None, None, "top-level JSON value is object")], None),
+    "empty_array.json": ([(None, None, "file contains no records")], None),
+    "unsupported_extension.csv": ([(None, None, "unsupported file type '.csv'")], None),
+    "broken_array.json": ([(4, None, "invalid JSON: Expecting value")], 1),
+    "trailing_text.json": ([(4, None, "extra text after the closing ']'")], 1),
+    "malformed_json_line.jsonl": ([(2, None, "invalid JSON")], 2),
+    "invalid_utf8.jsonl": ([(2, None, "not valid UTF-8")], 1),
+    "invalid_utf8_array.json": ([(3, None, "file is not valid UTF-8")], None),
+    "non_object_record.jsonl": (
+        [(2, None, "record must be a JSON object, got array"), (3, None, "record must be a JSON object, got string")],
+        1,
+    ),
+    "missing_response.jsonl": ([(2, "response", "is missing")], 1),
+    "null_field.jsonl": ([(2, "prompt", "must be a string, got null")], 1),
+    "non_string_response.jsonl": ([(2, "response", "must be a string, got number")], 1),
+    "mixed_formats.jsonl": ([(2, None, "record is in conversations format")], 1),
+    "missing_conversations.jsonl": ([(2, "conversations", "is missing")], 1),
+    "conversations_not_list.jsonl": ([(2, "conversations", "must be a list of messages, got object")], 1),
+    "empty_conversation.jsonl": ([(2, "conversations", "conversation is empty")], 1),
+    "message_not_object.jsonl": ([(2, "conversations[1]", "message must be an object, got string")], 1),
+    "missing_role.jsonl": ([(2, "conversations[0].role", "is missing")], 1),
+    "unknown_role.jsonl": ([(2, "conversations[1].role", "unknown role 'bot'")], 1),
+    "system_not_first.jsonl": ([(2, "conversations[1].role", "only allowed as the first message")], 1),
+    "repeated_system.jsonl": ([(2, "conversations[1].role", "only allowed as the first message")], 1),
+    "non_string_content.jsonl": ([(2, "conversations[1].content", "must be a string, got array")], 1),
+    "null_content.jsonl": ([(2, "conversations[0].content", "must be a string, got null")], 1),
+    "metadata_not_string.jsonl": ([(2, "conversations[1].metadata", "must be a string, got object")], 1),
+    "loss_not_bool.jsonl": ([(2, "conversations[1].loss", "must be true or false, got string")], 1),
+    "tool_without_name.jsonl": ([(2, "conversations[1].name", "needs the tool name")], 1),
+    "tool_without_parameters.jsonl": ([(2, "conversations[1].parameters", "got nothing")], 1),
+    "tool_parameters_not_object.jsonl": ([(2, "conversations[1].parameters", "as an object, got string")], 1),
+    "tool_without_observation.jsonl": ([(2, "conversations[1].observation", "needs the tool's observation")], 1),
+    "tools_not_list.jsonl": ([(2, "tools", "must be a list of tool descriptions, got string")], 1),
+    "no_loss_message.jsonl": ([(2, "conversations", "no message carries loss")], 1),
+    "truncated_away.jsonl": ([(2, None, "no learned token left after truncation to 64 tokens")], 1),
+    "many_problems.jsonl": (
+        [
+            (2, None, "invalid JSON"),
+            (3, "conversations[1].role", "unknown role 'bot'"),
+            (6, "conversations[0].content", "must be a string, got number"),
+            (6, "conversations[1].parameters", "as an object, got array"),
+            (6, "conversations[1].observation", "needs the tool's observation"),
+            (7, None, "record must be a JSON object, got number"),
+        ],
+        3,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
+    """The reference tiny ChatGLM3 tokenizer."""
+    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
+
+
+def test_corpus_has_a_case_for_every_file():
+    assert sorted(path.name for path in MALFORMED_DIR.iterdir()) == sorted([*MALFORMED_CASES, *VALID_CORNER_CASES])
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_CASES))
+def test_every_problem_is_reported_with_line_and_field(name: str, tokenizer: ChatGLMTokenizer):
+    expected, _ = MALFORMED_CASES[name]
+    path = MALFORMED_DIR / name
+    with pytest.raises(DataValidationError) as raised:
+        load_training_data(path, tokenizer, BOTH_LIMITS, cache_dir=None)
+    problems = raised.value.problems
+    assert len(problems) == len(expected), [str(problem) for problem in problems]
+    for problem, (line, field, message) in zip(problems, expected):
+        assert (problem.file, problem.line, problem.field) == (str(path), line, field)
+        assert message in problem.message
+        assert str(problem) in str(raised.value)
+    assert "skip_invalid=True" in str(raised.value)
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_CASES))
+def test_skip_invalid_keeps_the_good_examples(name: str, tokenizer: ChatGLMTokenizer):
+    expected, kept = MALFORMED_CASES[name]
+    path = MALFORMED_DIR / name
+    if kept is None:
+        with pytest.raises(DataValidationError):
+            load_training_data(path, tokenizer, BOTH_LIMITS, skip_invalid=True, cache_dir=None)
+        return
+    data = load_training_data(path, tokenizer, BOTH_LIMITS, skip_invalid=True, cache_dir=None)
+    assert data.dataset.num_rows == kept == data.summary.examples
+    assert len(data.skipped) == len(expected)
+    assert data.summary.skipped == len({line for line, _, _ in expected})
+
+
+def test_error_message_names_file_line_record_and_field(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    records = [
+        {"prompt": "a", "response": "b"},
+        {"prompt": "c", "response": "d"},
+        {"prompt": "e", "response": None},
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    with pytest.raises(DataValidationError) as raised:
+        load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+    assert f"{path}:10 (record 2) field 'response': must be a string, got null" in str(raised.value)
+
+
+def test_utf8_bom_is_accepted(tokenizer: ChatGLMTokenizer):
+    data = load_training_data(MALFORMED_DIR / "utf8_bom.jsonl", tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+    assert data.dataset.num_rows == 1 and data.skipped == []
+
+
+def test_json_file_with_one_record_per_line_is_read_like_jsonl(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    path = tmp_path / "train.json"
+    path.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": "d"}\n', encoding="utf-8")
+    data = load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+    assert data.dataset.num_rows == 2 and data.data_format == "input_output"
+
+
+def test_explicit_format_overrides_detection(tokenizer: ChatGLMTokenizer, shared_dir: Path):
+    path = shared_dir / "data" / "toolalpaca" / "expected_tool_alpaca.jsonl"
+    with pytest.raises(DataValidationError) as raised:
+        load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, data_format="input_output", cache_dir=None)
+    assert [problem.line for problem in raised.value.problems] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="input_output data needs max_source_length"):
+        load_training_data(path, tokenizer, EncodingLimits(max_seq_length=8), data_format="input_output")
+
+
+def test_summary_reports_counts_truncation_and_percentiles(shared_dir: Path, tokenizer: ChatGLMTokenizer):
+    path = shared_dir / "data" / "advertise_gen" / "expected_advertise_gen.jsonl"
+    limits = EncodingLimits(max_source_length=40, max_target_length=150)
+    data = load_training_data(path, tokenizer, limits, cache_dir=None)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    lengths = [len(encode_input_output(record, tokenizer, 40, 150)["input_ids"]) for record in records]
+    truncated = sum(
+        len(tokenizer.encode(record["prompt"], add_special_tokens=False)) > 38
+        or len(tokenizer.encode(record["response"], add_special_tokens=False)) > 150
+        for record in records
+    )
+    summary = data.summary
+    assert (summary.examples, summary.skipped, summary.truncated) == (28, 0, truncated)
+    assert 0 < summary.truncation_rate < 1
+    assert [summary.length_p50, summary.length_p90, summary.length_p99] == list(
+        np.percentile(lengths, [50, 90, 99])
+    )
+    assert summary.length_max == max(lengths)
+    assert data.dataset["length"][:] == lengths
+    assert "28 examples (0 skipped)" in str(summary)
+
+
+def test_conversation_file_loads_with_parallel_map_and_cache(
+    shared_dir: Path, tmp_path: Path, tokenizer: ChatGLMTokenizer
+):
+    path = shared_dir / "data" / "toolalpaca" / "expected_tool_alpaca.jsonl"
+    limits = EncodingLimits(max_seq_length=1024)
+    plain = load_training_data(path, tokenizer, limits, cache_dir=None)
+    parallel = load_training_data(path, tokenizer, limits, num_proc=2, cache_dir=tmp_path)
+    assert plain.data_format == "conversations"
+    assert parallel.dataset[:] == plain.dataset[:]
+    cache_files = sorted(tmp_path.iterdir())
+    assert cache_files and all(path.suffix == ".arrow" for path in cache_files)
+    cached = load_training_data(path, tokenizer, limits, num_proc=2, cache_dir=tmp_path)
+    assert {Path(entry["filename"]) for entry in cached.dataset.cache_files} <= set(cache_files)
+    assert sorted(tmp_path.iterdir()) == cache_files
+    assert cached.dataset[:] == plain.dataset[:]
+    load_training_data(path, tokenizer, EncodingLimits(max_seq_length=1000), cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) > len(cache_files)
+
+
+def test_sanity_check_prints_token_id_and_label(tokenizer: ChatGLMTokenizer):
+    example = encode_input_output({"prompt": "类型#裙", "response": "红色"}, tokenizer, 8, 8)
+    stream = io.StringIO()
+    print_token_labels(example, tokenizer, stream)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 + len(example["input_ids"])
+    assert lines[1].split() == ["'[gMASK]'", "901", "-100"]
+    assert lines[-1].split() == ["'</s>'", str(tokenizer.eos_token_id), str(tokenizer.eos_token_id)]
