@@ -1,0 +1,270 @@
+"""Arguments of the training entry point: model/method, data, and transformers' Seq2SeqTrainingArguments.
+
+They come from the command line (`--name value`) or from one `.json` / `.yaml` file whose keys are the same names.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+BASE_MODEL_ENV = "BASE_MODEL_PATH"
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGET_ALL = "all"
+QUANTIZATION_BITS = (4, 8)
+METHOD_PTUNING = "ptuning"
+METHOD_LORA = "lora"
+METHOD_QLORA = "qlora"
+METHOD_FULL = "full"
+
+
+def parse_lora_target(value: str) -> list[str]:
+    """Module names for `--lora_target`: a comma-separated list of layer Linear names, or `all` for every one."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names == [LORA_TARGET_ALL]:
+        return list(LORA_LAYER_MODULES)
+    unknown = [name for name in names if name not in LORA_LAYER_MODULES]
+    if not names or unknown:
+        raise ValueError(
+            f"--lora_target {value!r}: unknown module name(s) {unknown or [value]}; use a comma-separated list of "
+            f"{', '.join(LORA_LAYER_MODULES)}, or '{LORA_TARGET_ALL}'"
+        )
+    return names
+
+
+@dataclass
+class ModelArguments:
+    """The base model and the fine-tuning method. No method flag means full fine-tuning."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": f"Folder of the base ChatGLM3 model (default: the {BASE_MODEL_ENV} environment variable)."},
+    )
+    pre_seq_len: int | None = field(
+        default=None, metadata={"help": "P-Tuning v2: number of prefix tokens; trains only the prefix encoder."}
+    )
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "P-Tuning v2: pass the prefix through a two-layer MLP (more parameters)."}
+    )
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: the adapter rank; setting it selects LoRA."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA: scaling numerator (scale = alpha / rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the adapter input."})
+    lora_target: str = field(
+        default="query_key_value",
+        metadata={
+            "help": f"LoRA: comma-separated modules to adapt among {', '.join(LORA_LAYER_MODULES)}, or "
+            f"'{LORA_TARGET_ALL}' for all of them."
+        },
+    )
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Load the frozen base in 4-bit NF4 (QLoRA with --lora_rank) or 8-bit with bitsandbytes; needs a "
+            "CUDA GPU. Works with LoRA and P-Tuning v2, not with full fine-tuning."
+        },
+    )
+    save_official_bin: bool = field(
+        default=False,
+        metadata={"help": "P-Tuning v2: also write the official pytorch_model.bin next to model.safetensors."},
+    )
+
+    def __post_init__(self) -> None:
+        if not self.model_name_or_path:
+            self.model_name_or_path = os.environ.get(BASE_MODEL_ENV) or None
+        if not self.model_name_or_path:
+            raise ValueError(
+                f"no base model: pass --model_name_or_path PATH (or model_name_or_path in the config file), or set "
+                f"the {BASE_MODEL_ENV} environment variable"
+            )
+        if self.quantization_bit == 0:
+            self.quantization_bit = None
+        if self.pre_seq_len is not None and self.pre_seq_len < 1:
+            raise ValueError(f"--pre_seq_len must be a positive number of prefix tokens, got {self.pre_seq_len}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be a positive rank, got {self.lora_rank}")
+        if self.pre_seq_len and self.lora_rank:
+            raise ValueError(
+                "--pre_seq_len (P-Tuning v2) and --lora_rank (LoRA) select two different methods; pass only one"
+            )
+        if self.prefix_projection and not self.pre_seq_len:
+            raise ValueError("--prefix_projection belongs to P-Tuning v2; pass --pre_seq_len too, or drop it")
+        if self.save_official_bin and not self.pre_seq_len:
+            raise ValueError("--save_official_bin writes a P-Tuning v2 prefix file; pass --pre_seq_len too, or drop it")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        parse_lora_target(self.lora_target)
+        if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
+            raise ValueError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.quantization_bit and self.method == METHOD_FULL:
+            raise ValueError(
+                f"--quantization_bit {self.quantization_bit} cannot be used with full fine-tuning (quantized weights "
+                "are not trainable); add --lora_rank N for QLoRA or --pre_seq_len N for P-Tuning v2"
+            )
+
+    @property
+    def method(self) -> str:
+        """The fine-tuning method: "ptuning", "lora", "qlora" or "full"."""
+        if self.pre_seq_len:
+            return METHOD_PTUNING
+        if self.lora_rank:
+            return METHOD_QLORA if self.quantization_bit else METHOD_LORA
+        return METHOD_FULL
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """The module names LoRA adapts."""
+        return parse_lora_target(self.lora_target)
+
+
+@dataclass
+class DataArguments:
+    """Training, validation and test files and how they are encoded and batched."""
+
+    train_file: str | None = field(default=None, metadata={"help": "Training data (.jsonl or .json)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Data for --do_eval (.jsonl or .json)."})
+    test_file: str | None = field(default=None, metadata={"help": "Data for --do_predict (.jsonl or .json)."})
+    data_format: str | None = field(
+        default=None,
+        metadata={"help": "input_output or conversations (default: detected from the first record)."},
+    )
+    max_source_length: int = field(
+        default=1024, metadata={"help": "input_output data: token budget of [gMASK] sop + prompt."}
+    )
+    max_target_length: int = field(
+        default=128, metadata={"help": "input_output data: token budget of the response (eos comes on top)."}
+    )
+    max_seq_length: int = field(default=2048, metadata={"help": "conversations data: total tokens per example."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for encoding the data (datasets' num_proc)."}
+    )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder for the encoded-data cache (default: the datasets cache)."}
+    )
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Leave invalid records out (they are logged) instead of stopping."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several training examples into each row (segment-id attention masks)."},
+    )
+    packing_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per packed row (default: the longest example the length limits allow)."},
+    )
+    pad_to_multiple_of: int | None = field(
+        default=None, metadata={"help": "Pad batch rows to a multiple of this many tokens (e.g. 8 for tensor cores)."}
+    )
+    print_first_example: bool = field(
+        default=True, metadata={"help": "Print the first training example token by token with its labels."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens to generate per example in eval/predict (default: max_target_length)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_source_length", "max_target_length", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be a positive number of tokens, got {getattr(self, name)}")
+        for name in (
+            "preprocessing_num_workers",
+            "packing_length",
+            "pad_to_multiple_of",
+            "max_train_samples",
+            "max_eval_samples",
+            "max_predict_samples",
+            "max_new_tokens",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive number, got {value}")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, Seq2SeqTrainingArguments)
+
+
+def _numeric_type(annotation: object) -> type | None:
+    """int or float when a dataclass field annotation is that type (optionally `| None`), else None."""
+    if annotation in (int, float):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        if len(members) == 1 and members[0] in (int, float):
+            return members[0]
+    return None
+
+
+def _to_number(text: str, number_type: type) -> int | float:
+    """Parse `text` as a float, or as an int (also written like 1e3) when the field is an int."""
+    number = float(text)
+    if number_type is float:
+        return number
+    if not number.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
+
+
+def _coerce_numbers(values: dict, source: Path) -> dict:
+    """Convert numbers a config file holds as strings (YAML reads `2e-5` as a string) to the field's type."""
+    numeric_fields = {
+        item.name: _numeric_type(item.type)
+        for argument_class in ARGUMENT_CLASSES
+        for item in dataclasses.fields(argument_class)
+    }
+    coerced = dict(values)
+    for name, value in values.items():
+        number_type = numeric_fields.get(name)
+        if number_type is None or not isinstance(value, str):
+            continue
+        try:
+            coerced[name] = _to_number(value, number_type)
+        except ValueError as error:
+            raise ValueError(f"{source}: {name} must be a {number_type.__name__}, got {value!r}") from error
+    return coerced
+
+
+def read_config_file(path: Path) -> dict:
+    """The argument mapping of a .json or .yaml config file, with errors naming the file and line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from error
+    else:
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise TypeError(f"{path}: a config file must hold a mapping of argument names to values")
+    return _coerce_numbers(values, path)
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
+    """Parse the command line, or the one .json/.yaml config file it names, into the three argument objects."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if len(argv) == 1 and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
+        path = Path(argv[0])
+        values = read_config_file(path)
+        unknown = sorted(set(values) - {item.name for cls in ARGUMENT_CLASSES for item in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
+        return parser.parse_dict(values)
+    return parser.parse_args_into_dataclasses(args=argv)

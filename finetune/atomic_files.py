@@ -1,0 +1,47 @@
+"""Atomic file writes: write a temporary file in the target's folder, then os.replace it into place."""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
+
+
+def _current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
+    """Call `write` with a UTF-8 text handle on a temporary file next to `path`, then move it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temp_name, 0o666 & ~_current_umask())
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    finally:
+        if os.path.exists(temp_name):
+            os.remove(temp_name)
+
+
+def write_json_atomically(path: str | os.PathLike, value: object) -> None:
+    """Write `value` as indented UTF-8 JSON (non-ASCII kept) to `path`, atomically."""
+    write_atomically(path, lambda handle: handle.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n"))
+
+
+def write_jsonl_atomically(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Write one JSON object per line (non-ASCII kept) to `path`, atomically."""
+
+    def write(handle: IO[str]) -> None:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    write_atomically(path, write)

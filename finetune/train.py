@@ -1,0 +1,279 @@
+"""Training entry point: `python -m finetune.train --model_name_or_path BASE --train_file F --output_dir D ...`
+or `python -m finetune.train config.yaml`.
+
+Order: parse and check the arguments, choose the checkpoint to resume from, load the tokenizer, read, validate and
+encode the data (so data problems stop the run before the model is loaded), estimate memory, load the model for the
+method, then train (saving checkpoints and the final model in the agreed format), evaluate and predict.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, Seq2SeqTrainingArguments, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import set_seed
+
+from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
+from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
+from finetune.callbacks import LossCurveCallback, ThroughputCallback
+from finetune.data.collator import RightPaddingCollator, pack_examples
+from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
+from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
+from finetune.data.validation import print_token_labels
+from finetune.evaluation import GenerationEvalCollator, prediction_records
+from finetune.memory_preflight import run_preflight
+from finetune.methods import build_model, check_quantization_available
+from finetune.model.checkpoint_files import check_chatglm_folder
+from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
+from finetune.trainer import FinetuneTrainer
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+
+
+@dataclass
+class TrainingRun:
+    """What a run produced: the trainer (with the trained model) and the metrics of each stage."""
+
+    trainer: FinetuneTrainer
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def configure_logging(training_args: Seq2SeqTrainingArguments) -> None:
+    """Log to stdout: our INFO messages on the main process, the libraries at the Trainer's log level."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logging.getLogger("finetune").setLevel(logging.INFO if training_args.should_log else log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+
+def check_run_settings(
+    model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments
+) -> None:
+    """Fill in implied settings and raise ValueError for combinations that cannot work, before any heavy work."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        if not data_args.train_file:
+            raise ValueError("nothing to do: pass --train_file with --do_train, --do_eval or --do_predict")
+        training_args.do_train = True
+    stages = (
+        ("do_train", "train_file"),
+        ("do_eval", "validation_file"),
+        ("do_predict", "test_file"),
+    )
+    for stage, file_field in stages:
+        if getattr(training_args, stage) and not getattr(data_args, file_field):
+            raise ValueError(f"--{stage} needs --{file_field}")
+    if training_args.eval_strategy != "no" and not data_args.validation_file:
+        raise ValueError(f"--eval_strategy {training_args.eval_strategy} needs --validation_file")
+    if training_args.do_predict and not training_args.predict_with_generate:
+        raise ValueError("--do_predict writes generated answers: pass --predict_with_generate too")
+    if data_args.data_format not in (None, INPUT_OUTPUT, CONVERSATIONS):
+        raise ValueError(f"--data_format must be {INPUT_OUTPUT} or {CONVERSATIONS}, got {data_args.data_format!r}")
+    if model_args.method == METHOD_PTUNING and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "P-Tuning v2 trains only the small prefix encoder and is saved from the model itself, which ZeRO-3 "
+            "partitions; use a ZeRO-2 DeepSpeed config (ds_configs/zero2.json) or none"
+        )
+    if model_args.quantization_bit:
+        check_quantization_available(model_args.quantization_bit)
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"
+
+
+def check_output_dir(training_args: Seq2SeqTrainingArguments, resuming: bool) -> None:
+    """Refuse to start a fresh training run in an output_dir that already holds checkpoints of another run."""
+    output_dir = Path(training_args.output_dir)
+    if not training_args.do_train or resuming or not output_dir.is_dir():
+        return
+    existing = sorted(child.name for child in output_dir.iterdir() if checkpoint_step(child) is not None)
+    if existing:
+        raise ValueError(
+            f"{output_dir} already holds checkpoints ({', '.join(existing)}); continue that run with "
+            "--resume_from_checkpoint auto, or pass a new or empty --output_dir"
+        )
+
+
+def encoding_limits(data_args: DataArguments) -> EncodingLimits:
+    """Truncation lengths of the data arguments."""
+    return EncodingLimits(data_args.max_source_length, data_args.max_target_length, data_args.max_seq_length)
+
+
+def load_split(
+    path: str, limit: int | None, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments
+) -> TrainingData:
+    """Read, validate and encode one data file, keeping at most `limit` examples."""
+    cache_dir = Path(data_args.data_cache_dir) if data_args.data_cache_dir else DEFAULT_CACHE_DIR
+    data = load_training_data(
+        path,
+        tokenizer,
+        encoding_limits(data_args),
+        data_format=data_args.data_format,
+        skip_invalid=data_args.skip_invalid,
+        num_proc=data_args.preprocessing_num_workers,
+        cache_dir=cache_dir,
+    )
+    if limit is not None and limit < len(data.dataset):
+        data.dataset = data.dataset.select(range(limit))
+    logger.info("%s (%s): %s", path, data.data_format, data.summary)
+    return data
+
+
+def packing_length(data_args: DataArguments, data_format: str) -> int:
+    """Tokens per packed row: --packing_length, else the longest example the length limits allow."""
+    if data_args.packing_length:
+        return data_args.packing_length
+    if data_format == INPUT_OUTPUT:
+        return data_args.max_source_length + data_args.max_target_length + 1
+    return data_args.max_seq_length
+
+
+def load_data(
+    data_args: DataArguments, training_args: Seq2SeqTrainingArguments, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, TrainingData]:
+    """The encoded train/eval/test data the run needs (main process first, so replicas reuse its cache)."""
+    wanted = {
+        "train": (training_args.do_train, data_args.train_file, data_args.max_train_samples),
+        "eval": (
+            training_args.do_eval or training_args.eval_strategy != "no",
+            data_args.validation_file,
+            data_args.max_eval_samples,
+        ),
+        "test": (training_args.do_predict, data_args.test_file, data_args.max_predict_samples),
+    }
+    splits = {}
+    with training_args.main_process_first(desc="encoding data"):
+        for split, (needed, path, limit) in wanted.items():
+            if needed:
+                splits[split] = load_split(path, limit, tokenizer, data_args)
+    return splits
+
+
+def generation_length(data_args: DataArguments) -> int:
+    """New tokens generated per example in evaluation and prediction."""
+    return data_args.max_new_tokens or data_args.max_target_length
+
+
+def save_metrics(trainer: FinetuneTrainer, split: str, metrics: dict[str, float]) -> None:
+    """Log a stage's metrics and write them to output_dir/{split}_results.json (main process, atomically)."""
+    trainer.log_metrics(split, metrics)
+    if trainer.is_world_process_zero():
+        write_json_atomically(Path(trainer.args.output_dir) / f"{split}_results.json", metrics)
+
+
+def build_trainer(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, TrainingData],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: Seq2SeqTrainingArguments,
+    extra_callbacks: tuple[TrainerCallback, ...],
+) -> FinetuneTrainer:
+    """The Trainer with its datasets (training rows packed when asked), collators, metrics and callbacks."""
+    train_dataset = None
+    if "train" in splits:
+        train_dataset = splits["train"].dataset
+        if data_args.packing:
+            train_dataset = pack_examples(train_dataset, packing_length(data_args, splits["train"].data_format))
+            logger.info("packed %d examples into %d rows", len(splits["train"].dataset), len(train_dataset))
+    compute_metrics = None
+    if training_args.predict_with_generate:
+        from finetune.metrics import build_compute_metrics  # jieba loads its dictionary on import: only when needed
+
+        compute_metrics = build_compute_metrics(tokenizer)
+    return FinetuneTrainer(
+        model=model,
+        args=training_args,
+        data_collator=RightPaddingCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        train_dataset=train_dataset,
+        eval_dataset=splits["eval"].dataset if "eval" in splits else None,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=[ThroughputCallback(), LossCurveCallback(training_args.output_dir), *extra_callbacks],
+        model_args=model_args,
+        data_args=data_args,
+        eval_data_collator=GenerationEvalCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        max_new_tokens=generation_length(data_args),
+    )
+
+
+def predict_and_save(trainer: FinetuneTrainer, test: TrainingData, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """Generate answers for the test data; write generated_predictions.jsonl and predict_results.json."""
+    prediction = trainer.predict(test.dataset, metric_key_prefix="predict")
+    save_metrics(trainer, "predict", prediction.metrics)
+    if trainer.is_world_process_zero():
+        records = prediction_records(
+            test.dataset.select_columns(["input_ids", "labels"]).to_list(),
+            prediction.predictions,
+            tokenizer,
+            keep_prompt_special_tokens=test.data_format == CONVERSATIONS,
+        )
+        write_jsonl_atomically(Path(trainer.args.output_dir) / PREDICTIONS_FILE, records)
+    return prediction.metrics
+
+
+def run(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: Seq2SeqTrainingArguments,
+    extra_callbacks: tuple[TrainerCallback, ...] = (),
+) -> TrainingRun:
+    """Train, evaluate and predict as the arguments say; `extra_callbacks` are added to the Trainer."""
+    check_run_settings(model_args, data_args, training_args)
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is not None:
+        check_checkpoint_matches(resume, model_args)
+    check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
+    set_seed(training_args.seed)
+
+    check_chatglm_folder(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    splits = load_data(data_args, training_args, tokenizer)
+    if "train" in splits and data_args.print_first_example and training_args.should_log:
+        print_token_labels(splits["train"].dataset[0], tokenizer)
+
+    model_config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path,
+        pre_seq_len=model_args.pre_seq_len,
+        prefix_projection=model_args.prefix_projection,
+    )
+    run_preflight(model_config, model_args, data_args, training_args)
+    model = build_model(model_args, training_args)
+    trainer = build_trainer(model, tokenizer, splits, model_args, data_args, training_args, extra_callbacks)
+    outcome = TrainingRun(trainer)
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        trainer.save_final_model()
+        outcome.metrics["train"] = result.metrics
+        save_metrics(trainer, "train", result.metrics)
+    elif resume is not None:
+        trainer.load_checkpoint_weights(resume)
+    if training_args.do_eval:
+        outcome.metrics["eval"] = trainer.evaluate(metric_key_prefix="eval")
+        save_metrics(trainer, "eval", outcome.metrics["eval"])
+    if training_args.do_predict:
+        outcome.metrics["predict"] = predict_and_save(trainer, splits["test"], tokenizer)
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> TrainingRun:
+    """Command-line entry point: parse arguments (or one config file) and run."""
+    model_args, data_args, training_args = parse_arguments(argv)
+    configure_logging(training_args)
+    return run(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The toolkit's Trainer: Seq2SeqTrainer with per-method checkpoint files, training_record.json, atomic checkpoint
+saving and generation-based evaluation for a decoder-only model.
+
+Checkpoint layout (the format the inference side reads):
+  ptuning     config.json (with pre_seq_len/prefix_projection) + model.safetensors holding only
+              transformer.prefix_encoder.* (+ the official pytorch_model.bin with --save_official_bin)
+  lora/qlora  the PEFT adapter: adapter_config.json + adapter_model.safetensors
+  full        the whole model (save_pretrained, safetensors) + tokenizer files
+and in every folder training_record.json. A checkpoint is written into `tmp-checkpoint-N` and renamed to
+`checkpoint-N` only once every file is in place, so a crash mid-save never leaves a folder that resume would use.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Seq2SeqTrainer
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+
+from finetune.arguments import METHOD_FULL, METHOD_PTUNING, DataArguments, ModelArguments
+from finetune.atomic_files import write_json_atomically
+from finetune.checkpoints import TRAINING_RECORD
+from finetune.evaluation import (
+    GENERATION_KEYS,
+    PROMPT_ATTENTION_MASK,
+    PROMPT_INPUT_IDS,
+    REFERENCE_IDS,
+    blank_after_stop,
+)
+from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix_weights
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+STAGING_PREFIX = "tmp-"
+FINAL_STAGING_NAME = STAGING_PREFIX + "final"
+
+
+def base_model_reference(model_name_or_path: str) -> str:
+    """The base model as recorded: an absolute path for a local folder, else the name as given."""
+    path = Path(model_name_or_path)
+    return str(path.resolve()) if path.exists() else model_name_or_path
+
+
+def training_record(
+    model_args: ModelArguments, data_args: DataArguments, training_args_dict: dict, global_step: int
+) -> dict:
+    """The content of training_record.json for a checkpoint saved at `global_step`."""
+    is_lora = model_args.method not in (METHOD_PTUNING, METHOD_FULL)
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": model_args.method,
+        "base_model": base_model_reference(model_args.model_name_or_path),
+        "pre_seq_len": model_args.pre_seq_len,
+        "prefix_projection": model_args.prefix_projection,
+        "quantization_bit": model_args.quantization_bit,
+        "lora": {
+            "rank": model_args.lora_rank,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
+        }
+        if is_lora
+        else None,
+        "model_args": dataclasses.asdict(model_args),
+        "data_args": dataclasses.asdict(data_args),
+        "training_args": training_args_dict,
+        "global_step": global_step,
+    }
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Rename the finished `staging` folder to `final`, replacing an existing `final` folder."""
+    if final.exists():
+        retired = final.with_name(f"{STAGING_PREFIX}{final.name}-replaced")
+        if retired.exists():
+            shutil.rmtree(retired)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired)
+        return
+    os.replace(staging, final)
+
+
+def move_files_into(staging: Path, target: Path, last: str) -> None:
+    """Move every entry of `staging` into `target` (each move atomic), the entry named `last` at the end."""
+    entries = sorted(staging.iterdir(), key=lambda entry: (entry.name == last, entry.name))
+    for entry in entries:
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(entry, destination)
+    staging.rmdir()
+
+
+class FinetuneTrainer(Seq2SeqTrainer):
+    """Seq2SeqTrainer that saves the agreed checkpoint format atomically and evaluates by generating answers."""
+
+    def __init__(
+        self,
+        *args,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        eval_data_collator: Callable[[list[dict]], dict],
+        max_new_tokens: int,
+        **kwargs,
+    ):
+        self.model_args = model_args
+        self.data_args = data_args
+        self.eval_data_collator = eval_data_collator
+        self.max_new_tokens = max_new_tokens
+        model = kwargs.get("model")
+        with self._allow_quantized_prefix_training(model):
+            super().__init__(*args, **kwargs)
+        # The model's forward accepts **kwargs but computes a per-batch mean loss and ignores num_items_in_batch, so
+        # the Trainer must scale the loss for gradient accumulation itself.
+        self.model_accepts_loss_kwargs = False
+
+    @contextlib.contextmanager
+    def _allow_quantized_prefix_training(self, model: nn.Module | None):
+        """Let Trainer accept a quantized base whose trainable part is our own fp32 prefix encoder, not PEFT.
+
+        Trainer refuses a quantized model without PEFT adapters because such a model has nothing trainable; with
+        P-Tuning v2 the prefix encoder (never quantized) is trainable, which is checked here instead.
+        """
+        if not (self.model_args.method == METHOD_PTUNING and getattr(model, "is_quantized", False)):
+            yield
+            return
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        if not trainable or any(parameter.dtype != torch.float32 for parameter in trainable):
+            raise ValueError("a quantized P-Tuning v2 model must have a trainable fp32 prefix encoder")
+        model.is_quantized = False
+        try:
+            yield
+        finally:
+            model.is_quantized = True
+
+    # ---- saving -------------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the model files of this method and training_record.json into `output_dir`."""
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        logger.info("Saving %s checkpoint files to %s", self.model_args.method, folder)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.model_args.method == METHOD_PTUNING:
+            config = copy.deepcopy(model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(folder)
+            save_prefix_weights(model, folder, official_bin=self.model_args.save_official_bin)
+        elif self.model_args.method == METHOD_FULL:
+            model.save_pretrained(folder, state_dict=state_dict)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+        else:
+            model.save_pretrained(folder, state_dict=state_dict)
+        record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
+        write_json_atomically(folder / TRAINING_RECORD, record)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """Write checkpoint-N as Trainer does, but into tmp-checkpoint-N, renamed to checkpoint-N when complete.
+
+        Mirrors Trainer._save_checkpoint (transformers 5.24): model files, optimizer/scheduler/scaler/RNG state,
+        trainer state, then rotation of old checkpoints, which only ever sees complete `checkpoint-N` folders.
+        """
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / name
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        best_step = self.state.best_global_step
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+            if best_step == self.state.global_step or best.exists():
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        if self.args.should_save:
+            self._save_trainer_state(staging)
+
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_folder(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(str(final))
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def _save_trainer_state(self, folder: Path) -> None:
+        """Record the state of stateful callbacks and write trainer_state.json into `folder`."""
+        for callback in self.callback_handler.callbacks + [self.control]:
+            if not isinstance(callback, ExportableState):
+                continue
+            callback_name = callback.__class__.__name__
+            if isinstance(self.state.stateful_callbacks.get(callback_name), list):
+                self.state.stateful_callbacks[callback_name].append(callback.state())
+            else:
+                self.state.stateful_callbacks[callback_name] = callback.state()
+        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
+
+    def save_final_model(self) -> None:
+        """Save the trained model into output_dir: staged in tmp-final, moved in file by file, the record last."""
+        output_dir = Path(self.args.output_dir)
+        staging = output_dir / FINAL_STAGING_NAME
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.save_model(str(staging), _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            move_files_into(staging, output_dir, last=TRAINING_RECORD)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    # ---- loading ------------------------------------------------------------------------------------------------
+
+    def load_checkpoint_weights(self, folder: str | os.PathLike) -> None:
+        """Load the trained weights of a checkpoint folder of this method into the model (e.g. to evaluate it)."""
+        self._load_from_checkpoint(str(folder))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load a checkpoint's weights; a prefix checkpoint loads into the prefix encoder only."""
+        if self.model_args.method == METHOD_PTUNING:
+            load_prefix_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint at the end of training; a prefix checkpoint loads into the prefix encoder."""
+        if self.model_args.method == METHOD_PTUNING and not self.is_deepspeed_enabled:
+            load_prefix_checkpoint(self.model, self.state.best_model_checkpoint)
+            return
+        super()._load_best_model()
+
+    # ---- training -----------------------------------------------------------------------------------------------
+
+    def _track_num_input_tokens(self, inputs: dict) -> None:
+        """Count non-padding tokens also for packed rows, whose attention_mask holds segment ids 1, 2, ..."""
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool((mask > 1).any()):
+            inputs = {**inputs, "attention_mask": (mask > 0).long()}
+        super()._track_num_input_tokens(inputs)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------------
+
+    def _get_dataloader(
+        self,
+        dataset,
+        description: str,
+        batch_size: int,
+        sampler_fn=None,
+        is_training: bool = False,
+        dataloader_key: str | None = None,
+    ):
+        """Trainer's dataloader, batched by `eval_data_collator` for evaluation and prediction."""
+        if is_training:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        training_collator = self.data_collator
+        self.data_collator = self.eval_data_collator
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.data_collator = training_collator
+
+    def _stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated answer: the generation config's eos ids and the tokenizer's eos."""
+        eos = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
+        stop_ids = list(eos) if isinstance(eos, Sequence) else [eos] if eos is not None else []
+        if self.processing_class is not None and self.processing_class.eos_token_id not in stop_ids:
+            stop_ids.append(self.processing_class.eos_token_id)
+        return stop_ids
+
+    def _generation_kwargs(self, overrides: dict) -> dict:
+        """Greedy decoding of at most max_new_tokens, updated by Seq2SeqTrainer's and the caller's settings."""
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": False,
+            "eos_token_id": self._stop_token_ids(),
+            "pad_token_id": self.processing_class.pad_token_id,
+            "synced_gpus": is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model),
+        }
+        kwargs.update(getattr(self, "_gen_kwargs", {}))
+        kwargs.update(overrides)
+        if kwargs.get("max_length") is not None:
+            kwargs.pop("max_new_tokens")
+        return {key: value for key, value in kwargs.items() if value is not None}
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+        **gen_kwargs,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation loss on the full examples and, with predict_with_generate, greedy answers to the prompts.
+
+        Returns (loss, generated answer ids with the prompt removed and stop tokens blanked, reference ids).
+        """
+        inputs = dict(inputs)
+        generation_inputs = {key: inputs.pop(key) for key in GENERATION_KEYS if key in inputs}
+        inputs = self._prepare_inputs(inputs)
+        loss = None
+        if "labels" in inputs:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = model(**inputs, logits_to_keep=1).loss.detach()
+        if prediction_loss_only or not self.args.predict_with_generate or not generation_inputs:
+            return loss, None, None
+        generation_inputs = self._prepare_inputs(generation_inputs)
+        prompt_ids = generation_inputs[PROMPT_INPUT_IDS]
+        kwargs = self._generation_kwargs(gen_kwargs)
+        with torch.no_grad():
+            generated = self.model.generate(
+                input_ids=prompt_ids, attention_mask=generation_inputs[PROMPT_ATTENTION_MASK], **kwargs
+            )
+        answers = blank_after_stop(generated[:, prompt_ids.shape[1] :], kwargs["eos_token_id"], kwargs["pad_token_id"])
+        if answers.shape[1] == 0:
+            answers = torch.full((answers.shape[0], 1), kwargs["pad_token_id"], device=answers.device)
+        return loss, answers, generation_inputs[REFERENCE_IDS]

@@ -1,0 +1,204 @@
+"""Arguments from the command line or a YAML/JSON file, their checks, and data errors before the model loads."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import input_output_records, write_jsonl
+
+from finetune import train
+from finetune.arguments import BASE_MODEL_ENV, ModelArguments, parse_arguments, parse_lora_target
+from finetune.data.validation import DataValidationError
+from finetune.tiny_model import build_tiny_model
+from finetune.train import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    """Four prompt/response records."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", input_output_records(4))
+
+
+def test_yaml_config_file_runs_training(tiny_model_dir, train_file, tmp_path):
+    config = tmp_path / "ptuning.yaml"
+    config.write_text(
+        f"""# P-Tuning v2 on the tiny model
+model_name_or_path: {tiny_model_dir}
+train_file: {train_file}
+output_dir: {tmp_path / "out"}
+data_cache_dir: {tmp_path / "cache"}
+pre_seq_len: 4
+prefix_projection: true
+do_train: true
+use_cpu: true
+max_steps: 2
+save_steps: 2
+logging_steps: 1
+per_device_train_batch_size: 2
+learning_rate: 2e-2
+max_source_length: 48
+max_target_length: 48
+print_first_example: false
+""",
+        encoding="utf-8",
+    )
+    model_args, data_args, training_args = parse_arguments([str(config)])
+    assert training_args.learning_rate == pytest.approx(0.02)
+    assert (model_args.method, model_args.prefix_projection, data_args.max_source_length) == ("ptuning", True, 48)
+
+    outcome = main([str(config)])
+    assert outcome.trainer.state.global_step == 2
+    record = json.loads((tmp_path / "out" / "checkpoint-2" / "training_record.json").read_text())
+    assert record["method"] == "ptuning" and record["prefix_projection"] is True
+    assert record["training_args"]["learning_rate"] == pytest.approx(0.02)
+
+
+def test_json_config_file_is_parsed(tiny_model_dir, tmp_path):
+    config = tmp_path / "lora.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_name_or_path": str(tiny_model_dir),
+                "output_dir": str(tmp_path / "out"),
+                "lora_rank": 8,
+                "lora_target": "all",
+                "quantization_bit": 0,
+                "max_steps": "10",
+                "use_cpu": True,
+            }
+        )
+    )
+    model_args, _, training_args = parse_arguments([str(config)])
+    assert model_args.method == "lora" and model_args.quantization_bit is None
+    assert model_args.lora_target_modules == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    assert training_args.max_steps == 10
+
+
+def test_config_file_errors_name_the_file(tiny_model_dir, tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(f"model_name_or_path: {tiny_model_dir}\noutput_dir: out\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown.yaml: unknown argument name\(s\) \['learning_rat'\]"):
+        parse_arguments([str(unknown)])
+    bad_number = tmp_path / "bad.yaml"
+    bad_number.write_text(f"model_name_or_path: {tiny_model_dir}\noutput_dir: out\nlearning_rate: fast\n")
+    with pytest.raises(ValueError, match="bad.yaml: learning_rate must be a float, got 'fast'"):
+        parse_arguments([str(bad_number)])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"model_name_or_path": "x",\n "output_dir": }')
+    with pytest.raises(ValueError, match=r"broken.json:2:\d+: invalid JSON"):
+        parse_arguments([str(broken)])
+    with pytest.raises(FileNotFoundError, match="missing.yaml: config file not found"):
+        parse_arguments([str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"pre_seq_len": 4, "lora_rank": 8}, "select two different methods"),
+        ({"quantization_bit": 4}, "cannot be used with full fine-tuning"),
+        ({"lora_rank": 8, "quantization_bit": 3}, "must be 4 or 8"),
+        ({"prefix_projection": True}, "pass --pre_seq_len too"),
+        ({"lora_rank": 8, "lora_target": "query,value"}, "unknown module name"),
+        ({"pre_seq_len": 0}, "positive number of prefix tokens"),
+    ],
+)
+def test_model_argument_checks(flags, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArguments(model_name_or_path="base", **flags)
+
+
+def test_base_model_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(BASE_MODEL_ENV, raising=False)
+    with pytest.raises(ValueError, match=f"--model_name_or_path PATH .* {BASE_MODEL_ENV}"):
+        ModelArguments()
+    monkeypatch.setenv(BASE_MODEL_ENV, "/models/chatglm3-6b")
+    assert ModelArguments().model_name_or_path == "/models/chatglm3-6b"
+    assert ModelArguments(model_name_or_path="other").model_name_or_path == "other"
+    assert parse_lora_target(" dense , query_key_value ") == ["dense", "query_key_value"]
+
+
+def test_stage_without_its_data_file_is_refused(tiny_model_dir, tmp_path):
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--do_eval", "--use_cpu"]
+    with pytest.raises(ValueError, match="--do_eval needs --validation_file"):
+        main(argv)
+
+
+def test_data_problems_stop_the_run_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "类型#裙", "response": "红色"}\n{"prompt": "类型#裤", "response": 3}\nnot json\n',
+        encoding="utf-8",
+    )
+
+    def model_must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was validated")
+
+    monkeypatch.setattr(train, "build_model", model_must_not_load)
+    argv = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--train_file",
+        str(bad),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--data_cache_dir",
+        str(tmp_path / "cache"),
+        "--use_cpu",
+        "--pre_seq_len",
+        "4",
+    ]
+    with pytest.raises(DataValidationError) as error:
+        main(argv)
+    message = str(error.value)
+    assert f"{bad}:2 field 'response': must be a string, got number" in message
+    assert f"{bad}:3: invalid JSON" in message
+    assert "--skip_invalid" in message
+
+
+@pytest.mark.slow
+def test_finetune_script_runs_as_a_file_path(tiny_model_dir, train_file, tmp_path):
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "finetune" / "finetune.py"),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--train_file",
+        str(train_file),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--data_cache_dir",
+        str(tmp_path / "cache"),
+        "--pre_seq_len",
+        "4",
+        "--max_steps",
+        "1",
+        "--save_steps",
+        "1",
+        "--use_cpu",
+        "--disable_tqdm",
+        "true",
+        "--max_source_length",
+        "48",
+        "--max_target_length",
+        "48",
+        "--print_first_example",
+        "false",
+    ]
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        command, check=False, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "checkpoint-1" / "training_record.json").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()

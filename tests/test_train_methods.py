@@ -1,0 +1,276 @@
+"""P-Tuning v2, LoRA and full fine-tuning on CPU with a tiny model: checkpoint files, reload, training behaviour."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from train_helpers import input_output_records, logged_losses, probe_batch, run_arguments, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+from finetune.arguments import DataArguments, ModelArguments, parse_arguments
+from finetune.data.encoding import encode_input_output
+from finetune.evaluation import GenerationEvalCollator
+from finetune.methods import apply_method, check_quantization_available, load_base_model, quantization_config
+from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.tiny_model import build_tiny_model
+from finetune.train import main, run
+from finetune.trainer import FinetuneTrainer
+
+METHOD_FLAGS = {
+    "ptuning": {"pre_seq_len": 4},
+    "ptuning_projection": {"pre_seq_len": 4, "prefix_projection": True, "save_official_bin": True},
+    "lora": {"lora_rank": 4, "lora_target": "all", "learning_rate": 5e-3},
+    "full": {"learning_rate": 1e-3},
+}
+EXPECTED_FILES = {
+    "ptuning": {"config.json", "model.safetensors", "training_record.json"},
+    "ptuning_projection": {"config.json", "model.safetensors", "pytorch_model.bin", "training_record.json"},
+    "lora": {"adapter_config.json", "adapter_model.safetensors", "training_record.json"},
+    "full": {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "training_record.json"},
+}
+RESUME_STATE_FILES = {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    """Eight prompt/response records."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", input_output_records(8))
+
+
+def reload_trained(method: str, tiny_model_dir: Path, folder: Path) -> torch.nn.Module:
+    """Load a saved checkpoint folder the way inference does for its method."""
+    if method.startswith("ptuning"):
+        config = json.loads((folder / "config.json").read_text())
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, pre_seq_len=config["pre_seq_len"], prefix_projection=config["prefix_projection"]
+        )
+        load_prefix_checkpoint(model, folder)
+        return model
+    if method == "lora":
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_method_saves_agreed_checkpoints_that_reload_to_the_trained_model(method, tiny_model_dir, train_file, tmp_path):
+    output_dir = tmp_path / "out"
+    outcome = main(run_arguments(tiny_model_dir, train_file, output_dir, tmp_path / "cache", **METHOD_FLAGS[method]))
+
+    for folder in (output_dir / "checkpoint-2", output_dir / "checkpoint-4", output_dir):
+        names = {path.name for path in folder.iterdir()}
+        assert EXPECTED_FILES[method] <= names, f"{folder}: {sorted(names)}"
+        record = json.loads((folder / "training_record.json").read_text())
+        assert record["format_version"] == 1
+        assert record["method"] == method.split("_")[0]
+        assert record["base_model"] == str(tiny_model_dir.resolve())
+        assert record["training_args"]["max_steps"] == 4
+    assert RESUME_STATE_FILES <= {path.name for path in (output_dir / "checkpoint-2").iterdir()}
+    assert json.loads((output_dir / "checkpoint-2" / "training_record.json").read_text())["global_step"] == 2
+    assert json.loads((output_dir / "training_record.json").read_text())["global_step"] == 4
+    assert not [path.name for path in output_dir.iterdir() if path.name.startswith("tmp-")]
+
+    record = json.loads((output_dir / "training_record.json").read_text())
+    if method.startswith("ptuning"):
+        keys = set(load_file(output_dir / "model.safetensors"))
+        assert keys and all(key.startswith("transformer.prefix_encoder.") for key in keys)
+        assert json.loads((output_dir / "config.json").read_text())["pre_seq_len"] == 4
+        assert record["pre_seq_len"] == 4 and record["lora"] is None
+    if method == "lora":
+        adapter = json.loads((output_dir / "adapter_config.json").read_text())
+        assert set(adapter["target_modules"]) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+        assert record["lora"] == {
+            "rank": 4,
+            "alpha": 32,
+            "dropout": 0.1,
+            "target_modules": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        }
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = probe_batch(tokenizer)
+    trained = outcome.trainer.model.eval()
+    reloaded = reload_trained(method, tiny_model_dir, output_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        trained_logits = trained(**batch).logits
+        reloaded_logits = reloaded(**batch).logits
+        base_logits = base(**batch).logits
+    mask = batch["attention_mask"].bool()
+    assert torch.allclose(trained_logits[mask], reloaded_logits[mask], atol=1e-5)
+    assert not torch.allclose(trained_logits[mask], base_logits[mask], atol=1e-3)
+
+
+def test_loss_falls_on_a_tiny_overfit_set(tiny_model_dir, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", input_output_records(2))
+    argv = run_arguments(
+        tiny_model_dir,
+        train_file,
+        tmp_path / "out",
+        tmp_path / "cache",
+        learning_rate=1e-2,
+        max_steps=20,
+        save_steps=100,
+        lr_scheduler_type="constant",
+    )
+    losses = [loss for _, loss in logged_losses(main(argv).trainer.state.log_history)]
+    assert len(losses) == 20
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+class GradientProbe(TrainerCallback):
+    """Records, before each optimizer step, which parameters have gradients and whether checkpointing is on."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.snapshots.append(
+            {
+                "checkpointing": model.transformer.encoder.gradient_checkpointing,
+                "grads": {
+                    name: None if parameter.grad is None else float(parameter.grad.abs().sum())
+                    for name, parameter in model.named_parameters()
+                },
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("method_flags", "trained_marker"), [({"pre_seq_len": 4}, ".prefix_encoder."), ({"lora_rank": 4}, ".lora_")]
+)
+def test_gradient_checkpointing_trains_only_the_method_parameters(
+    method_flags, trained_marker, tiny_model_dir, train_file, tmp_path
+):
+    argv = run_arguments(
+        tiny_model_dir,
+        train_file,
+        tmp_path / "out",
+        tmp_path / "cache",
+        max_steps=2,
+        save_steps=100,
+        gradient_checkpointing=True,
+        **method_flags,
+    )
+    probe = GradientProbe()
+    run(*parse_arguments(argv), extra_callbacks=(probe,))
+
+    assert len(probe.snapshots) == 2
+    for snapshot in probe.snapshots:
+        assert snapshot["checkpointing"] is True
+        trained = {name: grad for name, grad in snapshot["grads"].items() if trained_marker in name}
+        base = {name: grad for name, grad in snapshot["grads"].items() if trained_marker not in name}
+        assert trained and all(grad is not None for grad in trained.values()), trained
+        assert base and all(grad is None for grad in base.values())
+    # LoRA's A matrices get no gradient while B is still zero (step 1); by step 2 every trained tensor has one.
+    assert all(grad > 0 for name, grad in probe.snapshots[-1]["grads"].items() if trained_marker in name)
+
+
+def test_gradient_accumulation_does_not_scale_the_loss(tiny_model_dir, train_file, tmp_path):
+    common = {"pre_seq_len": 4, "max_steps": 1, "save_steps": 100, "lr_scheduler_type": "constant"}
+    whole = main(run_arguments(tiny_model_dir, train_file, tmp_path / "a", tmp_path / "cache", **common))
+    accumulated = main(
+        run_arguments(
+            tiny_model_dir,
+            train_file,
+            tmp_path / "b",
+            tmp_path / "cache",
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            **common,
+        )
+    )
+    [(_, whole_loss)] = logged_losses(whole.trainer.state.log_history)
+    [(_, accumulated_loss)] = logged_losses(accumulated.trainer.state.log_history)
+    assert abs(accumulated_loss - whole_loss) < 0.05 * whole_loss
+
+
+def test_packed_training_counts_real_tokens(tiny_model_dir, train_file, tmp_path):
+    argv = run_arguments(
+        tiny_model_dir,
+        train_file,
+        tmp_path / "out",
+        tmp_path / "cache",
+        pre_seq_len=4,
+        packing=True,
+        per_device_train_batch_size=16,
+        max_steps=1,
+        save_steps=100,
+    )
+    outcome = main(argv)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    total = sum(len(encode_input_output(record, tokenizer, 48, 48)["input_ids"]) for record in input_output_records(8))
+    rows = outcome.trainer.train_dataset
+    assert len(rows) < 8
+    assert outcome.trainer.state.num_input_tokens_seen == total
+
+
+@pytest.mark.parametrize("method_flags", [{"pre_seq_len": 3}, {"lora_rank": 2}])
+def test_trainable_parameters_stay_fp32_on_a_bf16_base(method_flags, tiny_model_dir):
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), **method_flags)
+    model = apply_method(load_base_model(model_args, torch.bfloat16), model_args)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
+    assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
+    assert frozen and all(parameter.dtype == torch.bfloat16 for parameter in frozen)
+
+
+QUANTIZATION_AVAILABLE = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(QUANTIZATION_AVAILABLE, reason="bitsandbytes and CUDA are available here")
+def test_quantization_settings_and_missing_bitsandbytes_error():
+    config = quantization_config(4)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert {"output_layer", "prefix_encoder"} <= set(config.llm_int8_skip_modules)
+    assert quantization_config(8).load_in_8bit
+    with pytest.raises(RuntimeError, match="bitsandbytes|CUDA GPU"):
+        check_quantization_available(4)
+
+
+@pytest.mark.skipif(QUANTIZATION_AVAILABLE, reason="bitsandbytes and CUDA are available here")
+def test_quantized_run_fails_before_reading_data(tiny_model_dir, tmp_path):
+    argv = run_arguments(
+        tiny_model_dir,
+        tmp_path / "missing.jsonl",
+        tmp_path / "out",
+        tmp_path / "cache",
+        lora_rank=4,
+        quantization_bit=4,
+    )
+    with pytest.raises(RuntimeError, match="--quantization_bit 4 needs"):
+        main(argv)
+
+
+def test_trainer_accepts_a_quantized_base_only_with_a_trainable_prefix_encoder(tiny_model_dir, tmp_path):
+    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), pre_seq_len=2)
+    model = apply_method(load_base_model(model_args, torch.float32), model_args)
+    model.is_quantized = True  # what transformers' quantizer sets on a model loaded with bitsandbytes
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="purely quantized"):
+        Seq2SeqTrainer(model=model, args=args)
+
+    def build_trainer() -> FinetuneTrainer:
+        return FinetuneTrainer(
+            model=model,
+            args=args,
+            model_args=model_args,
+            data_args=DataArguments(),
+            eval_data_collator=GenerationEvalCollator(pad_token_id=0),
+            max_new_tokens=4,
+        )
+
+    build_trainer()
+    assert model.is_quantized is True
+    model.transformer.prefix_encoder.requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable fp32 prefix encoder"):
+        build_trainer()

@@ -1,0 +1,165 @@
+"""Resuming: the same loss trajectory as an uninterrupted run, atomic checkpoint saves, auto-resume's choice."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import input_output_records, logged_losses, read_trainer_state, run_arguments, write_jsonl
+
+from finetune.arguments import ModelArguments
+from finetune.model.checkpoint_files import CheckpointError
+from finetune.resume import (
+    AUTORESUME_ENV,
+    INCOMPLETE_MARKER,
+    check_checkpoint_matches,
+    checkpoint_problem,
+    find_latest_checkpoint,
+    resolve_resume_checkpoint,
+)
+from finetune.tiny_model import build_tiny_model
+from finetune.train import main
+from finetune.trainer import FinetuneTrainer
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by a test to stop a training process at a chosen point."""
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    """Eight prompt/response records (four batches of two per epoch)."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", input_output_records(8))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, train_file, tmp_path_factory) -> Path:
+    """The output_dir of a finished two-step P-Tuning run (checkpoint-2 is complete)."""
+    root = tmp_path_factory.mktemp("finished")
+    output_dir = root / "out"
+    main(run_arguments(tiny_model_dir, train_file, output_dir, root / "cache", pre_seq_len=4, max_steps=2))
+    return output_dir
+
+
+def crash_when(monkeypatch, method_name: str, global_step: int) -> None:
+    """Make FinetuneTrainer.<method_name> raise SimulatedCrash when called at `global_step`."""
+    original = getattr(FinetuneTrainer, method_name)
+
+    def crashing(self, *args, **kwargs):
+        if self.state.global_step == global_step:
+            raise SimulatedCrash(f"simulated crash in {method_name} at step {global_step}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FinetuneTrainer, method_name, crashing)
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_run(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    settings = {"pre_seq_len": 4, "max_steps": 6, "save_steps": 3}
+    straight = main(run_arguments(tiny_model_dir, train_file, tmp_path / "a", tmp_path / "cache", **settings))
+
+    with monkeypatch.context() as patch:
+        crash_when(patch, "training_step", global_step=3)
+        with pytest.raises(SimulatedCrash):
+            main(run_arguments(tiny_model_dir, train_file, tmp_path / "b", tmp_path / "cache", **settings))
+    assert sorted(path.name for path in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-3"]
+
+    resumed = main(
+        run_arguments(
+            tiny_model_dir, train_file, tmp_path / "b", tmp_path / "cache", resume_from_checkpoint="auto", **settings
+        )
+    )
+    expected = logged_losses(straight.trainer.state.log_history)
+    actual = logged_losses(resumed.trainer.state.log_history)
+    assert [step for step, _ in actual] == [1, 2, 3, 4, 5, 6] == [step for step, _ in expected]
+    for (_, want), (_, got) in zip(expected, actual):
+        assert abs(want - got) < 1e-6, (expected, actual)
+    for name, parameter in straight.trainer.model.transformer.prefix_encoder.named_parameters():
+        resumed_parameter = dict(resumed.trainer.model.transformer.prefix_encoder.named_parameters())[name]
+        assert torch.allclose(parameter, resumed_parameter, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("method_flags", "weights_file"),
+    [({"learning_rate": 1e-3}, "model.safetensors"), ({"lora_rank": 4}, "adapter_model.safetensors")],
+    ids=["full", "lora"],
+)
+def test_crash_during_a_save_leaves_only_complete_checkpoints(
+    method_flags, weights_file, tiny_model_dir, train_file, tmp_path, monkeypatch
+):
+    output_dir = tmp_path / "out"
+    argv = run_arguments(tiny_model_dir, train_file, output_dir, tmp_path / "cache", max_steps=4, **method_flags)
+    with monkeypatch.context() as patch:
+        crash_when(patch, "_save_rng_state", global_step=4)
+        with pytest.raises(SimulatedCrash):
+            main(argv)
+
+    staging = output_dir / "tmp-checkpoint-4"
+    assert {weights_file, "optimizer.pt", "training_record.json"} <= {path.name for path in staging.iterdir()}
+    assert not (staging / "trainer_state.json").exists()
+    assert not (output_dir / "checkpoint-4").exists()
+    assert find_latest_checkpoint(output_dir) == output_dir / "checkpoint-2"
+    assert resolve_resume_checkpoint("auto", output_dir) == output_dir / "checkpoint-2"
+
+    resumed = main(argv + ["--resume_from_checkpoint", "auto"])
+    assert resumed.trainer.state.global_step == 4
+    assert [step for step, _ in logged_losses(resumed.trainer.state.log_history)] == [1, 2, 3, 4]
+    assert not staging.exists()
+    assert checkpoint_problem(output_dir / "checkpoint-4") is None
+    assert read_trainer_state(output_dir / "checkpoint-4")["global_step"] == 4
+
+
+def test_auto_resume_skips_staging_and_incomplete_folders(finished_run, tmp_path):
+    complete = finished_run / "checkpoint-2"
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    shutil.copytree(complete, output_dir / "checkpoint-5")
+    shutil.copytree(complete, output_dir / "tmp-checkpoint-9")
+    shutil.copytree(complete, output_dir / "checkpoint-8")
+    (output_dir / "checkpoint-8" / INCOMPLETE_MARKER).write_text("in progress")
+    shutil.copytree(complete, output_dir / "checkpoint-7")
+    (output_dir / "checkpoint-7" / "trainer_state.json").unlink()
+    shutil.copytree(complete, output_dir / "checkpoint-6")
+    weights = output_dir / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    (output_dir / "checkpoint-10").write_text("a file, not a folder")
+
+    assert "trainer_state.json is missing" in checkpoint_problem(output_dir / "checkpoint-7")
+    assert "truncated" in checkpoint_problem(output_dir / "checkpoint-6")
+    assert INCOMPLETE_MARKER in checkpoint_problem(output_dir / "checkpoint-8")
+    latest = find_latest_checkpoint(output_dir)
+    assert latest == output_dir / "checkpoint-5"
+    assert "\\" not in str(latest)
+    with pytest.raises(CheckpointError, match="cannot resume from this checkpoint: trainer_state.json is missing"):
+        resolve_resume_checkpoint(str(output_dir / "checkpoint-7"), output_dir)
+    assert resolve_resume_checkpoint(str(output_dir / "checkpoint-5"), output_dir) == output_dir / "checkpoint-5"
+
+
+def test_autoresume_environment_variable(finished_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(AUTORESUME_ENV, "True")
+    assert resolve_resume_checkpoint(None, finished_run) == finished_run / "checkpoint-2"
+    assert resolve_resume_checkpoint(None, tmp_path / "empty") is None
+    monkeypatch.setenv(AUTORESUME_ENV, "false")
+    assert resolve_resume_checkpoint(None, finished_run) is None
+    monkeypatch.setenv(AUTORESUME_ENV, "maybe")
+    with pytest.raises(ValueError, match=AUTORESUME_ENV):
+        resolve_resume_checkpoint(None, finished_run)
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(finished_run, tiny_model_dir):
+    check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=4))
+    with pytest.raises(CheckpointError, match="method='ptuning' but this run has method='lora'"):
+        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), lora_rank=4))
+    with pytest.raises(CheckpointError, match="pre_seq_len=4 but this run has pre_seq_len=8"):
+        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=8))
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(finished_run, tiny_model_dir, train_file, tmp_path):
+    argv = run_arguments(tiny_model_dir, train_file, finished_run, tmp_path / "cache", pre_seq_len=4)
+    with pytest.raises(ValueError, match="already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint auto"):
+        main(argv)
