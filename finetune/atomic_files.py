@@ -1,9 +1,14 @@
-"""Atomic file writes: write a temporary file in the target's folder, then os.replace it into place."""
+"""Atomic file writes: write a temporary file in the target's folder, then os.replace it into place.
+
+A crash at any point leaves either the old file or the new one, never a half-written file. (data_tools/ keeps its
+own small copy of the JSONL writer so the converters start without importing torch.)
+"""
 
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -15,16 +20,17 @@ def _current_umask() -> int:
     return mask
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
-    """Call `write` with a UTF-8 text handle on a temporary file next to `path`, then move it onto `path`."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file name next to `path`; on success it replaces `path`, on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
     try:
         os.chmod(temp_name, 0o666 & ~_current_umask())
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            write(handle)
-            handle.flush()
+        yield temp_name
+        with open(temp_name, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
     finally:
@@ -32,9 +38,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[str]], None]) 
             os.remove(temp_name)
 
 
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[str]], None]) -> None:
+    """Call `write` with a UTF-8 text handle on a temporary file next to `path`, then move it onto `path`."""
+    with atomic_path(path) as temp_name, open(temp_name, "w", encoding="utf-8", newline="\n") as handle:
+        write(handle)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    write_atomically(path, lambda handle: handle.write(text))
+
+
 def write_json_atomically(path: str | os.PathLike, value: object) -> None:
     """Write `value` as indented UTF-8 JSON (non-ASCII kept) to `path`, atomically."""
-    write_atomically(path, lambda handle: handle.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n"))
+    write_text_atomically(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
 def write_jsonl_atomically(path: str | os.PathLike, records: Iterable[dict]) -> None:

@@ -10,11 +10,8 @@ and the KV cache; a row's output equals what it would get alone. Results go to O
 """
 
 import argparse
-import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
+from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.checkpoints import ModelLoadError, load_for_inference
 from finetune.data.encoding import (
     CONVERSATIONS,
@@ -229,24 +227,6 @@ def generate_replies(
     ]
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a UTF-8 text file through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-
-
-def write_jsonl_atomically(path: Path, rows: Iterable[dict]) -> None:
-    """Write one JSON object per line (non-ASCII kept), atomically."""
-    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def format_metrics_table(metrics: dict[str, float]) -> str:
     """A two-column text table of the metrics."""
     width = max(len(name) for name in metrics)
@@ -289,7 +269,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         for example, label, prediction in zip(examples, labels, predictions, strict=True)
     )
     write_jsonl_atomically(output_dir / PREDICTIONS_FILE, rows)
-    write_text_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_json_atomically(output_dir / METRICS_FILE, metrics)
     print(format_metrics_table(metrics))
     print(f"{len(examples)} examples; predictions and metrics written to {output_dir}")
     return metrics

@@ -138,6 +138,16 @@ def packing_length(data_args: DataArguments, data_format: str) -> int:
     return data_args.max_seq_length
 
 
+def training_row_length(data_args: DataArguments, splits: dict[str, TrainingData]) -> int | None:
+    """Tokens in the longest training row: the packing length when packing, else the longest encoded example."""
+    train = splits.get("train")
+    if train is None:
+        return None
+    if data_args.packing:
+        return packing_length(data_args, train.data_format)
+    return train.summary.length_max
+
+
 def load_data(
     data_args: DataArguments, training_args: Seq2SeqTrainingArguments, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, TrainingData]:
@@ -248,7 +258,7 @@ def run(
         pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
-    run_preflight(model_config, model_args, data_args, training_args)
+    run_preflight(model_config, model_args, data_args, training_args, seq_length=training_row_length(data_args, splits))
     model = build_model(model_args, training_args)
     trainer = build_trainer(model, tokenizer, splits, model_args, data_args, training_args, extra_callbacks)
     outcome = TrainingRun(trainer)

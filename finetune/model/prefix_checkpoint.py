@@ -1,12 +1,11 @@
 """Read, check, load and write P-Tuning v2 prefix checkpoints (weights of `transformer.prefix_encoder.*` only)."""
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic_files import atomic_path
 from .checkpoint_files import CheckpointError, check_weight_file
 
 PREFIX_KEY_PREFIX = "transformer.prefix_encoder."
@@ -102,22 +101,13 @@ def prefix_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX_KEY_PREFIX + key: value.detach().cpu().contiguous() for key, value in encoder.state_dict().items()}
 
 
-def _write_atomically(path: Path, write) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.remove(temp_name)
-
-
 def save_prefix_weights(model: torch.nn.Module, folder: str | Path, official_bin: bool = False) -> None:
     """Write the prefix weights as model.safetensors (and the official pytorch_model.bin when asked), atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state_dict = prefix_state_dict(model)
-    _write_atomically(folder / PREFIX_SAFETENSORS, lambda name: save_file(state_dict, name, metadata={"format": "pt"}))
+    with atomic_path(folder / PREFIX_SAFETENSORS) as temp_name:
+        save_file(state_dict, temp_name, metadata={"format": "pt"})
     if official_bin:
-        _write_atomically(folder / PREFIX_OFFICIAL_BIN, lambda name: torch.save(state_dict, name))
+        with atomic_path(folder / PREFIX_OFFICIAL_BIN) as temp_name:
+            torch.save(state_dict, temp_name)

@@ -1,0 +1,530 @@
+"""Training memory preflight: estimate the per-GPU memory of a fine-tuning run before loading the model, and warn
+with concrete settings to change when it will not fit."""
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model.configuration import ChatGLMConfig
+from .model.loss import DEFAULT_CHUNK_TOKENS
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+METHODS = ("ptuning", "lora", "qlora", "full")
+# Fraction of the free device memory an estimate may use: the rest covers allocator fragmentation and workspaces.
+USABLE_FRACTION = 0.9
+# Quantized linear weights also keep one fp32 scale per block of 64 weights.
+QUANTIZATION_SCALE_BYTES_PER_PARAM = 4 / 64
+# Mixed-precision full fine-tuning keeps an fp32 master copy of every trainable parameter.
+MASTER_WEIGHT_BYTES = 4
+ADAMW_STATE_BYTES = 8
+ADAMW_8BIT_STATE_BYTES = 2
+# Adapters (prefix encoder, LoRA) are trained in fp32 whatever the base model's dtype.
+ADAPTER_BYTES = 4
+# Logits of one loss chunk: the 16-bit projection, its fp32 copy and the fp32 gradient in the backward pass.
+LOGITS_BYTES_PER_ENTRY_EXTRA = 4 + 4
+ZERO3_OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
+LORA_TARGET_ALL = "all"
+
+_DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The settings of a run that decide its memory, besides the model shape."""
+
+    method: str
+    batch_size: int
+    seq_length: int
+    weight_dtype: torch.dtype = torch.bfloat16
+    quantization_bit: int | None = None
+    pre_seq_len: int | None = None
+    prefix_projection: bool = False
+    lora_rank: int | None = None
+    lora_target: tuple[str, ...] = ("query_key_value",)
+    gradient_checkpointing: bool = False
+    optimizer_8bit: bool = False
+    zero_stage: int = 0
+    num_gpus: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    logits_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"TrainingSetup.method is {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method == "ptuning" and not self.pre_seq_len:
+            raise ValueError("TrainingSetup.method 'ptuning' needs pre_seq_len > 0")
+        if self.method in ("lora", "qlora") and not self.lora_rank:
+            raise ValueError(f"TrainingSetup.method {self.method!r} needs lora_rank > 0")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"TrainingSetup.quantization_bit is {self.quantization_bit}; use 4, 8 or None")
+        if self.method == "full" and self.quantization_bit:
+            raise ValueError("full fine-tuning cannot train quantized weights: drop quantization_bit")
+        if self.weight_dtype not in _DTYPE_BYTES:
+            raise ValueError(f"TrainingSetup.weight_dtype {self.weight_dtype} is not one of float32/bfloat16/float16")
+        if self.batch_size < 1 or self.seq_length < 1 or self.num_gpus < 1:
+            raise ValueError(
+                f"batch_size ({self.batch_size}), seq_length ({self.seq_length}) and num_gpus ({self.num_gpus}) "
+                "must be positive"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"TrainingSetup.zero_stage is {self.zero_stage}; DeepSpeed ZeRO stages are 0-3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("parameter offload needs ZeRO stage 3")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated memory of one training process, in bytes (GPU unless named cpu_)."""
+
+    setup: TrainingSetup
+    total_parameters: int
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    cpu_offload: int
+    device_memory: int | None = None
+    advice: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        """Everything held on the GPU at the peak of a training step."""
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the total fits the usable part of the device memory; None when the device memory is unknown."""
+        if self.device_memory is None:
+            return None
+        return self.total <= USABLE_FRACTION * self.device_memory
+
+    def summary(self) -> str:
+        """A multi-line, human-readable breakdown in GiB."""
+        setup = self.setup
+        counts = f"{_count(self.total_parameters)} total, {_count(self.trainable_parameters)} trainable"
+        lines = [
+            f"Memory estimate per GPU for {setup.method} (batch {setup.batch_size} x {setup.seq_length} tokens, "
+            f"{str(setup.weight_dtype).removeprefix('torch.')}"
+            + (f", {setup.quantization_bit}-bit weights" if setup.quantization_bit else "")
+            + (", gradient checkpointing" if setup.gradient_checkpointing else "")
+            + (f", ZeRO-{setup.zero_stage} on {setup.num_gpus} GPU(s)" if setup.zero_stage else "")
+            + "):",
+            f"  parameters      {counts}",
+            f"  weights         {_size(self.weights):>10}",
+            f"  gradients       {_size(self.gradients):>10}",
+            f"  optimizer       {_size(self.optimizer_states):>10}",
+            f"  activations     {_size(self.activations):>10}",
+            f"  logits chunk    {_size(self.logits):>10}",
+            f"  total           {_size(self.total):>10}",
+        ]
+        if self.cpu_offload:
+            lines.append(f"  offloaded to CPU RAM {_size(self.cpu_offload)}")
+        if self.device_memory is not None:
+            lines.append(
+                f"  device memory   {_size(self.device_memory):>10} free "
+                f"({USABLE_FRACTION:.0%} usable: {_size(int(USABLE_FRACTION * self.device_memory))})"
+            )
+        return "\n".join(lines)
+
+
+def _count(number: int) -> str:
+    """A parameter count in B, M or K, with three significant digits."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= scale:
+            return f"{number / scale:.3g} {unit}"
+    return str(number)
+
+
+def _size(size: int) -> str:
+    """A byte count in GiB, or in MiB below 1 GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.1f} MiB"
+
+
+def _linear_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer inside one GLM block, by module name."""
+    qkv_out = (config.num_attention_heads + 2 * config.num_key_value_groups) * config.kv_channels
+    attention_width = config.num_attention_heads * config.kv_channels
+    return {
+        "query_key_value": (config.hidden_size, qkv_out),
+        "dense": (attention_width, config.hidden_size),
+        "dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
+        "dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size),
+    }
+
+
+def _layer_linear_weights(config: ChatGLMConfig) -> int:
+    """Weight-matrix parameters of one GLM block (the quantizable part)."""
+    return sum(fan_in * fan_out for fan_in, fan_out in _linear_shapes(config).values())
+
+
+def _layer_small_parameters(config: ChatGLMConfig) -> int:
+    """Biases and norm weights of one GLM block (never quantized)."""
+    shapes = _linear_shapes(config)
+    biases = shapes["query_key_value"][1] if (config.add_qkv_bias or config.add_bias_linear) else 0
+    if config.add_bias_linear:
+        biases += sum(fan_out for name, (_fan_in, fan_out) in shapes.items() if name != "query_key_value")
+    return biases + 2 * config.hidden_size
+
+
+def base_parameter_count(config: ChatGLMConfig) -> int:
+    """Parameters of the base model: embedding, GLM blocks, final norm, output layer."""
+    per_layer = _layer_linear_weights(config) + _layer_small_parameters(config)
+    final_norm = config.hidden_size if config.post_layer_norm else 0
+    return 2 * config.padded_vocab_size * config.hidden_size + config.num_layers * per_layer + final_norm
+
+
+def prefix_parameter_count(config: ChatGLMConfig, pre_seq_len: int, prefix_projection: bool) -> int:
+    """Parameters of the P-Tuning v2 prefix encoder."""
+    kv_size = config.num_layers * 2 * config.num_key_value_groups * config.kv_channels
+    count = pre_seq_len * kv_size
+    if prefix_projection:
+        count += (kv_size * config.hidden_size + config.hidden_size) + (config.hidden_size * kv_size + kv_size)
+    return count
+
+
+def lora_parameter_count(config: ChatGLMConfig, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of LoRA adapters of `rank` on the named linear layers of every block."""
+    shapes = _linear_shapes(config)
+    names = tuple(shapes) if targets == (LORA_TARGET_ALL,) else targets
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"LoRA target module(s) {', '.join(unknown)} are not ChatGLM3 linear layers; "
+            f"use some of {', '.join(shapes)} or {LORA_TARGET_ALL}"
+        )
+    return config.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in names)
+
+
+def _activation_elements_per_token_per_layer(config: ChatGLMConfig) -> int:
+    """Elements one GLM block keeps for its backward pass, per token, without checkpointing.
+
+    Two norm inputs and outputs, the fused QKV output and the rotated query/key/value, the attention output and its
+    reshaped copy, and the SwiGLU gate, up, silu(gate) and product.
+    """
+    shapes = _linear_shapes(config)
+    qkv_width = shapes["query_key_value"][1]
+    attention_width = shapes["dense"][0]
+    return 4 * config.hidden_size + 2 * qkv_width + 2 * attention_width + 4 * config.ffn_hidden_size
+
+
+def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
+    """Activations kept for the backward pass of one micro-batch, plus the attention mask and prefix keys/values."""
+    element_bytes = _DTYPE_BYTES[setup.weight_dtype]
+    tokens = setup.batch_size * setup.seq_length
+    per_layer = _activation_elements_per_token_per_layer(config)
+    if setup.gradient_checkpointing:
+        # Each block keeps only its input; one block at a time is recomputed in full during the backward pass.
+        layers = config.num_layers * config.hidden_size + per_layer
+    else:
+        layers = config.num_layers * per_layer
+    embedding_and_final_norm = 3 * config.hidden_size
+    activations = tokens * (layers + embedding_and_final_norm) * element_bytes
+    prefix_length = setup.pre_seq_len or 0
+    attention_mask = setup.batch_size * setup.seq_length * (setup.seq_length + prefix_length)
+    prefix_keys_values = (
+        setup.batch_size * config.num_layers * 2 * config.num_key_value_groups * config.kv_channels * prefix_length
+    ) * element_bytes
+    return activations + attention_mask + prefix_keys_values
+
+
+def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
+    """Peak memory of one chunk of the chunked loss: vocabulary logits of at most `logits_chunk_tokens` tokens."""
+    chunk = min(setup.logits_chunk_tokens, setup.batch_size * setup.seq_length)
+    per_entry = _DTYPE_BYTES[setup.weight_dtype] + LOGITS_BYTES_PER_ENTRY_EXTRA
+    return chunk * config.padded_vocab_size * per_entry
+
+
+def _base_weight_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
+    """Bytes of the base model's weights: 16/32-bit, or 4/8-bit block-quantized linear layers inside the blocks.
+
+    With quantization, the weights left unquantized (embedding, output layer, norms, biases) are kept in fp32, as
+    PEFT's k-bit training preparation does.
+    """
+    linear = config.num_layers * _layer_linear_weights(config)
+    rest = base_parameter_count(config) - linear
+    if setup.quantization_bit:
+        return int(linear * (setup.quantization_bit / 8 + QUANTIZATION_SCALE_BYTES_PER_PARAM)) + rest * 4
+    return (linear + rest) * _DTYPE_BYTES[setup.weight_dtype]
+
+
+def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> MemoryEstimate:
+    """Estimate the peak memory of one training process for a ChatGLM3-shaped `config` and a run's `setup`."""
+    base_parameters = base_parameter_count(config)
+    if setup.method == "ptuning":
+        trainable = prefix_parameter_count(config, setup.pre_seq_len, setup.prefix_projection)
+    elif setup.method in ("lora", "qlora"):
+        trainable = lora_parameter_count(config, setup.lora_rank, setup.lora_target)
+    else:
+        trainable = base_parameters
+    full = setup.method == "full"
+    total_parameters = base_parameters if full else base_parameters + trainable
+
+    parameter_bytes = _DTYPE_BYTES[setup.weight_dtype] if full else ADAPTER_BYTES
+    weights = _base_weight_bytes(config, setup) + (0 if full else trainable * ADAPTER_BYTES)
+    gradients = trainable * parameter_bytes
+    state_bytes = ADAMW_8BIT_STATE_BYTES if setup.optimizer_8bit else ADAMW_STATE_BYTES
+    master_bytes = MASTER_WEIGHT_BYTES if full and setup.weight_dtype != torch.float32 else 0
+    optimizer_states = trainable * (state_bytes + master_bytes)
+
+    gpus = setup.num_gpus
+    element_bytes = _DTYPE_BYTES[setup.weight_dtype]
+    # ZeRO works block by block: the gathered weights (or gradient buckets) of two blocks are on the GPU at once.
+    working_set = 2 * (_layer_linear_weights(config) + _layer_small_parameters(config)) * element_bytes
+    cpu_offload = 0
+    if setup.zero_stage >= 1:
+        optimizer_states //= gpus
+    if setup.zero_stage >= 2:
+        gradients //= gpus
+    if setup.zero_stage >= 1 and setup.offload_optimizer:
+        # The optimizer steps on the CPU, on fp32 gradient partitions kept there.
+        cpu_offload += optimizer_states + trainable // gpus * MASTER_WEIGHT_BYTES
+        optimizer_states = 0
+        gradients = min(gradients, working_set)
+    if setup.zero_stage == 3:
+        partition = weights // gpus
+        if setup.offload_params:
+            cpu_offload += partition
+            partition = 0
+        weights = partition + working_set
+
+    return MemoryEstimate(
+        setup=setup,
+        total_parameters=total_parameters,
+        trainable_parameters=trainable,
+        weights=weights,
+        gradients=gradients,
+        optimizer_states=optimizer_states,
+        activations=_activation_bytes(config, setup),
+        logits=_logits_bytes(config, setup),
+        cpu_offload=cpu_offload,
+    )
+
+
+def _usable(device_memory: int) -> float:
+    return USABLE_FRACTION * device_memory
+
+
+def memory_advice(config: ChatGLMConfig, setup: TrainingSetup, device_memory: int) -> list[str]:
+    """Concrete changes to the launcher settings that lower the estimate, each with its new estimate."""
+    usable = _usable(device_memory)
+
+    def estimate(**changes) -> MemoryEstimate:
+        return estimate_training_memory(config, dataclasses.replace(setup, **changes))
+
+    def verdict(result: MemoryEstimate) -> str:
+        state = "fits" if result.total <= usable else "still too much"
+        return f"estimated {result.total / GIB:.1f} GiB, {state}"
+
+    advice = []
+    combined: dict[str, object] = {}
+    if setup.batch_size > 1:
+        fitting = [size for size in range(setup.batch_size - 1, 0, -1) if estimate(batch_size=size).total <= usable]
+        size = fitting[0] if fitting else 1
+        advice.append(
+            f"lower DEV_BATCH_SIZE to {size} and raise GRAD_ACCUMULATION_STEPS by {setup.batch_size / size:g}x "
+            f"to keep the effective batch size ({verdict(estimate(batch_size=size))})"
+        )
+        combined["batch_size"] = size
+    if not setup.gradient_checkpointing:
+        advice.append(
+            "enable gradient checkpointing: pass --gradient_checkpointing after the launcher script "
+            f"({verdict(estimate(gradient_checkpointing=True))})"
+        )
+        combined["gradient_checkpointing"] = True
+    if setup.method in ("ptuning", "lora") and not setup.quantization_bit:
+        quantized_method = "qlora" if setup.method == "lora" else setup.method
+        advice.append(
+            "load the base model quantized: QUANTIZATION_BIT=4 "
+            f"({verdict(estimate(quantization_bit=4, method=quantized_method))})"
+        )
+        combined.update(quantization_bit=4, method=quantized_method)
+    if setup.method == "full" and not (setup.zero_stage == 3 and setup.offload_optimizer and setup.offload_params):
+        offloaded = estimate(zero_stage=3, offload_optimizer=True, offload_params=True)
+        advice.append(
+            f"use DeepSpeed ZeRO-3 with CPU offload of optimizer and parameters: DS_CONFIG={ZERO3_OFFLOAD_CONFIG} "
+            f"with scripts/finetune_ds.sh ({verdict(offloaded)}; needs about "
+            f"{offloaded.cpu_offload / GIB:.0f} GiB of CPU RAM per process)"
+        )
+        combined.update(zero_stage=3, offload_optimizer=True, offload_params=True)
+    if len(combined) > 1 and len(advice) > 1:
+        advice.append(f"all of the above together: {verdict(estimate(**combined))}")
+    best = estimate(**combined)
+    if best.total > usable:
+        shorter = _longest_fitting_sequence(config, best.setup, usable)
+        if shorter:
+            advice.append(
+                f"{'with all of the above, also ' if combined else ''}lower MAX_SEQ_LEN (or MAX_SOURCE_LEN + "
+                f"MAX_TARGET_LEN) to at most {shorter} tokens"
+            )
+        else:
+            advice.append(
+                "even one short sequence does not fit: use a GPU with more memory, or several GPUs with "
+                f"NUM_GPUS and DS_CONFIG={ZERO3_OFFLOAD_CONFIG}"
+            )
+    return advice
+
+
+def _longest_fitting_sequence(config: ChatGLMConfig, setup: TrainingSetup, usable: float) -> int | None:
+    """The longest sequence length below setup.seq_length whose estimate fits `usable` bytes, or None."""
+    low, high = 0, setup.seq_length - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if estimate_training_memory(config, dataclasses.replace(setup, seq_length=middle)).total <= usable:
+            low = middle
+        else:
+            high = middle - 1
+    return low or None
+
+
+def _deepspeed_settings(deepspeed: object) -> tuple[int, bool, bool]:
+    """ZeRO stage and optimizer/parameter offload from a DeepSpeed config (dict or JSON file path)."""
+    if not deepspeed:
+        return 0, False, False
+    if isinstance(deepspeed, dict):
+        config = deepspeed
+    else:
+        path = Path(str(deepspeed))
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the DeepSpeed config {path}: {error}; pass a valid JSON file") from error
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+
+    def offloaded(key: str) -> bool:
+        return str(zero.get(key, {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    return stage, offloaded("offload_optimizer"), stage == 3 and offloaded("offload_param")
+
+
+def _lora_targets(value: object) -> tuple[str, ...]:
+    """LoRA target modules from a comma-separated string or a list."""
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return tuple(value)
+
+
+def _method(model_args: object) -> str:
+    """The fine-tuning method of the model arguments: their `method`, or derived from the method flags."""
+    method = getattr(model_args, "method", None)
+    if method:
+        return method
+    if getattr(model_args, "pre_seq_len", None):
+        return "ptuning"
+    if getattr(model_args, "lora_rank", None):
+        return "qlora" if getattr(model_args, "quantization_bit", None) else "lora"
+    return "full"
+
+
+def longest_row(data_args: object, data_format: str | None = None) -> int | None:
+    """The longest training row the data arguments allow, or None when they bound nothing.
+
+    input_output rows are [gMASK] sop + prompt (max_source_length) + response (max_target_length) + eos;
+    conversation rows are at most max_seq_length; packed rows are packing_length long. With the format unknown,
+    the larger bound counts.
+    """
+    if getattr(data_args, "packing", False) and getattr(data_args, "packing_length", None):
+        return data_args.packing_length
+    data_format = data_format or getattr(data_args, "data_format", None)
+    source = getattr(data_args, "max_source_length", None)
+    target = getattr(data_args, "max_target_length", None)
+    input_output = source + target + 1 if source and target else None
+    conversations = getattr(data_args, "max_seq_length", None)
+    if data_format == "input_output" and input_output:
+        return input_output
+    if data_format == "conversations" and conversations:
+        return conversations
+    bounds = [bound for bound in (input_output, conversations) if bound]
+    return max(bounds) if bounds else None
+
+
+def setup_from_arguments(
+    config: ChatGLMConfig,
+    model_args: object,
+    data_args: object,
+    training_args: object,
+    seq_length: int | None = None,
+) -> TrainingSetup:
+    """Derive the TrainingSetup from the run's model, data and training arguments (read duck-typed).
+
+    `seq_length` is the longest row the run will see (e.g. measured on the encoded data); without it, the data
+    arguments' bound (see `longest_row`) or else the model's seq_length is used.
+    """
+    method = _method(model_args)
+    seq_length = seq_length or longest_row(data_args) or config.seq_length
+    if getattr(training_args, "bf16", False):
+        weight_dtype = torch.bfloat16
+    elif getattr(training_args, "fp16", False):
+        weight_dtype = torch.float16
+    else:
+        weight_dtype = torch.float32
+    zero_stage, offload_optimizer, offload_params = _deepspeed_settings(getattr(training_args, "deepspeed", None))
+    return TrainingSetup(
+        method=method,
+        batch_size=getattr(training_args, "per_device_train_batch_size", 1),
+        seq_length=seq_length,
+        weight_dtype=weight_dtype,
+        quantization_bit=getattr(model_args, "quantization_bit", None) or None,
+        pre_seq_len=getattr(model_args, "pre_seq_len", None),
+        prefix_projection=bool(getattr(model_args, "prefix_projection", False)),
+        lora_rank=getattr(model_args, "lora_rank", None),
+        lora_target=_lora_targets(getattr(model_args, "lora_target", "query_key_value")),
+        gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
+        optimizer_8bit="8bit" in str(getattr(training_args, "optim", "")),
+        zero_stage=zero_stage,
+        num_gpus=max(1, int(getattr(training_args, "world_size", 1))),
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+    )
+
+
+def free_device_memory() -> int | None:
+    """Free memory of the current CUDA device in bytes, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return free
+
+
+def run_preflight(
+    model_config: ChatGLMConfig,
+    model_args: object,
+    data_args: object,
+    training_args: object,
+    device_memory: int | None = None,
+    seq_length: int | None = None,
+) -> MemoryEstimate:
+    """Estimate the run's memory, log it, and warn with concrete advice when it exceeds the device memory.
+
+    `device_memory` (bytes) defaults to the free memory of the CUDA device; on CPU the estimate is only logged.
+    `seq_length`: the longest training row when known (see `setup_from_arguments`).
+    """
+    setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length)
+    estimate = estimate_training_memory(model_config, setup)
+    if device_memory is None and not getattr(training_args, "use_cpu", False):
+        device_memory = free_device_memory()
+    estimate = dataclasses.replace(estimate, device_memory=device_memory)
+    if estimate.fits is False:
+        estimate = dataclasses.replace(estimate, advice=tuple(memory_advice(model_config, setup, device_memory)))
+    if getattr(training_args, "process_index", 0) != 0:
+        return estimate
+    logger.info("%s", estimate.summary())
+    if estimate.fits is False:
+        logger.warning(
+            "The run will probably not fit: it needs about %.1f GiB per GPU but only %.1f GiB of %.1f GiB free are "
+            "usable. Try:\n%s",
+            estimate.total / GIB,
+            _usable(device_memory) / GIB,
+            device_memory / GIB,
+            "\n".join(f"  - {line}" for line in estimate.advice),
+        )
+    return estimate

@@ -1,0 +1,165 @@
+# shellcheck shell=bash
+# Sourced by the finetune_*.sh launchers: reads the shared environment-variable knobs, checks the inputs and starts
+# finetune/finetune.py through torchrun, teeing its output into OUTPUT_DIR/train.log.
+#
+# Knobs every launcher reads (defaults in brackets; each launcher sets its own for LR, lengths, RUN_NAME, DATASET_PATH):
+#   NUM_GPUS [1; "all" = every visible GPU]  processes per node (CUDA devices; without CUDA, CPU processes on gloo)
+#   DEV_BATCH_SIZE [1]      per-device micro-batch size
+#   GRAD_ACCUMULATION_STEPS [16]  (the official misspelling GRAD_ACCUMULARION_STEPS is accepted too)
+#   MAX_STEP [1000]  SAVE_INTERVAL [500]  LR
+#   MAX_SOURCE_LEN  MAX_TARGET_LEN  MAX_SEQ_LEN   length bounds (input-output data / whole multi-turn rows)
+#   BASE_MODEL_PATH [output/tiny-chatglm3]  DATASET_PATH  RUN_NAME
+#   OUTPUT_DIR [output/RUN_NAME-DATE-TAG, or output/RUN_NAME-TAG with AUTORESUME_FROM_CHECKPOINT]
+#   AUTORESUME_FROM_CHECKPOINT [0]  1/true: continue from the newest checkpoint in OUTPUT_DIR if there is one
+#   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]   multi-node rendezvous
+# Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs.
+
+_LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "$_LAUNCHER_REPO_ROOT/.venv/bin/activate" ]; then
+    # shellcheck disable=SC1091
+    source "$_LAUNCHER_REPO_ROOT/.venv/bin/activate"
+fi
+export PYTHONPATH="$_LAUNCHER_REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+launcher_error() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# Usage: is_true NAME VALUE. Succeeds for 1/true/yes/on, fails for 0/false/no/off/none/empty (any case).
+is_true() {
+    case "${2,,}" in
+        1 | true | yes | on) return 0 ;;
+        0 | false | no | off | none | "") return 1 ;;
+        *) launcher_error "$1 must be 1/true/yes or 0/false/no, got '$2'" ;;
+    esac
+}
+
+require_positive_integer() {
+    local name="$1" value="$2"
+    [[ "$value" =~ ^[1-9][0-9]*$ ]] || launcher_error "$name must be a positive integer, got '$value'"
+}
+
+# Prints "cpu", "bf16" or "fp16" (the mixed precision the first GPU supports), then the number of CUDA devices.
+detect_accelerator() {
+    python -c 'import torch
+if not torch.cuda.is_available():
+    print("cpu 0")
+else:
+    print("bf16" if torch.cuda.is_bf16_supported() else "fp16", torch.cuda.device_count())'
+}
+
+# Usage: run_finetune OUTPUT_TAG [method flags ...] -- [pass-through flags ...]
+# Needs LR, RUN_NAME and DATASET_PATH set by the calling launcher.
+run_finetune() {
+    local output_tag="$1"
+    shift
+    local method_flags=()
+    while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do
+        method_flags+=("$1")
+        shift
+    done
+    [ "$#" -gt 0 ] && shift
+
+    if [ -n "${GRAD_ACCUMULARION_STEPS:-}" ] && [ -n "${GRAD_ACCUMULATION_STEPS:-}" ] \
+        && [ "$GRAD_ACCUMULARION_STEPS" != "$GRAD_ACCUMULATION_STEPS" ]; then
+        launcher_error "GRAD_ACCUMULARION_STEPS=$GRAD_ACCUMULARION_STEPS and GRAD_ACCUMULATION_STEPS=$GRAD_ACCUMULATION_STEPS disagree; set one of them"
+    fi
+    local grad_accumulation="${GRAD_ACCUMULATION_STEPS:-${GRAD_ACCUMULARION_STEPS:-16}}"
+    local dev_batch_size="${DEV_BATCH_SIZE:-1}"
+    local max_step="${MAX_STEP:-1000}"
+    local save_interval="${SAVE_INTERVAL:-500}"
+    local nnodes="${NNODES:-1}"
+    local node_rank="${NODE_RANK:-0}"
+    require_positive_integer GRAD_ACCUMULATION_STEPS "$grad_accumulation"
+    require_positive_integer DEV_BATCH_SIZE "$dev_batch_size"
+    require_positive_integer MAX_STEP "$max_step"
+    require_positive_integer SAVE_INTERVAL "$save_interval"
+    require_positive_integer NNODES "$nnodes"
+    [[ "$node_rank" =~ ^[0-9]+$ ]] || launcher_error "NODE_RANK must be a non-negative integer, got '$node_rank'"
+    local autoresume=0
+    is_true AUTORESUME_FROM_CHECKPOINT "${AUTORESUME_FROM_CHECKPOINT:-0}" && autoresume=1
+
+    local base_model="${BASE_MODEL_PATH:-$_LAUNCHER_REPO_ROOT/output/tiny-chatglm3}"
+    if [ ! -f "$base_model/config.json" ]; then
+        launcher_error "no model at BASE_MODEL_PATH=$base_model (config.json missing). Set BASE_MODEL_PATH to a \
+ChatGLM3 folder (e.g. a local copy of chatglm3-6b), or build the tiny test model first: \
+python -m finetune.tiny_model --output_dir $_LAUNCHER_REPO_ROOT/output/tiny-chatglm3"
+    fi
+    if [ ! -f "$DATASET_PATH" ]; then
+        launcher_error "no training data at DATASET_PATH=$DATASET_PATH. Convert a data set first (python -m \
+data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or set DATASET_PATH to a JSONL file"
+    fi
+
+    local accelerator gpu_count
+    read -r accelerator gpu_count < <(detect_accelerator) || true
+    [ -n "${accelerator:-}" ] || launcher_error "could not import torch with $(command -v python); activate the \
+project's virtual environment (bash scripts/test.sh creates .venv)"
+    local num_gpus="${NUM_GPUS:-1}"
+    [ "$num_gpus" = "all" ] && num_gpus=$((gpu_count > 0 ? gpu_count : 1))
+    require_positive_integer NUM_GPUS "$num_gpus"
+    local precision_flags=() device_note
+    case "$accelerator" in
+        cpu)
+            device_note="No CUDA device: training on CPU (fp32, gloo backend) with $num_gpus process(es) per node."
+            precision_flags=(--use_cpu)
+            ;;
+        *)
+            ((num_gpus <= gpu_count)) || launcher_error "NUM_GPUS=$num_gpus but only $gpu_count CUDA device(s) are visible"
+            device_note="Training on $num_gpus of $gpu_count CUDA device(s) per node with $accelerator mixed precision."
+            precision_flags=("--$accelerator")
+            ;;
+    esac
+
+    local resume_flags=()
+    local output_dir
+    if [ "$autoresume" = 1 ]; then
+        output_dir="${OUTPUT_DIR:-$_LAUNCHER_REPO_ROOT/output/$RUN_NAME-$output_tag}"
+        resume_flags=(--resume_from_checkpoint auto)
+    else
+        output_dir="${OUTPUT_DIR:-$_LAUNCHER_REPO_ROOT/output/$RUN_NAME-$(date +%Y%m%d-%H%M%S)-$output_tag}"
+    fi
+    mkdir -p "$output_dir"
+
+    local rendezvous
+    if ((nnodes > 1)) || [ -n "${MASTER_PORT:-}" ] || [ -n "${MASTER_ADDR:-}" ]; then
+        rendezvous=(--nnodes "$nnodes" --node_rank "$node_rank"
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+    else
+        rendezvous=(--standalone --nnodes 1)
+    fi
+
+    local command=(python -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$num_gpus"
+        -m finetune.finetune
+        --model_name_or_path "$base_model"
+        --train_file "$DATASET_PATH"
+        --output_dir "$output_dir"
+        --run_name "$RUN_NAME"
+        --per_device_train_batch_size "$dev_batch_size"
+        --gradient_accumulation_steps "$grad_accumulation"
+        --max_steps "$max_step"
+        --save_steps "$save_interval"
+        --learning_rate "$LR"
+        --logging_steps 1
+        --report_to none
+        "${precision_flags[@]}"
+        "${resume_flags[@]}"
+        "${method_flags[@]}"
+        "$@")
+    local log_file="$output_dir/train.log"
+    {
+        echo "===== $(date '+%Y-%m-%d %H:%M:%S') $(basename "$0") on $(hostname)"
+        echo "$device_note"
+        printf '%q ' "${command[@]}"
+        echo
+    } | tee -a "$log_file"
+    "${command[@]}" 2>&1 | tee -a "$log_file"
+}
+
+# Appends "--FLAG VALUE" to the array named $1 when VALUE is not empty.
+add_optional_flag() {
+    local -n flags="$1"
+    [ -n "$3" ] && flags+=("$2" "$3")
+    return 0
+}

@@ -1,0 +1,219 @@
+"""Memory preflight: estimates for ChatGLM3-6B shapes, advice for a simulated 24 GiB GPU, the tiny model's counts."""
+
+import dataclasses
+import json
+import logging
+from types import SimpleNamespace
+
+import peft
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from finetune import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.memory_preflight import (
+    GIB,
+    TrainingSetup,
+    base_parameter_count,
+    estimate_training_memory,
+    longest_row,
+    lora_parameter_count,
+    memory_advice,
+    prefix_parameter_count,
+    run_preflight,
+    setup_from_arguments,
+)
+
+CHATGLM3_6B = ChatGLMConfig()  # the defaults are chatglm3-6b's shape
+DEVICE_24GIB = 24 * GIB
+
+
+def _tiny_config(**overrides) -> ChatGLMConfig:
+    values = {
+        "num_layers": 2,
+        "padded_vocab_size": 96,
+        "hidden_size": 32,
+        "ffn_hidden_size": 48,
+        "kv_channels": 8,
+        "num_attention_heads": 4,
+        "multi_query_group_num": 2,
+        "seq_length": 64,
+    }
+    values.update(overrides)
+    return ChatGLMConfig(**values)
+
+
+def test_parameter_counts_match_the_real_model():
+    config = _tiny_config(pre_seq_len=4, prefix_projection=True)
+    model = ChatGLMForConditionalGeneration(config)
+    prefix = sum(p.numel() for p in model.transformer.prefix_encoder.parameters())
+    base = sum(p.numel() for p in model.parameters()) - prefix
+    assert base_parameter_count(config) == base
+    assert prefix_parameter_count(config, 4, True) == prefix
+
+
+def test_lora_count_matches_peft():
+    config = _tiny_config()
+    model = ChatGLMForConditionalGeneration(config)
+    targets = ("query_key_value", "dense_4h_to_h")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=list(targets)))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert lora_parameter_count(config, 4, targets) == trainable
+    with pytest.raises(ValueError, match="not ChatGLM3 linear layers"):
+        lora_parameter_count(config, 4, ("q_proj",))
+
+
+def test_chatglm3_6b_weights_and_trainables():
+    assert 6.2e9 < base_parameter_count(CHATGLM3_6B) < 6.3e9
+    ptuning = estimate_training_memory(
+        CHATGLM3_6B, TrainingSetup("ptuning", batch_size=1, seq_length=1024, pre_seq_len=128)
+    )
+    assert 11.4 * GIB < ptuning.weights < 11.8 * GIB  # bf16 base weights plus a 7 MiB prefix
+    assert ptuning.trainable_parameters == 128 * 28 * 2 * 2 * 128  # 1.8 M
+    lora = estimate_training_memory(CHATGLM3_6B, TrainingSetup("lora", batch_size=1, seq_length=1024, lora_rank=8))
+    assert lora.trainable_parameters < 0.001 * lora.total_parameters
+    assert lora.gradients + lora.optimizer_states < 0.1 * GIB
+
+    qlora = estimate_training_memory(
+        CHATGLM3_6B, TrainingSetup("qlora", batch_size=1, seq_length=1024, lora_rank=8, quantization_bit=4)
+    )
+    # 4-bit blocks (5.7 B parameters: ~3 GiB), fp32 embedding and output layer (0.53 B parameters: ~2 GiB)
+    assert 4.5 * GIB < qlora.weights < 5.5 * GIB
+
+    full = estimate_training_memory(CHATGLM3_6B, TrainingSetup("full", batch_size=1, seq_length=1024))
+    assert full.gradients == full.weights
+    assert full.optimizer_states == full.trainable_parameters * 12  # AdamW fp32 m, v + fp32 master weights
+    eight_bit = estimate_training_memory(
+        CHATGLM3_6B, TrainingSetup("full", batch_size=1, seq_length=1024, optimizer_8bit=True)
+    )
+    assert eight_bit.optimizer_states == eight_bit.trainable_parameters * (2 + 4)
+
+
+def test_activations_scale_and_checkpointing_saves():
+    setup = TrainingSetup("ptuning", batch_size=1, seq_length=1024, pre_seq_len=128)
+    plain = estimate_training_memory(CHATGLM3_6B, setup)
+    double = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, batch_size=2))
+    checkpointed = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, gradient_checkpointing=True))
+    assert 2 * GIB < plain.activations < 8 * GIB
+    assert double.activations == pytest.approx(2 * plain.activations, rel=0.01)
+    assert checkpointed.activations < plain.activations / 5
+    # The loss never holds more than one chunk of 2048 x 65024 logits.
+    long = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, batch_size=8, seq_length=4096))
+    assert long.logits == 2048 * 65024 * (2 + 4 + 4)
+
+
+def test_zero_stages_divide_by_gpus_and_offload_to_cpu():
+    base = TrainingSetup("full", batch_size=1, seq_length=512, gradient_checkpointing=True)
+    single = estimate_training_memory(CHATGLM3_6B, base)
+    zero2 = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(base, zero_stage=2, num_gpus=4))
+    zero3 = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(base, zero_stage=3, num_gpus=4))
+    offload = estimate_training_memory(
+        CHATGLM3_6B, dataclasses.replace(base, zero_stage=3, num_gpus=4, offload_optimizer=True, offload_params=True)
+    )
+    assert zero2.optimizer_states == single.optimizer_states // 4
+    assert zero2.gradients == single.gradients // 4
+    assert zero2.weights == single.weights
+    assert zero3.weights < single.weights / 3
+    assert offload.optimizer_states == 0
+    assert offload.total < zero3.total < zero2.total < single.total
+    assert offload.cpu_offload > single.optimizer_states / 4
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        dataclasses.replace(base, zero_stage=2, offload_params=True)
+
+
+def test_advice_for_a_24gib_gpu():
+    too_big = TrainingSetup("ptuning", batch_size=8, seq_length=2048, pre_seq_len=128)
+    advice = "\n".join(memory_advice(CHATGLM3_6B, too_big, DEVICE_24GIB))
+    assert "DEV_BATCH_SIZE" in advice and "GRAD_ACCUMULATION_STEPS" in advice
+    assert "--gradient_checkpointing" in advice
+    assert "QUANTIZATION_BIT=4" in advice
+    assert "fits" in advice
+
+    full = TrainingSetup("full", batch_size=1, seq_length=1024)
+    full_advice = "\n".join(memory_advice(CHATGLM3_6B, full, DEVICE_24GIB))
+    assert "ds_configs/zero3_offload.json" in full_advice
+    assert "QUANTIZATION_BIT" not in full_advice
+
+
+def _arguments(tmp_path, **overrides) -> TrainingArguments:
+    values = {"output_dir": str(tmp_path), "use_cpu": True, "per_device_train_batch_size": 8, "report_to": "none"}
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_run_preflight_warns_for_simulated_24gib_device(tmp_path, caplog):
+    model_args = SimpleNamespace(pre_seq_len=128, prefix_projection=False, lora_rank=None, quantization_bit=None)
+    data_args = SimpleNamespace(
+        max_source_length=1024, max_target_length=1023, max_seq_length=4096, data_format="input_output"
+    )
+    with caplog.at_level(logging.INFO, logger="finetune.memory_preflight"):
+        estimate = run_preflight(CHATGLM3_6B, model_args, data_args, _arguments(tmp_path), device_memory=DEVICE_24GIB)
+    assert estimate.setup.method == "ptuning"
+    assert estimate.setup.seq_length == 2048
+    assert estimate.setup.weight_dtype == torch.float32
+    assert estimate.fits is False
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "QUANTIZATION_BIT=4" in warnings[0] and "DEV_BATCH_SIZE" in warnings[0]
+    assert "24.0 GiB" in warnings[0]
+    assert any("Memory estimate per GPU for ptuning" in record.getMessage() for record in caplog.records)
+
+
+def test_run_preflight_quiet_when_it_fits_and_on_cpu(tmp_path, caplog):
+    model_args = SimpleNamespace(lora_rank=8, lora_target="query_key_value,dense", quantization_bit=4, method="qlora")
+    data_args = SimpleNamespace(max_seq_length=512)
+    arguments = _arguments(tmp_path, per_device_train_batch_size=1, gradient_checkpointing=True)
+    with caplog.at_level(logging.INFO, logger="finetune.memory_preflight"):
+        fitting = run_preflight(CHATGLM3_6B, model_args, data_args, arguments, device_memory=DEVICE_24GIB)
+        on_cpu = run_preflight(CHATGLM3_6B, model_args, data_args, arguments)
+    assert fitting.setup.method == "qlora" and fitting.setup.lora_target == ("query_key_value", "dense")
+    assert fitting.fits is True and fitting.advice == ()
+    assert on_cpu.device_memory is None and on_cpu.fits is None
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert sum("Memory estimate per GPU" in record.getMessage() for record in caplog.records) == 2
+
+
+def test_setup_reads_deepspeed_config(tmp_path):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "offload_optimizer": {"device": "cpu"},
+                    "offload_param": {"device": "cpu"},
+                }
+            }
+        )
+    )
+    training_args = SimpleNamespace(per_device_train_batch_size=2, bf16=True, deepspeed=str(ds_config), world_size=2)
+    setup = setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(max_seq_length=256), training_args)
+    assert (setup.method, setup.zero_stage, setup.offload_optimizer, setup.offload_params) == ("full", 3, True, True)
+    assert setup.num_gpus == 2 and setup.weight_dtype == torch.bfloat16 and setup.seq_length == 256
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ValueError, match="broken.json"):
+        setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(), SimpleNamespace(deepspeed=str(broken)))
+
+
+def test_longest_row_from_data_arguments():
+    bounds = {"max_source_length": 100, "max_target_length": 27, "max_seq_length": 512}
+    assert longest_row(SimpleNamespace(**bounds, data_format="input_output")) == 128
+    assert longest_row(SimpleNamespace(**bounds, data_format="conversations")) == 512
+    assert longest_row(SimpleNamespace(**bounds), data_format="input_output") == 128
+    assert longest_row(SimpleNamespace(**bounds)) == 512  # format unknown: the larger bound
+    assert longest_row(SimpleNamespace(**bounds, packing=True, packing_length=1024)) == 1024
+    assert longest_row(SimpleNamespace()) is None
+    setup = setup_from_arguments(
+        CHATGLM3_6B, SimpleNamespace(pre_seq_len=8), SimpleNamespace(**bounds), SimpleNamespace(), seq_length=77
+    )
+    assert setup.seq_length == 77 and setup.method == "ptuning"
+    assert setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(), SimpleNamespace()).seq_length == 8192
+
+
+def test_all_lora_targets():
+    config = _tiny_config()
+    names = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    each = sum(lora_parameter_count(config, 2, (name,)) for name in names)
+    assert lora_parameter_count(config, 2, ("all",)) == each
