@@ -6,6 +6,7 @@ own small copy of the JSONL writer so the converters start without importing tor
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -62,3 +63,15 @@ def write_jsonl_atomically(path: str | os.PathLike, records: Iterable[dict]) -> 
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     write_atomically(path, write)
+
+
+def replace_folder(built: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the finished folder `built` to `target`; an existing `target` is renamed aside first, then deleted."""
+    built, target = Path(built), Path(target)
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(built, target)
+        shutil.rmtree(retired)
+        return
+    os.replace(built, target)

@@ -16,6 +16,7 @@ import sentencepiece as spm
 import torch
 from transformers import GenerationConfig
 
+from finetune.atomic_files import replace_folder
 from finetune.model.configuration import ChatGLMConfig
 from finetune.model.modeling import ChatGLMForConditionalGeneration
 from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer
@@ -154,21 +155,6 @@ def _write_checkpoint(folder: Path, model_proto: bytes, config_fields: dict, see
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
 
 
-def _move_into_place(built: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished `built` folder to `target`; an existing non-empty target is replaced only on request."""
-    if target.exists() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite)")
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(retired / target.name)
-        built.rename(target)
-        shutil.rmtree(retired)
-        return
-    if target.exists():
-        target.rmdir()
-    built.rename(target)
-
-
 def build_tiny_model(
     output_dir: str | Path,
     texts: Iterable[str] | None = None,
@@ -207,7 +193,9 @@ def build_tiny_model(
         built = workspace / target.name
         built.mkdir()
         _write_checkpoint(built, model_proto, config_fields, seed)
-        _move_into_place(built, target, overwrite)
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite)")
+        replace_folder(built, target)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     return target

@@ -29,7 +29,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from finetune.arguments import METHOD_FULL, METHOD_PTUNING, DataArguments, ModelArguments
-from finetune.atomic_files import write_json_atomically
+from finetune.atomic_files import replace_folder, write_json_atomically
 from finetune.checkpoints import TRAINING_RECORD
 from finetune.evaluation import (
     GENERATION_KEYS,
@@ -78,19 +78,6 @@ def training_record(
         "training_args": training_args_dict,
         "global_step": global_step,
     }
-
-
-def publish_folder(staging: Path, final: Path) -> None:
-    """Rename the finished `staging` folder to `final`, replacing an existing `final` folder."""
-    if final.exists():
-        retired = final.with_name(f"{STAGING_PREFIX}{final.name}-replaced")
-        if retired.exists():
-            shutil.rmtree(retired)
-        os.replace(final, retired)
-        os.replace(staging, final)
-        shutil.rmtree(retired)
-        return
-    os.replace(staging, final)
 
 
 def move_files_into(staging: Path, target: Path, last: str) -> None:
@@ -202,7 +189,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            publish_folder(staging, final)
+            replace_folder(staging, final)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(str(final))

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from finetune.atomic_files import replace_folder  # noqa: E402
 from finetune.checkpoints import (  # noqa: E402
     DTYPES,
     CheckpointKind,
@@ -53,19 +54,6 @@ def check_output_dir(output_dir: Path, sources: list[Path], overwrite: bool) -> 
         raise CheckpointError(f"{output_dir}: exists and is not empty; pass --overwrite to replace it")
 
 
-def move_into_place(built: Path, target: Path) -> None:
-    """Rename a finished folder to `target`, replacing what is there (the old folder is removed afterwards)."""
-    if target.is_dir() and any(target.iterdir()):
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        target.rename(retired / target.name)
-        built.rename(target)
-        shutil.rmtree(retired)
-        return
-    if target.exists():
-        target.rmdir()
-    built.rename(target)
-
-
 def export_checkpoint(
     checkpoint: str,
     output_dir: str,
@@ -95,7 +83,7 @@ def export_checkpoint(
         model.save_pretrained(built, max_shard_size=max_shard_size)
         loaded_tokenizer.save_pretrained(built)
         check_chatglm_folder(built)
-        move_into_place(built, target)
+        replace_folder(built, target)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     return kind

@@ -386,11 +386,11 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding."""
-        return self.transformer.embedding.word_embeddings
+        return self.transformer.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         """Replace the token embedding."""
-        self.transformer.embedding.word_embeddings = value
+        self.transformer.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
         """The vocabulary projection."""
