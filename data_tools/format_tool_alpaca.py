@@ -5,12 +5,12 @@ Each instance of each setting becomes one line:
    "conversations": [{"role": "user", "content": input},
                      per intermediate step:
                        {"role": "assistant", "content": <ReAct text before "Action:", stripped>},
-                       {"role": "tool", "name": tool, "parameters": <parsed JSON object>, "observation": observation},
+                       {"role": "tool", "name": tool, "parameters": <parsed JSON>, "observation": observation},
                      {"role": "assistant", "content": Final Thought + "\\n" + output}]}
 
-A missing, null or empty "Final Thought" gives a final assistant message of the output alone (counted in a note).
-An instance that cannot be converted (e.g. parameters that are not a JSON object) is skipped and reported with
-its setting and instance index and the reason.
+The output equals the official ChatGLM3 converter's. An instance it could not convert (unparsable parameters, a
+missing or non-string "Final Thought" or output, a malformed step) is skipped here too, and reported with its
+setting and instance index and the reason; the run never stops on one bad instance.
 """
 
 import argparse
@@ -29,70 +29,68 @@ class SourceFileError(ValueError):
     """The ToolAlpaca file as a whole cannot be read (not UTF-8, not JSON, not an array of settings)."""
 
 
-def _require_string(container: dict, key: str, what: str) -> str:
-    """Return container[key] when it is a string, else raise ValueError naming `what`."""
+def _require_field(container: dict, key: str) -> object:
+    """Return container[key], or raise ValueError when the field is missing."""
     if key not in container:
-        raise ValueError(f"{what} {key!r} is missing")
-    value = container[key]
+        raise ValueError(f"field {key!r} is missing")
+    return container[key]
+
+
+def _require_string(container: dict, key: str) -> str:
+    """Return container[key] when it is a string, else raise ValueError naming the field."""
+    value = _require_field(container, key)
     if not isinstance(value, str):
-        raise ValueError(f"{what} {key!r} must be a string, got {json.dumps(value, ensure_ascii=False)[:80]}")
+        raise ValueError(f"field {key!r} must be a string, got {json.dumps(value, ensure_ascii=False)[:80]}")
     return value
 
 
-def _parse_parameters(raw: object, step_index: int) -> dict:
-    """Return the tool-call parameters of one step as a dict (they are stored as a JSON string)."""
-    if isinstance(raw, dict):
-        return raw
+def _parse_parameters(raw: object, step_index: int) -> object:
+    """The tool-call parameters of one step: its JSON string parsed (any JSON value, as the official converter)."""
     if not isinstance(raw, str):
         raise ValueError(f"intermediate step {step_index}: parameters must be a JSON string, got {type(raw).__name__}")
     try:
-        parameters = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as error:
         message = f"intermediate step {step_index}: parameters {raw!r} are not valid JSON ({error.msg})"
         raise ValueError(message) from error
-    if not isinstance(parameters, dict):
-        raise ValueError(f"intermediate step {step_index}: parameters {raw!r} are not a JSON object")
-    return parameters
 
 
 def _convert_step(step: object, step_index: int) -> list[dict]:
     """Turn one [[tool_name, parameters_json, react_text], observation] step into assistant + tool messages."""
-    if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], list) and len(step[0]) == 3):
+    if not (isinstance(step, list) and len(step) >= 2 and isinstance(step[0], list) and len(step[0]) == 3):
         raise ValueError(
             f"intermediate step {step_index} is not [[tool_name, parameters_json, react_text], observation]"
         )
-    (tool_name, raw_parameters, react_text), observation = step
-    if not isinstance(tool_name, str) or not tool_name:
-        raise ValueError(f"intermediate step {step_index}: tool name must be a non-empty string")
+    tool_name, raw_parameters, react_text = step[0]
     if not isinstance(react_text, str):
         raise ValueError(f"intermediate step {step_index}: the ReAct text must be a string")
     parameters = _parse_parameters(raw_parameters, step_index)
-    thought = react_text.split(ACTION_MARKER, 1)[0].strip()
+    thought = react_text.split(ACTION_MARKER)[0].strip()
     return [
         {"role": "assistant", "content": thought},
-        {"role": "tool", "name": tool_name, "parameters": parameters, "observation": observation},
+        {"role": "tool", "name": tool_name, "parameters": parameters, "observation": step[1]},
     ]
 
 
-def convert_instance(instance: object, documentation: str) -> tuple[dict, bool]:
-    """Convert one ToolAlpaca instance; return (record, whether it had a Final Thought) or raise ValueError."""
+def convert_instance(instance: object, documentation: object) -> dict:
+    """Convert one ToolAlpaca instance to a record, or raise ValueError saying why it cannot be converted.
+
+    The rules are those of the official converter: `input`, `intermediate_steps`, `Final Thought` and `output` must
+    all be present, the final answer is `Final Thought + "\n" + output` (both strings), and any instance that does
+    not fit is skipped.
+    """
     if not isinstance(instance, dict):
         raise ValueError(f"expected an object, got {type(instance).__name__}")
-    user_input = _require_string(instance, "input", "field")
-    output = _require_string(instance, "output", "field")
-    steps = instance.get("intermediate_steps", [])
+    conversation = [{"role": "user", "content": _require_field(instance, "input")}]
+    steps = _require_field(instance, "intermediate_steps")
     if not isinstance(steps, list):
         raise ValueError("field 'intermediate_steps' must be a list")
-    final_thought = instance.get("Final Thought")
-    if final_thought is not None and not isinstance(final_thought, str):
-        raise ValueError("field 'Final Thought' must be a string")
-    conversation = [{"role": "user", "content": user_input}]
     for step_index, step in enumerate(steps):
         conversation.extend(_convert_step(step, step_index))
-    has_final_thought = bool(final_thought)
-    final_answer = f"{final_thought}\n{output}" if has_final_thought else output
-    conversation.append({"role": "assistant", "content": final_answer})
-    return {"tools": [documentation], "conversations": conversation}, has_final_thought
+    final_thought = _require_string(instance, "Final Thought")
+    output = _require_string(instance, "output")
+    conversation.append({"role": "assistant", "content": final_thought + "\n" + output})
+    return {"tools": [documentation], "conversations": conversation}
 
 
 def load_settings(source: Path) -> list:
@@ -112,7 +110,6 @@ def load_settings(source: Path) -> list:
 
 def _convert_settings(settings: list, report: ConversionReport) -> Iterator[dict]:
     """Yield one record per convertible instance, recording skipped ones (setting/instance index) in `report`."""
-    missing_final_thought = 0
     for setting_index, setting in enumerate(settings):
         where = f"{report.source} setting {setting_index}"
         if not isinstance(setting, dict):
@@ -122,24 +119,15 @@ def _convert_settings(settings: list, report: ConversionReport) -> Iterator[dict
         if not isinstance(instances, list):
             report.skip(where, "field 'Instances' is missing or not a list")
             continue
-        documentation = setting.get("NLDocumentation")
         for instance_index, instance in enumerate(instances):
             location = f"{where} instance {instance_index}"
-            if not isinstance(documentation, str):
-                report.skip(location, "the setting's 'NLDocumentation' is missing or not a string")
+            if "NLDocumentation" not in setting:
+                report.skip(location, "the setting's field 'NLDocumentation' is missing")
                 continue
             try:
-                record, has_final_thought = convert_instance(instance, documentation)
+                yield convert_instance(instance, setting["NLDocumentation"])
             except ValueError as error:
                 report.skip(location, str(error))
-                continue
-            missing_final_thought += not has_final_thought
-            yield record
-    if missing_final_thought:
-        report.notes.append(
-            f"{missing_final_thought} instances had no 'Final Thought'; "
-            "their last assistant message is the output alone"
-        )
 
 
 def convert_tool_alpaca_file(source: Path, destination: Path) -> ConversionReport:

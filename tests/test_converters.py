@@ -170,7 +170,7 @@ def convert_settings(tmp_path: Path, settings: object) -> tuple[format_tool_alpa
     return report, read_jsonl(output) if output.exists() else []
 
 
-def test_tool_alpaca_edge_cases_convert_as_documented(tmp_path: Path):
+def test_tool_alpaca_edge_cases_follow_the_official_converter(tmp_path: Path):
     instances = [
         tool_alpaca_instance(**{"Final Thought": ...}),
         tool_alpaca_instance(**{"Final Thought": None}),
@@ -178,23 +178,30 @@ def test_tool_alpaca_edge_cases_convert_as_documented(tmp_path: Path):
         tool_alpaca_instance(
             intermediate_steps=[[["getWeather", '{"city": "Rome"}', "no action marker "], {"sky": "clear"}]]
         ),
+        tool_alpaca_instance(**{"Final Thought": ""}),
+        tool_alpaca_instance(intermediate_steps=[[["f", "[1, 2]", "A. Action: f"], "o"]]),
     ]
     report, records = convert_settings(tmp_path, [{"NLDocumentation": "getWeather: weather.", "Instances": instances}])
-    assert report.skipped == [] and report.written == 4
-    assert records[0]["conversations"][-1] == {"role": "assistant", "content": "Sunny."}
-    assert records[1]["conversations"][-1] == {"role": "assistant", "content": "Sunny."}
-    assert records[2] == {
+    assert [item.location.split("train_data.json ")[1] for item in report.skipped] == [
+        "setting 0 instance 0",
+        "setting 0 instance 1",
+    ]
+    assert "field 'Final Thought' is missing" in report.skipped[0].reason
+    assert "field 'Final Thought' must be a string" in report.skipped[1].reason
+    assert report.written == 4
+    assert records[0] == {
         "tools": ["getWeather: weather."],
         "conversations": [
             {"role": "user", "content": "Weather in Rome?"},
             {"role": "assistant", "content": "I know it.\nSunny."},
         ],
     }
-    assert records[3]["conversations"][1:3] == [
+    assert records[1]["conversations"][1:3] == [
         {"role": "assistant", "content": "no action marker"},
         {"role": "tool", "name": "getWeather", "parameters": {"city": "Rome"}, "observation": {"sky": "clear"}},
     ]
-    assert report.notes == ["2 instances had no 'Final Thought'; their last assistant message is the output alone"]
+    assert records[2]["conversations"][-1] == {"role": "assistant", "content": "\nSunny."}
+    assert records[3]["conversations"][2]["parameters"] == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -205,8 +212,8 @@ def test_tool_alpaca_edge_cases_convert_as_documented(tmp_path: Path):
         (tool_alpaca_instance(output=7), "field 'output' must be a string"),
         (tool_alpaca_instance(intermediate_steps="none"), "'intermediate_steps' must be a list"),
         (tool_alpaca_instance(intermediate_steps=[["getWeather", "{}"]]), "intermediate step 0 is not [[tool_name"),
-        (tool_alpaca_instance(intermediate_steps=[[["", "{}", "t"], "o"]]), "tool name must be a non-empty string"),
-        (tool_alpaca_instance(intermediate_steps=[[["f", "[1, 2]", "t"], "o"]]), "are not a JSON object"),
+        (tool_alpaca_instance(intermediate_steps=[[["f", "{city: x}", "t"], "o"]]), "are not valid JSON"),
+        (tool_alpaca_instance(intermediate_steps=...), "field 'intermediate_steps' is missing"),
         (tool_alpaca_instance(intermediate_steps=[[["f", 5, "t"], "o"]]), "parameters must be a JSON string"),
         (tool_alpaca_instance(intermediate_steps=[[["f", "{}", None], "o"]]), "the ReAct text must be a string"),
         (tool_alpaca_instance(**{"Final Thought": 3}), "'Final Thought' must be a string"),
@@ -235,6 +242,7 @@ def test_tool_alpaca_skips_bad_settings_and_reports_unreadable_files(tmp_path: P
         "setting 1",
         "setting 2 instance 0",
     ]
+    assert "'NLDocumentation' is missing" in report.skipped[2].reason
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"Instances": [}\n]')
     assert format_tool_alpaca.main(["--input", str(broken), "--output", str(tmp_path / "x.jsonl")]) == 1
