@@ -12,6 +12,7 @@
 #   OUTPUT_DIR [output/RUN_NAME-DATE-TAG, or output/RUN_NAME-TAG with AUTORESUME_FROM_CHECKPOINT]
 #   AUTORESUME_FROM_CHECKPOINT [0]  1/true: continue from the newest checkpoint in OUTPUT_DIR if there is one
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]   multi-node rendezvous
+#   REPORT_TO [tensorboard when installed, else none]  where the Trainer reports metrics (none, tensorboard, wandb...)
 # Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,6 +113,13 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
             ;;
     esac
 
+    # TensorBoard logs (OUTPUT_DIR/runs) whenever tensorboard is installed; REPORT_TO overrides (e.g. none, wandb).
+    local report_to="${REPORT_TO:-}"
+    if [ -z "$report_to" ]; then
+        report_to=none
+        python -c "import tensorboard" 2>/dev/null && report_to=tensorboard
+    fi
+
     local resume_flags=()
     local output_dir
     if [ "$autoresume" = 1 ]; then
@@ -142,7 +150,7 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
         --save_steps "$save_interval"
         --learning_rate "$LR"
         --logging_steps 1
-        --report_to none
+        --report_to "$report_to"
         "${precision_flags[@]}"
         "${resume_flags[@]}"
         "${method_flags[@]}"
