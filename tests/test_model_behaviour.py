@@ -190,3 +190,25 @@ def test_multi_segment_reply_keeps_every_assistant_turn():
     reply, history = split_response("\nThinking.<|assistant|>\nDone.", [{"role": "user", "content": "q"}])
     assert reply == "Done."
     assert [m["content"] for m in history if m["role"] == "assistant"] == ["Thinking.", "Done."]
+
+
+@pytest.mark.parametrize("pre_seq_len", [None, 3])
+def test_right_padded_batch_equals_each_row_alone(pre_seq_len):
+    """The training collator's right padding runs unmasked causal attention; real tokens must not notice."""
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=pre_seq_len)).eval()
+    rows = [torch.randint(5, 300, (9,)), torch.randint(5, 300, (5,))]
+    input_ids = torch.zeros(2, 9, dtype=torch.long)
+    attention_mask = torch.zeros(2, 9, dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = row
+        attention_mask[index, : len(row)] = 1
+    labels = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    with torch.no_grad():
+        batched = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        token_losses = []
+        for index, row in enumerate(rows):
+            alone = model(input_ids=row[None], labels=row[None])
+            assert torch.allclose(batched.logits[index, : len(row)], alone.logits[0], atol=1e-5)
+            token_losses.append(alone.loss * (len(row) - 1))
+    assert torch.allclose(batched.loss, sum(token_losses) / (len(rows[0]) + len(rows[1]) - 2), atol=1e-6)

@@ -91,6 +91,11 @@ class AttentionBias:
     is_causal: bool
 
 
+def is_right_padding(attention_mask: torch.Tensor) -> bool:
+    """True when every row of a 0/1 mask is tokens followed only by padding."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def build_attention_bias(
     attention_mask: torch.Tensor | None,
     query_length: int,
@@ -103,11 +108,14 @@ def build_attention_bias(
     `attention_mask` is 2-D over past + current tokens: 1 = token, 0 = padding, or segment ids 1, 2, ... for packed
     rows (examples never attend to each other). Prefix keys are visible to every query. A left-padded query row with
     nothing to attend (no past, no prefix) attends to every key, as in the official implementation; its output is
-    never used.
+    never used. Right padding alone (the training collator's) needs no mask: causal attention never lets a real
+    token see the padding after it, so the fused causal kernels serve it; outputs at padded positions are unused.
     """
     context_length = prefix_length + past_length
     packed = attention_mask is not None and bool((attention_mask > 1).any())
-    if attention_mask is not None and not packed and bool(attention_mask.all()):
+    if attention_mask is not None and not packed and (
+        bool(attention_mask.all()) or (past_length == 0 and is_right_padding(attention_mask))
+    ):
         attention_mask = None
     if attention_mask is None:
         if query_length == 1:
