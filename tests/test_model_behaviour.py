@@ -212,3 +212,23 @@ def test_right_padded_batch_equals_each_row_alone(pre_seq_len):
             assert torch.allclose(batched.logits[index, : len(row)], alone.logits[0], atol=1e-5)
             token_losses.append(alone.loss * (len(row) - 1))
     assert torch.allclose(batched.loss, sum(token_losses) / (len(rows[0]) + len(rows[1]) - 2), atol=1e-6)
+
+
+def test_prefix_attention_through_leading_queries_equals_the_masked_form():
+    """The flash-friendly prefix path (zero queries in front + causal) equals an explicit prefix+causal mask."""
+    from finetune.model.modeling import AttentionBias, build_attention_bias
+
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=4)).eval()
+    attention = model.transformer.encoder.layers[0].self_attention
+    hidden = torch.randn(2, 6, 48)
+    rotary = model.transformer.rotary_pos_emb(torch.arange(6).expand(2, -1))
+    prefix = model.transformer.prefix_encoder(2, torch.float32)[0]
+    fast = build_attention_bias(None, query_length=6, past_length=0, prefix_length=4, device=hidden.device)
+    assert fast.leading_queries == 4 and fast.mask is None
+    explicit_mask = torch.arange(10)[None, :] <= torch.arange(6)[:, None] + 4
+    masked = AttentionBias(mask=explicit_mask[None, None], is_causal=False)
+    with torch.no_grad():
+        assert torch.allclose(
+            attention(hidden, rotary, fast, prefix, None), attention(hidden, rotary, masked, prefix, None), atol=1e-6
+        )

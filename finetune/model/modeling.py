@@ -85,10 +85,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class AttentionBias:
-    """How attention is masked in one forward: a boolean mask (True = may attend), plain causal, or nothing."""
+    """How attention is masked in one forward: a boolean mask (True = may attend), plain causal, or nothing.
+
+    `leading_queries` > 0 means: put that many zero queries in front, run plain causal attention, and drop their
+    outputs. With the P-Tuning prefix as the first keys this is exactly "every query sees the whole prefix, then
+    causal", and it keeps the fused (flash) causal kernel with grouped K/V instead of a masked fallback.
+    """
 
     mask: torch.Tensor | None
     is_causal: bool
+    leading_queries: int = 0
 
 
 def is_right_padding(attention_mask: torch.Tensor) -> bool:
@@ -122,6 +128,8 @@ def build_attention_bias(
             return AttentionBias(mask=None, is_causal=False)
         if context_length == 0:
             return AttentionBias(mask=None, is_causal=True)
+        if past_length == 0:
+            return AttentionBias(mask=None, is_causal=True, leading_queries=prefix_length)
     key_length = context_length + query_length
     query_positions = torch.arange(query_length, device=device).unsqueeze(-1) + context_length
     causal = torch.arange(key_length, device=device).unsqueeze(0) <= query_positions
@@ -185,6 +193,8 @@ class SelfAttention(nn.Module):
             prefix_key, prefix_value = prefix
             key = torch.cat((prefix_key.to(key.dtype), key), dim=2)
             value = torch.cat((prefix_value.to(value.dtype), value), dim=2)
+        if bias.leading_queries:
+            query = F.pad(query, (0, 0, bias.leading_queries, 0))
         context = F.scaled_dot_product_attention(
             query,
             key,
@@ -194,6 +204,7 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
+        context = context[:, :, bias.leading_queries :]
         context = context.transpose(1, 2).reshape(batch_size, seq_length, self.num_heads * self.head_dim)
         return self.dense(context)
 
