@@ -14,6 +14,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from data_tools import ConversionReport, write_jsonl_atomically
 
 OUTPUT_FORMATS = ("input_output", "conversations")

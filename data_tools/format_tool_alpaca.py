@@ -19,6 +19,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from data_tools import ConversionReport, write_jsonl_atomically
 
 DEFAULT_OUTPUT = Path("formatted_data/tool_alpaca.jsonl")

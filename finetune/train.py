@@ -263,7 +263,11 @@ def run(
     trainer = build_trainer(model, tokenizer, splits, model_args, data_args, training_args, extra_callbacks)
     outcome = TrainingRun(trainer)
 
-    if training_args.do_train:
+    if training_args.do_train and already_finished(resume, training_args):
+        logger.info("%s already reached max_steps=%d; nothing left to train", resume, training_args.max_steps)
+        trainer.load_checkpoint_weights(resume)
+        trainer.save_final_model()
+    elif training_args.do_train:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         trainer.save_final_model()
         outcome.metrics["train"] = result.metrics
@@ -276,6 +280,14 @@ def run(
     if training_args.do_predict:
         outcome.metrics["predict"] = predict_and_save(trainer, splits["test"], tokenizer)
     return outcome
+
+
+def already_finished(resume: Path | None, training_args: Seq2SeqTrainingArguments) -> bool:
+    """True when the checkpoint to resume from is at or past --max_steps (Trainer would run one step too many)."""
+    if resume is None or training_args.max_steps <= 0:
+        return False
+    step = checkpoint_step(resume)
+    return step is not None and step >= training_args.max_steps
 
 
 def main(argv: list[str] | None = None) -> TrainingRun:

@@ -167,7 +167,7 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
 
 # Appends "--FLAG VALUE" to the array named $1 when VALUE is not empty.
 add_optional_flag() {
-    local -n flags="$1"
-    [ -n "$3" ] && flags+=("$2" "$3")
+    local -n _optional_flag_target="$1"
+    [ -n "$3" ] && _optional_flag_target+=("$2" "$3")
     return 0
 }

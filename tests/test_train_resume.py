@@ -163,3 +163,16 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(finished_run, tiny_mod
     argv = run_arguments(tiny_model_dir, train_file, finished_run, tmp_path / "cache", pre_seq_len=4)
     with pytest.raises(ValueError, match="already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint auto"):
         main(argv)
+
+
+def test_resuming_a_finished_run_trains_no_extra_step(finished_run, tiny_model_dir, train_file, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(finished_run, output_dir)
+    main(
+        run_arguments(
+            tiny_model_dir, train_file, output_dir, tmp_path / "cache", pre_seq_len=4, max_steps=2,
+            resume_from_checkpoint="auto",
+        )
+    )
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (output_dir / "model.safetensors").is_file()

@@ -93,7 +93,7 @@ def test_every_problem_is_reported_with_line_and_field(name: str, tokenizer: Cha
         assert (problem.file, problem.line, problem.field) == (str(path), line, field)
         assert message in problem.message
         assert str(problem) in str(raised.value)
-    assert "skip_invalid=True" in str(raised.value)
+    assert "--skip_invalid" in str(raised.value)
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED_CASES))

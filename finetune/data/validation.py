@@ -56,8 +56,8 @@ class DataValidationError(ValueError):
         self.problems = list(problems)
         listing = "\n".join(f"  {problem}" for problem in self.problems)
         super().__init__(
-            f"{len(self.problems)} problem(s) in the training data:\n{listing}\n"
-            "Fix the records listed above, or pass skip_invalid=True (--skip_invalid) to leave them out."
+            f"{len(self.problems)} problem(s) in the data:\n{listing}\n"
+            "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
         )
 
 
