@@ -8,9 +8,11 @@ Kinds (see the checkpoint format in the project notes):
   BASE    any other whole model folder: the official chatglm3-6b, an exported model
 """
 
+import argparse
 import enum
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -284,3 +286,30 @@ def load_for_inference(
     model.eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer))
     return model, loaded_tokenizer, kind
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options that choose and load a checkpoint (shared by evaluate and inference)."""
+    parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
+    parser.add_argument("--base", help="base model folder (default: from training_record.json / adapter_config.json)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
+    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--quantization_bit", type=int, choices=(4, 8), help="load the base in 4/8 bit (bitsandbytes)")
+
+
+def load_from_arguments(
+    args: argparse.Namespace, merge_lora: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizer, CheckpointKind]:
+    """load_for_inference with the options of add_loading_arguments, reporting what was loaded on stderr."""
+    model, tokenizer, kind = load_for_inference(
+        args.model,
+        base=args.base,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        quantization_bit=args.quantization_bit,
+        merge_lora=merge_lora,
+    )
+    print(f"loaded {kind.value} checkpoint {args.model} on {model.device}", file=sys.stderr)
+    return model, tokenizer, kind

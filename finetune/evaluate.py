@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
-from finetune.checkpoints import ModelLoadError, load_for_inference
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
 from finetune.data.encoding import (
     CONVERSATIONS,
     IGNORE_INDEX,
@@ -245,15 +245,7 @@ def default_output_dir(model: str) -> Path:
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     """Load the checkpoint, generate for every dev record, write predictions and metrics; return the metrics."""
     set_seed(args.seed)
-    model, tokenizer, kind = load_for_inference(
-        args.model,
-        base=args.base,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        quantization_bit=args.quantization_bit,
-    )
-    print(f"loaded {kind.value} checkpoint {args.model} on {model.device}", file=sys.stderr)
+    model, tokenizer, _ = load_from_arguments(args)
     examples = read_prompt_examples(
         args.data, tokenizer, args.max_source_length, True, args.skip_invalid, args.max_samples
     )
@@ -280,10 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Generate predictions for a dev set with any checkpoint and score ROUGE-1/2/L and BLEU-4."
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
+    add_loading_arguments(parser)
     parser.add_argument("--data", required=True, help="dev set: .jsonl/.json of input-output or conversation records")
-    parser.add_argument("--base", help="base model folder (default: from training_record.json / adapter_config.json)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
     parser.add_argument(
         "--output_dir", help="where to write results (default: output/evaluation/<run>-<checkpoint name>)"
     )
@@ -301,9 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_samples", type=int, help="evaluate only the first N records")
     parser.add_argument("--skip_invalid", action="store_true", help="leave out invalid records instead of stopping")
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--quantization_bit", type=int, choices=(4, 8), help="load the base in 4/8 bit (bitsandbytes)")
     parser.add_argument("--seed", type=int, default=42)
     return parser
 

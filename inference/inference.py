@@ -19,14 +19,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from finetune.checkpoints import ModelLoadError, load_for_inference  # noqa: E402
+from finetune.atomic_files import write_jsonl_atomically  # noqa: E402
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments  # noqa: E402
 from finetune.data.validation import DataValidationError  # noqa: E402
 from finetune.evaluate import (  # noqa: E402
     DEFAULT_MAX_SOURCE_LENGTH,
     build_generation_config,
     generate_replies,
     read_prompt_examples,
-    write_jsonl_atomically,
 )
 from finetune.model.checkpoint_files import CheckpointError  # noqa: E402
 
@@ -107,15 +107,10 @@ def run_batch(model, tokenizer, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of inference."""
     parser = argparse.ArgumentParser(description="Chat with or generate from a ChatGLM3 checkpoint of any kind.")
-    parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
-    parser.add_argument("--base", help="base model folder (default: from training_record.json / adapter_config.json)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
+    add_loading_arguments(parser)
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--input_file", help="batch mode: .jsonl/.json of prompt or conversation records")
     parser.add_argument("--output_file", help="batch mode: where to write the replies (JSONL)")
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--quantization_bit", type=int, choices=(4, 8), help="load the base in 4/8 bit (bitsandbytes)")
     parser.add_argument("--merge_lora", action="store_true", help="merge a LoRA adapter into the base for speed")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -135,16 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and args.input_file:
         parser.error("use either --prompt or --input_file, not both")
     try:
-        model, tokenizer, kind = load_for_inference(
-            args.model,
-            base=args.base,
-            tokenizer=args.tokenizer,
-            device=args.device,
-            dtype=args.dtype,
-            quantization_bit=args.quantization_bit,
-            merge_lora=args.merge_lora,
-        )
-        print(f"loaded {kind.value} checkpoint {args.model} on {model.device}", file=sys.stderr)
+        model, tokenizer, _ = load_from_arguments(args, merge_lora=args.merge_lora)
         if args.input_file:
             count = run_batch(model, tokenizer, args)
             print(f"wrote {count} replies to {args.output_file}", file=sys.stderr)
