@@ -232,3 +232,31 @@ def test_prefix_attention_through_leading_queries_equals_the_masked_form():
         assert torch.allclose(
             attention(hidden, rotary, fast, prefix, None), attention(hidden, rotary, masked, prefix, None), atol=1e-6
         )
+
+
+@pytest.mark.parametrize("pre_seq_len", [None, 3])
+def test_packed_rows_equal_each_example_alone(pre_seq_len):
+    """Packed rows (segment ids, positions restarting) give every example the logits it gets alone."""
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=pre_seq_len)).eval()
+    examples = [torch.randint(5, 300, (length,)) for length in (5, 3, 7, 2)]
+    rows = [[0, 1, 3], [2]]
+    width = 11
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    segments = torch.zeros(2, width, dtype=torch.long)
+    positions = torch.zeros(2, width, dtype=torch.long)
+    places = {}
+    for row, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members, start=1):
+            length = len(examples[index])
+            input_ids[row, start : start + length] = examples[index]
+            segments[row, start : start + length] = segment
+            positions[row, start : start + length] = torch.arange(length)
+            places[index] = (row, start, length)
+            start += length
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, attention_mask=segments, position_ids=positions).logits
+        for index, (row, start, length) in places.items():
+            alone = model(input_ids=examples[index][None]).logits[0]
+            assert torch.allclose(packed[row, start : start + length], alone, atol=1e-5)

@@ -84,6 +84,46 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @dataclass
+class SegmentLayout:
+    """Where the examples of packed rows go when attention runs one example per row (varlen by gathering).
+
+    `gather[s, i]` is the flat (row * length + position) index of token i of segment s (slots past a segment's end
+    repeat token 0: they sit after every real query, so causal attention never reads them); `slots[t]` is where flat
+    token t lands in the (segments x longest) layout.
+    """
+
+    gather: torch.Tensor
+    slots: torch.Tensor
+
+    def to_segments(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, length, dim) in packed rows -> (segments, heads, longest, dim), one example per row."""
+        batch, heads, length, dim = x.shape
+        return x.transpose(1, 2).reshape(batch * length, heads, dim)[self.gather].transpose(1, 2)
+
+    def to_rows(self, x: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """(segments, heads, longest, dim) -> (batch, length, heads * dim) in the packed rows' order."""
+        segments, heads, longest, dim = x.shape
+        return x.transpose(1, 2).reshape(segments * longest, heads * dim)[self.slots].view(batch, length, heads * dim)
+
+
+def segment_layout(segments: torch.Tensor) -> SegmentLayout:
+    """The SegmentLayout of packed rows whose attention mask holds segment ids (0 = padding)."""
+    batch, length = segments.shape
+    flat = segments.reshape(-1)
+    tokens = torch.nonzero(flat > 0).squeeze(-1)
+    row_keys = tokens // length * (int(flat.max()) + 1) + flat[tokens]
+    _, segment_of_token, counts = torch.unique_consecutive(row_keys, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(tokens.numel(), device=flat.device) - starts[segment_of_token]
+    longest = int(counts.max())
+    gather = torch.zeros(counts.numel(), longest, dtype=torch.long, device=flat.device)
+    gather[segment_of_token, position] = tokens
+    slots = torch.zeros(batch * length, dtype=torch.long, device=flat.device)
+    slots[tokens] = segment_of_token * longest + position
+    return SegmentLayout(gather=gather, slots=slots)
+
+
+@dataclass
 class AttentionBias:
     """How attention is masked in one forward: a boolean mask (True = may attend), plain causal, or nothing.
 
@@ -95,6 +135,7 @@ class AttentionBias:
     mask: torch.Tensor | None
     is_causal: bool
     leading_queries: int = 0
+    segments: SegmentLayout | None = None
 
 
 def is_right_padding(attention_mask: torch.Tensor) -> bool:
@@ -137,6 +178,9 @@ def build_attention_bias(
         return AttentionBias(mask=causal[None, None], is_causal=False)
     batch_size = attention_mask.shape[0]
     prefix_columns = torch.ones(batch_size, query_length, prefix_length, dtype=torch.bool, device=device)
+    if packed and past_length == 0:
+        layout = segment_layout(attention_mask)
+        return AttentionBias(mask=None, is_causal=True, leading_queries=prefix_length, segments=layout)
     if packed:
         segments = attention_mask[:, -query_length:]
         same_segment = segments.unsqueeze(-1) == segments.unsqueeze(-2)
@@ -189,6 +233,10 @@ class SelfAttention(nn.Module):
         key = apply_rotary(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if bias.segments is not None:
+            query, key, value = (bias.segments.to_segments(x) for x in (query, key, value))
+            if prefix is not None:
+                prefix = tuple(x[:1].expand(query.shape[0], -1, -1, -1) for x in prefix)
         if prefix is not None:
             prefix_key, prefix_value = prefix
             key = torch.cat((prefix_key.to(key.dtype), key), dim=2)
@@ -205,6 +253,8 @@ class SelfAttention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         context = context[:, :, bias.leading_queries :]
+        if bias.segments is not None:
+            return self.dense(bias.segments.to_rows(context, batch_size, seq_length))
         context = context.transpose(1, 2).reshape(batch_size, seq_length, self.num_heads * self.head_dim)
         return self.dense(context)
 
