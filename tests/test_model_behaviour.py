@@ -260,3 +260,22 @@ def test_packed_rows_equal_each_example_alone(pre_seq_len):
         for index, (row, start, length) in places.items():
             alone = model(input_ids=examples[index][None]).logits[0]
             assert torch.allclose(packed[row, start : start + length], alone, atol=1e-5)
+
+
+def test_packed_gradients_equal_unpacked_gradients():
+    torch.manual_seed(0)
+    model = ChatGLMForConditionalGeneration(small_config(pre_seq_len=3)).eval()
+    examples = [torch.randint(5, 300, (length,)) for length in (6, 4, 5)]
+    input_ids = torch.cat(examples)[None]
+    segments = torch.cat([torch.full((len(e),), i + 1) for i, e in enumerate(examples)])[None]
+    positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    labels = input_ids.clone()
+    starts = [0, 6, 10]
+    labels[0, starts] = -100
+    model(input_ids=input_ids, attention_mask=segments, position_ids=positions, labels=labels).loss.backward()
+    packed_grad = model.transformer.prefix_encoder.embedding.weight.grad.clone()
+    model.zero_grad()
+    total = sum(len(e) - 1 for e in examples)
+    for example in examples:
+        (model(input_ids=example[None], labels=example[None]).loss * (len(example) - 1) / total).backward()
+    assert torch.allclose(packed_grad, model.transformer.prefix_encoder.embedding.weight.grad, atol=1e-6)
