@@ -32,7 +32,7 @@ from finetune.model.checkpoint_files import check_chatglm_folder
 from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("finetune.train")  # named, so `python -m finetune.train` logs too
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 
