@@ -25,7 +25,7 @@ from finetune.data.collator import RightPaddingCollator, pack_examples
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_token_labels
-from finetune.evaluation import GenerationEvalCollator, prediction_records
+from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, check_quantization_available
 from finetune.model.checkpoint_files import check_chatglm_folder

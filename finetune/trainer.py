@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from finetune.arguments import METHOD_FULL, METHOD_PTUNING, DataArguments, ModelArguments
 from finetune.atomic_files import replace_folder, write_json_atomically
 from finetune.checkpoints import TRAINING_RECORD
-from finetune.evaluation import (
+from finetune.generation_eval_batches import (
     GENERATION_KEYS,
     PROMPT_ATTENTION_MASK,
     PROMPT_INPUT_IDS,

@@ -10,7 +10,7 @@ from train_helpers import conversation_records, input_output_records, run_argume
 from transformers import AutoTokenizer
 
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation, encode_input_output
-from finetune.evaluation import GenerationEvalCollator, blank_after_stop, split_prompt_and_reference
+from finetune.generation_eval_batches import GenerationEvalCollator, blank_after_stop, split_prompt_and_reference
 from finetune.metrics import METRIC_NAMES
 from finetune.tiny_model import build_tiny_model
 from finetune.train import PREDICTIONS_FILE, main

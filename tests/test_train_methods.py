@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Se
 
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.data.encoding import encode_input_output
-from finetune.evaluation import GenerationEvalCollator
+from finetune.generation_eval_batches import GenerationEvalCollator
 from finetune.methods import apply_method, check_quantization_available, load_base_model, quantization_config
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.tiny_model import build_tiny_model

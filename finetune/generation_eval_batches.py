@@ -1,4 +1,4 @@
-"""Evaluation by generation for a decoder-only model.
+"""Batches for evaluation by generation during training (decoder-only model): prompts split from references.
 
 Each encoded example (input_ids, labels) is split into its prompt - everything before the last run of learned tokens -
 and its reference - that run (the response and its eos for input-output data, the final assistant turn for
