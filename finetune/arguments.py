@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES
+
 BASE_MODEL_ENV = "BASE_MODEL_PATH"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -67,13 +69,28 @@ class ModelArguments:
     quantization_bit: int | None = field(
         default=None,
         metadata={
-            "help": "Load the frozen base in 4-bit NF4 (QLoRA with --lora_rank) or 8-bit with bitsandbytes; needs a "
-            "CUDA GPU. Works with LoRA and P-Tuning v2, not with full fine-tuning."
+            "help": "Load the frozen base in 4-bit NF4 (QLoRA with --lora_rank) or 8-bit with bitsandbytes, on a CUDA "
+            "GPU (bitsandbytes>=0.50 also runs it on the CPU, slowly: for tests). Works with LoRA and P-Tuning v2, "
+            "not with full fine-tuning."
         },
     )
     save_official_bin: bool = field(
         default=False,
         metadata={"help": "P-Tuning v2: also write the official pytorch_model.bin next to model.safetensors."},
+    )
+    recompute: str = field(
+        default=RECOMPUTE_AUTO,
+        metadata={
+            "help": "Activation recomputation in the backward pass, per layer: 'none' keeps every activation (fastest), "
+            "'mlp' recomputes each layer's up-projection and SwiGLU (the widest activations), 'full' recomputes whole "
+            "layers (leanest, as --gradient_checkpointing), 'auto' picks the least recomputation whose memory "
+            "estimate fits the GPU (or --memory_budget_gib); on CPU auto means none. --gradient_checkpointing "
+            "overrides it."
+        },
+    )
+    memory_budget_gib: float | None = field(
+        default=None,
+        metadata={"help": "GPU memory in GiB that --recompute auto plans for (default: 90% of the GPU's free memory)."},
     )
 
     def __post_init__(self) -> None:
@@ -101,6 +118,10 @@ class ModelArguments:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         parse_lora_target(self.lora_target)
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, got {self.recompute!r}")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ValueError(f"--memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib}")
         if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
         if self.quantization_bit and self.method == METHOD_FULL:

@@ -11,6 +11,7 @@ import torch
 
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
+from .recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, RECOMPUTE_MLP, RECOMPUTE_NONE, RecomputePlan
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class TrainingSetup:
     prefix_projection: bool = False
     lora_rank: int | None = None
     lora_target: tuple[str, ...] = ("query_key_value",)
+    lora_dropout: float = 0.1
     gradient_checkpointing: bool = False
+    recompute: RecomputePlan = dataclasses.field(default_factory=RecomputePlan)
     optimizer_8bit: bool = False
     zero_stage: int = 0
     num_gpus: int = 1
@@ -78,6 +81,13 @@ class TrainingSetup:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("parameter offload needs ZeRO stage 3")
 
+    @property
+    def layer_modes(self) -> tuple[int, int]:
+        """(layers recomputed whole, layers recomputing their MLP); --gradient_checkpointing means every layer whole."""
+        if self.gradient_checkpointing:
+            return -1, 0
+        return self.recompute.full_layers, self.recompute.mlp_layers
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -92,6 +102,7 @@ class MemoryEstimate:
     activations: int
     logits: int
     cpu_offload: int
+    num_layers: int = 0
     device_memory: int | None = None
     advice: tuple[str, ...] = ()
 
@@ -116,6 +127,7 @@ class MemoryEstimate:
             f"{str(setup.weight_dtype).removeprefix('torch.')}"
             + (f", {setup.quantization_bit}-bit weights" if setup.quantization_bit else "")
             + (", gradient checkpointing" if setup.gradient_checkpointing else "")
+            + (f", recompute {setup.recompute.describe(self.num_layers)}" if setup.recompute != RecomputePlan() else "")
             + (f", ZeRO-{setup.zero_stage} on {setup.num_gpus} GPU(s)" if setup.zero_stage else "")
             + "):",
             f"  parameters      {counts}",
@@ -204,36 +216,71 @@ def lora_parameter_count(config: ChatGLMConfig, rank: int, targets: tuple[str, .
     return config.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in names)
 
 
-def _activation_elements_per_token_per_layer(config: ChatGLMConfig) -> int:
-    """Elements one GLM block keeps for its backward pass, per token, without checkpointing.
+def layer_activation_bytes(config: ChatGLMConfig, setup: TrainingSetup, mode: str) -> float:
+    """Bytes one GLM block keeps for its backward pass, per token, when it recomputes `mode` (none, mlp or full).
 
-    Two norm inputs and outputs, the fused QKV output and the rotated query/key/value, the attention output and its
-    reshaped copy, and the SwiGLU gate, up, silu(gate) and product.
+    A frozen linear layer keeps nothing (its input gradient needs only the weight); the norms keep their input and one
+    fp32 scale; attention keeps query, key, value, output and the log-sum-exp (queries and keys P-Tuning's prefix
+    longer); SwiGLU keeps the up-projection (2 x ffn_hidden_size); LoRA keeps a 16-bit copy of each adapted layer's
+    input, its dropout mask and the rank-r product. tests/test_recompute.py checks these counts against the tensors
+    autograd really saves.
     """
+    element = _DTYPE_BYTES[setup.weight_dtype]
+    norm = config.hidden_size * element + 4
+    if mode == RECOMPUTE_FULL:
+        return norm
+    heads, groups, head_dim = config.num_attention_heads, config.num_key_value_groups, config.kv_channels
+    prefix_stretch = (setup.seq_length + (setup.pre_seq_len or 0)) / setup.seq_length
+    attention = prefix_stretch * (2 * heads * head_dim * element + 2 * groups * head_dim * element + heads * 4)
     shapes = _linear_shapes(config)
-    qkv_width = shapes["query_key_value"][1]
-    attention_width = shapes["dense"][0]
-    return 4 * config.hidden_size + 2 * qkv_width + 2 * attention_width + 4 * config.ffn_hidden_size
+    trainable_linear = setup.method == "full"
+    adapted = set(setup.lora_target if setup.lora_target != (LORA_TARGET_ALL,) else shapes)
+    if setup.method not in ("lora", "qlora"):
+        adapted = set()
+
+    def linear_input(name: str) -> float:
+        fan_in = shapes[name][0]
+        if trainable_linear:
+            return fan_in * element
+        if name not in adapted:
+            return 0
+        dropout_mask = fan_in if setup.lora_dropout > 0 else 0
+        return fan_in * element + dropout_mask + (setup.lora_rank or 0) * element
+
+    attention_side = norm + linear_input("query_key_value") + attention + linear_input("dense")
+    mlp_input_side = 2 * config.ffn_hidden_size * element + linear_input("dense_h_to_4h")
+    mlp_output_side = linear_input("dense_4h_to_h")
+    if mode == RECOMPUTE_MLP:
+        return attention_side + norm + mlp_output_side
+    if mode == RECOMPUTE_NONE:
+        return attention_side + norm + mlp_input_side + mlp_output_side
+    raise ValueError(f"recompute mode {mode!r} is not one of {RECOMPUTE_NONE}, {RECOMPUTE_MLP}, {RECOMPUTE_FULL}")
 
 
 def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
-    """Activations kept for the backward pass of one micro-batch, plus the attention mask and prefix keys/values."""
+    """Activations kept for the backward pass of one micro-batch, plus the attention mask and prefix keys/values.
+
+    On top of what the layers keep: the embedding output and final norm, and, during the backward pass, one layer's
+    recomputed activations and their gradients.
+    """
     element_bytes = _DTYPE_BYTES[setup.weight_dtype]
     tokens = setup.batch_size * setup.seq_length
-    per_layer = _activation_elements_per_token_per_layer(config)
-    if setup.gradient_checkpointing:
-        # Each block keeps only its input; one block at a time is recomputed in full during the backward pass.
-        layers = config.num_layers * config.hidden_size + per_layer
-    else:
-        layers = config.num_layers * per_layer
-    embedding_and_final_norm = 3 * config.hidden_size
-    activations = tokens * (layers + embedding_and_final_norm) * element_bytes
-    prefix_length = setup.pre_seq_len or 0
-    attention_mask = setup.batch_size * setup.seq_length * (setup.seq_length + prefix_length)
+    full_layers, mlp_layers = setup.layer_modes
+    full_layers = config.num_layers if full_layers < 0 else full_layers
+    plain_layers = config.num_layers - full_layers - mlp_layers
+    per_token = (
+        full_layers * layer_activation_bytes(config, setup, RECOMPUTE_FULL)
+        + mlp_layers * layer_activation_bytes(config, setup, RECOMPUTE_MLP)
+        + plain_layers * layer_activation_bytes(config, setup, RECOMPUTE_NONE)
+    )
+    backward_working_set = 2 * layer_activation_bytes(config, setup, RECOMPUTE_NONE)
+    embedding_and_final_norm = 3 * config.hidden_size * element_bytes
+    activations = tokens * (per_token + backward_working_set + embedding_and_final_norm)
     prefix_keys_values = (
-        setup.batch_size * config.num_layers * 2 * config.num_key_value_groups * config.kv_channels * prefix_length
+        setup.batch_size * config.num_layers * 2 * config.num_key_value_groups * config.kv_channels
+        * (setup.pre_seq_len or 0)
     ) * element_bytes
-    return activations + attention_mask + prefix_keys_values
+    return int(activations) + prefix_keys_values
 
 
 def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
@@ -246,14 +293,16 @@ def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
 def _base_weight_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     """Bytes of the base model's weights: 16/32-bit, or 4/8-bit block-quantized linear layers inside the blocks.
 
-    With quantization, the weights left unquantized (embedding, output layer, norms, biases) are kept in fp32, as
-    PEFT's k-bit training preparation does.
+    With quantization, the embedding and output layer stay in bf16 and the other unquantized weights (norms, biases)
+    are kept in fp32, as finetune.methods.apply_method leaves them.
     """
+    if not setup.quantization_bit:
+        return base_parameter_count(config) * _DTYPE_BYTES[setup.weight_dtype]
     linear = config.num_layers * _layer_linear_weights(config)
-    rest = base_parameter_count(config) - linear
-    if setup.quantization_bit:
-        return int(linear * (setup.quantization_bit / 8 + QUANTIZATION_SCALE_BYTES_PER_PARAM)) + rest * 4
-    return (linear + rest) * _DTYPE_BYTES[setup.weight_dtype]
+    embeddings = 2 * config.padded_vocab_size * config.hidden_size
+    rest = base_parameter_count(config) - linear - embeddings
+    quantized = int(linear * (setup.quantization_bit / 8 + QUANTIZATION_SCALE_BYTES_PER_PARAM))
+    return quantized + embeddings * 2 + rest * 4
 
 
 def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> MemoryEstimate:
@@ -306,7 +355,24 @@ def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> Mem
         activations=_activation_bytes(config, setup),
         logits=_logits_bytes(config, setup),
         cpu_offload=cpu_offload,
+        num_layers=config.num_layers,
     )
+
+
+def plan_recompute(config: ChatGLMConfig, setup: TrainingSetup, budget: float) -> RecomputePlan:
+    """The plan with the least recomputation whose estimate fits `budget` bytes (all layers `full` if none fits).
+
+    Per byte saved, recomputing a layer's MLP input side costs fewer FLOPs than recomputing the rest of the layer,
+    so layers first move from none to mlp, then from mlp to full.
+    """
+    layers = config.num_layers
+    candidates = [RecomputePlan(mlp_layers=count) for count in range(layers + 1)]
+    candidates += [RecomputePlan(full_layers=count, mlp_layers=layers - count) for count in range(1, layers + 1)]
+    for plan in candidates:
+        candidate = dataclasses.replace(setup, gradient_checkpointing=False, recompute=plan)
+        if estimate_training_memory(config, candidate).total <= budget:
+            return plan
+    return RecomputePlan(full_layers=layers)
 
 
 def _usable(device_memory: int) -> float:
@@ -468,6 +534,8 @@ def setup_from_arguments(
     else:
         weight_dtype = torch.float32
     zero_stage, offload_optimizer, offload_params = _deepspeed_settings(getattr(training_args, "deepspeed", None))
+    recompute_mode = getattr(model_args, "recompute", RECOMPUTE_AUTO)
+    recompute = RecomputePlan() if recompute_mode == RECOMPUTE_AUTO else RecomputePlan.uniform(recompute_mode, config.num_layers)
     return TrainingSetup(
         method=method,
         batch_size=getattr(training_args, "per_device_train_batch_size", 1),
@@ -478,7 +546,9 @@ def setup_from_arguments(
         prefix_projection=bool(getattr(model_args, "prefix_projection", False)),
         lora_rank=getattr(model_args, "lora_rank", None),
         lora_target=_lora_targets(getattr(model_args, "lora_target", "query_key_value")),
+        lora_dropout=float(getattr(model_args, "lora_dropout", 0.0) or 0.0),
         gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
+        recompute=recompute,
         optimizer_8bit="8bit" in str(getattr(training_args, "optim", "")),
         zero_stage=zero_stage,
         num_gpus=max(1, int(getattr(training_args, "world_size", 1))),
@@ -503,15 +573,21 @@ def run_preflight(
     device_memory: int | None = None,
     seq_length: int | None = None,
 ) -> MemoryEstimate:
-    """Estimate the run's memory, log it, and warn with concrete advice when it exceeds the device memory.
+    """Estimate the run's memory, plan `--recompute auto`, log it, and warn with advice when it will not fit.
 
     `device_memory` (bytes) defaults to the free memory of the CUDA device; on CPU the estimate is only logged.
-    `seq_length`: the longest training row when known (see `setup_from_arguments`).
+    `seq_length`: the longest training row when known (see `setup_from_arguments`). The returned estimate's
+    `setup.recompute` is the plan to apply (finetune.recompute.apply_recompute_plan).
     """
     setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length)
-    estimate = estimate_training_memory(model_config, setup)
     if device_memory is None and not getattr(training_args, "use_cpu", False):
         device_memory = free_device_memory()
+    budget_gib = getattr(model_args, "memory_budget_gib", None)
+    budget = budget_gib * GIB if budget_gib else (_usable(device_memory) if device_memory is not None else None)
+    planned = getattr(model_args, "recompute", RECOMPUTE_AUTO) == RECOMPUTE_AUTO and not setup.gradient_checkpointing
+    if planned and budget is not None:
+        setup = dataclasses.replace(setup, recompute=plan_recompute(model_config, setup, budget))
+    estimate = estimate_training_memory(model_config, setup)
     estimate = dataclasses.replace(estimate, device_memory=device_memory)
     if estimate.fits is False:
         estimate = dataclasses.replace(estimate, advice=tuple(memory_advice(model_config, setup, device_memory)))

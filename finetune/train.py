@@ -29,6 +29,7 @@ from finetune.generation_eval_batches import GenerationEvalCollator, prediction_
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, check_quantization_available
 from finetune.model.checkpoint_files import check_chatglm_folder
+from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
 from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
 
@@ -87,6 +88,11 @@ def check_run_settings(
         )
     if model_args.quantization_bit:
         check_quantization_available(model_args.quantization_bit)
+    if training_args.gradient_checkpointing and model_args.recompute not in (RECOMPUTE_AUTO, RECOMPUTE_FULL):
+        raise ValueError(
+            f"--gradient_checkpointing recomputes whole layers but --recompute {model_args.recompute} asks for less; "
+            "pass only one of them"
+        )
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"
 
@@ -258,8 +264,13 @@ def run(
         pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
-    run_preflight(model_config, model_args, data_args, training_args, seq_length=training_row_length(data_args, splits))
+    estimate = run_preflight(
+        model_config, model_args, data_args, training_args, seq_length=training_row_length(data_args, splits)
+    )
     model = build_model(model_args, training_args)
+    if not training_args.gradient_checkpointing:
+        apply_recompute_plan(model, estimate.setup.recompute)
+        logger.info("activation recomputation: %s", estimate.setup.recompute.describe(model_config.num_layers))
     trainer = build_trainer(model, tokenizer, splits, model_args, data_args, training_args, extra_callbacks)
     outcome = TrainingRun(trainer)
 

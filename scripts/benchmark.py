@@ -2,24 +2,35 @@
 """Training-throughput benchmark on a ChatGLM3-shaped model with random weights (nothing is downloaded).
 
 It uses the project's own code path: our model, `finetune.methods.apply_method` (freezing, PEFT LoRA, fp32 trainables,
-bitsandbytes for QLoRA through `load_base_model`), our collator and packing. Each run prints one JSON line.
+bitsandbytes for QLoRA through `load_base_model`), the memory preflight's recompute plan (`--recompute auto`, as
+training does), bf16 autocast (what the Trainer's --bf16 runs under), our collator and packing. Each run prints one
+JSON line with tokens/s, samples/s, step time, measured peak memory, the estimate and the recompute plan.
 
-Fixed-shape mode (the recipe of the official finetune demo: frozen bf16 base, fp32 trainables, gradient checkpointing,
-AdamW; each row batch x seq tokens with the first third of its labels masked):
-    python scripts/benchmark.py --method lora --batch 4 --seq 768
-    python scripts/benchmark.py --method ptuning --pre_seq_len 128 --batch 1 --seq 2048
-    python scripts/benchmark.py --method qlora --batch 1 --seq 1024
+Fixed-shape mode (the recipe of the official finetune demo: frozen bf16 base, fp32 trainables, AdamW; each row
+batch x seq tokens with the first third of its labels masked):
+    python scripts/benchmark.py --method lora --batch 4 --seq 768 --memory_budget_gib 15
+    python scripts/benchmark.py --method ptuning --pre_seq_len 128 --batch 1 --seq 2048 --memory_budget_gib 13
+    python scripts/benchmark.py --method qlora --batch 1 --seq 1024 --memory_budget_gib 6
+    python scripts/benchmark.py --method lora --recompute full      # every layer recomputed (the official recipe)
 Realistic mode (AdvertiseGen-shaped examples: prompts of 20-60 tokens, responses of 60-200; reports samples/s):
     python scripts/benchmark.py --method lora --realistic packed
     python scripts/benchmark.py --method lora --realistic dynamic     # official v2: dynamic padding, batch 4
     python scripts/benchmark.py --method lora --realistic fixed       # official v1: every row padded to 1153
 CPU mode (a small shape, for regression tracking without a GPU):
     python scripts/benchmark.py --cpu --method lora
+Every target of the performance issue, with the official-recipe anchor at the same shapes, in one command (a JSON
+line per run, then a Markdown table):
+    python scripts/benchmark.py --suite [--anchor ../shared/bench/anchor_native_glm.py]
+    python scripts/benchmark.py --suite --cpu --steps 1 --warmup 0     # the suite's plumbing on the CPU shape
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.arguments import ModelArguments  # noqa: E402
 from finetune.data.collator import RightPaddingCollator, pack_examples  # noqa: E402
+from finetune.memory_preflight import GIB, TrainingSetup, estimate_training_memory, plan_recompute  # noqa: E402
 from finetune.methods import apply_method, load_base_model  # noqa: E402
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
+from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan  # noqa: E402
 
 OFFICIAL_V1_ROW_LENGTH = 1024 + 128 + 1
 CPU_SHAPE = dict(num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32, multi_query_group_num=2,
@@ -47,7 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=768)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--gc", type=int, default=1, help="gradient checkpointing (1) or not (0)")
+    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES, default=RECOMPUTE_AUTO,
+                        help="activation recomputation; auto plans for --memory_budget_gib (default: 90%% of free GPU "
+                        "memory; on CPU: none)")
+    parser.add_argument("--memory_budget_gib", type=float, default=None)
     parser.add_argument("--pre_seq_len", type=int, default=128)
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--layers", type=int, default=28)
@@ -57,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=256, help="realistic mode: number of synthetic examples")
     parser.add_argument("--pack_length", type=int, default=2048, help="realistic packed mode: tokens per row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--suite", action="store_true", help="run every performance target and the anchor")
+    parser.add_argument("--anchor", default=None, help="the anchor script (default: $CHATGLM_SHARED_DIR or ../shared)")
     return parser.parse_args()
 
 
@@ -92,10 +110,33 @@ def build_model(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dt
             config.pre_seq_len = args.pre_seq_len
         model_args = ModelArguments(model_name_or_path="random-weights", **method_args)
         model = random_base(config, dtype, device)
-    model = apply_method(model, model_args)
-    if args.gc:
-        model.gradient_checkpointing_enable()
-    return model.train()
+    return apply_method(model, model_args).train()
+
+
+def training_setup(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dtype) -> TrainingSetup:
+    """The memory preflight's view of this run (rows of the longest realistic/packed length in realistic mode)."""
+    seq_length = {"packed": args.pack_length, "fixed": OFFICIAL_V1_ROW_LENGTH, "dynamic": 2 + 60 + 200 + 1}
+    method = args.method
+    return TrainingSetup(
+        method=method,
+        batch_size=args.batch,
+        seq_length=seq_length[args.realistic] if args.realistic else args.seq,
+        weight_dtype=dtype,
+        quantization_bit=4 if method == "qlora" else None,
+        pre_seq_len=args.pre_seq_len if method == "ptuning" else None,
+        lora_rank=args.lora_rank if method != "ptuning" else None,
+    )
+
+
+def recompute_plan(args: argparse.Namespace, config: ChatGLMConfig, setup: TrainingSetup, device: str) -> RecomputePlan:
+    """--recompute as a plan; auto asks the memory preflight for the least recomputation that fits the budget."""
+    if args.recompute != RECOMPUTE_AUTO:
+        return RecomputePlan.uniform(args.recompute, config.num_layers)
+    if args.memory_budget_gib:
+        return plan_recompute(config, setup, args.memory_budget_gib * GIB)
+    if device == "cuda":
+        return plan_recompute(config, setup, 0.9 * torch.cuda.mem_get_info()[0])
+    return RecomputePlan()
 
 
 def fixed_batches(args: argparse.Namespace, vocab: int, device: str):
@@ -140,24 +181,108 @@ def realistic_batches(args: argparse.Namespace, vocab: int, device: str):
         yield from batches
 
 
+@dataclasses.dataclass(frozen=True)
+class SuiteRow:
+    """One target of the performance issue: our run, the anchor at the same shape (if any), and the target."""
+
+    name: str
+    ours: tuple[str, ...]
+    anchor: tuple[str, ...] | None
+    min_tokens_per_s: float | None = None
+    max_peak_gib: float | None = None
+
+
+SUITE = (
+    SuiteRow("lora-4x768", ("--method", "lora", "--batch", "4", "--seq", "768", "--memory_budget_gib", "15"),
+             ("--batch", "4", "--seq", "768", "--gc", "1"), 21000, 15),
+    SuiteRow("ptuning-4x768",
+             ("--method", "ptuning", "--batch", "4", "--seq", "768", "--memory_budget_gib", "15"), None, 21000, 15),
+    SuiteRow("lora-4x192", ("--method", "lora", "--batch", "4", "--seq", "192"),
+             ("--batch", "4", "--seq", "192", "--gc", "1"), 15000),
+    SuiteRow("lora-4x1152", ("--method", "lora", "--batch", "4", "--seq", "1152", "--memory_budget_gib", "17"),
+             ("--batch", "4", "--seq", "1152", "--gc", "1")),
+    SuiteRow("ptuning-1x2048",
+             ("--method", "ptuning", "--batch", "1", "--seq", "2048", "--memory_budget_gib", "13"), None, 18000, 13),
+    SuiteRow("realistic-packed", ("--method", "lora", "--realistic", "packed"), None),
+    SuiteRow("realistic-dynamic", ("--method", "lora", "--realistic", "dynamic"), None),
+    SuiteRow("realistic-fixed1153", ("--method", "lora", "--realistic", "fixed"), None),
+    SuiteRow("qlora-1x1024", ("--method", "qlora", "--batch", "1", "--seq", "1024", "--memory_budget_gib", "6"),
+             None, None, 6),
+)
+
+
+def run_json(command: list[str]) -> dict:
+    """Run one benchmark process and return its JSON line (or the error it ended with)."""
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        return {"error": (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(lines[-1])
+
+
+def run_suite(args: argparse.Namespace) -> None:
+    """Every target row (ours, then the anchor at the same shape), each a JSON line, then a Markdown table."""
+    shared = Path(os.environ.get("CHATGLM_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
+    anchor = Path(args.anchor) if args.anchor else shared / "bench" / "anchor_native_glm.py"
+    table = []
+    for row in SUITE:
+        cpu = ["--cpu"] if args.cpu else []
+        steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        ours = run_json([sys.executable, __file__, *row.ours, *steps, *cpu])
+        print(json.dumps({"row": row.name, **ours}), flush=True)
+        reference = None
+        if row.anchor and anchor.is_file() and not args.cpu:
+            reference = run_json([sys.executable, str(anchor), *row.anchor, *steps])
+            print(json.dumps({"row": row.name, **reference}), flush=True)
+        table.append((row, ours, reference))
+    packed, dynamic, fixed = (next(r[1] for r in table if r[0].name == name)
+                              for name in ("realistic-packed", "realistic-dynamic", "realistic-fixed1153"))
+    print("\n| run | ours tokens/s | ours peak GiB | recompute | anchor tokens/s | anchor peak GiB | target | met |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row, ours, reference in table:
+        target = " ".join(filter(None, (row.min_tokens_per_s and f">= {row.min_tokens_per_s:,.0f} tok/s",
+                                        row.max_peak_gib and f"<= {row.max_peak_gib} GiB")))
+        met = "error" if "error" in ours else all((
+            row.min_tokens_per_s is None or ours["tokens_per_s"] >= row.min_tokens_per_s,
+            row.max_peak_gib is None or (ours["peak_gib"] or 0) <= row.max_peak_gib,
+        ))
+        anchor_cells = (f"{reference.get('tokens_per_s', 'error')}", f"{reference.get('peak_gib', '')}") if reference \
+            else ("", "")
+        print(f"| {row.name} | {ours.get('tokens_per_s', ours.get('error'))} | {ours.get('peak_gib', '')} | "
+              f"{ours.get('recompute', '')} | {anchor_cells[0]} | {anchor_cells[1]} | {target} | {met} |")
+    if all("samples_per_s" in result for result in (packed, dynamic, fixed)):
+        print(f"\nrealistic samples/s: packed {packed['samples_per_s']}, dynamic {dynamic['samples_per_s']} "
+              f"({packed['samples_per_s'] / dynamic['samples_per_s']:.2f}x, target >= 4x), fixed-1153 "
+              f"{fixed['samples_per_s']} ({packed['samples_per_s'] / fixed['samples_per_s']:.2f}x, target >= 10x)")
+
+
 def main() -> None:
-    """Run the benchmark and print one JSON line."""
+    """Run the benchmark and print one JSON line (or, with --suite, every target)."""
     args = parse_args()
+    if args.suite:
+        run_suite(args)
+        return
     torch.manual_seed(args.seed)
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     config = model_config(args)
     model = build_model(args, config, dtype, device)
+    setup = training_setup(args, config, dtype)
+    plan = recompute_plan(args, config, setup, device)
+    apply_recompute_plan(model, plan)
+    estimate = estimate_training_memory(config, dataclasses.replace(setup, recompute=plan))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     batches = realistic_batches(args, config.padded_vocab_size, device) if args.realistic else fixed_batches(
         args, config.padded_vocab_size, device
     )
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    mixed_precision = dtype != torch.float32
 
     def step() -> tuple[torch.Tensor, int, int]:
         batch, samples = next(batches)
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=dtype) if mixed_precision else contextlib.nullcontext():
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -181,12 +306,14 @@ def main() -> None:
     result = {
         "impl": "ours", "method": args.method, "mode": args.realistic or "fixed", "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-        "batch": args.batch, "seq": None if args.realistic else args.seq, "gc": args.gc,
+        "batch": args.batch, "seq": None if args.realistic else args.seq,
+        "recompute": plan.describe(config.num_layers),
         "layers": config.num_layers, "dtype": str(dtype).replace("torch.", ""),
         "trainable": sum(p.numel() for p in parameters),
         "tokens_per_s": round(tokens / elapsed, 1), "samples_per_s": round(samples / elapsed, 2),
         "step_s": round(elapsed / args.steps, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "estimated_gib": round(estimate.total / GIB, 2),
         "loss": round(float(loss), 4), "torch": torch.__version__,
     }
     print(json.dumps(result), flush=True)

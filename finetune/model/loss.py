@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 2048
+DEFAULT_CHUNK_TOKENS = 512
 
 
 def _chunk_loss_sum(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

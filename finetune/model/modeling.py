@@ -21,12 +21,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
 from .chat import ChatMixin
 from .checkpoint_files import check_chatglm_folder
 from .configuration import ChatGLMConfig
+from .lean_ops import rms_norm, swiglu
 from .loss import chunked_causal_lm_loss
 from .prefix_encoder import PrefixEncoder
 
@@ -34,7 +36,7 @@ PrefixKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in fp32 and cast back to the input dtype."""
+    """Root-mean-square layer norm, computed in fp32 and cast back to the input dtype (see lean_ops.rms_norm)."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -43,10 +45,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalise the last dimension."""
-        input_dtype = hidden_states.dtype
-        variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
-        normed = hidden_states * torch.rsqrt(variance + self.eps)
-        return (self.weight * normed).to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.eps)
 
 
 def make_norm(config: ChatGLMConfig) -> nn.Module:
@@ -227,7 +226,8 @@ class SelfAttention(nn.Module):
         )
         query = query.view(batch_size, seq_length, self.num_heads, self.head_dim).transpose(1, 2)
         key = key.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        value = value.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # A copy of the small value slice: attention keeps it for backward, and a view would keep all of qkv alive.
+        value = value.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
         cos, sin = rotary
         query = apply_rotary(query, cos, sin)
         key = apply_rotary(key, cos, sin)
@@ -267,14 +267,25 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
+    def activation(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the up-projection: the widest activations of the layer."""
+        return swiglu(self.dense_h_to_4h(hidden_states))
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Apply the feed-forward block."""
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        return self.dense_4h_to_h(self.activation(hidden_states))
 
 
-class GLMBlock(nn.Module):
-    """One transformer layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
+class GLMBlock(GradientCheckpointingLayer):
+    """One transformer layer: pre-norm attention and pre-norm MLP, each with a residual connection.
+
+    Activation recomputation, two grains:
+    - `gradient_checkpointing` (set by transformers' activation_checkpointing_enable, per layer with every_n_layers):
+      the layer keeps only its input and is recomputed whole in the backward pass;
+    - `recompute_mlp` (set by finetune.recompute.apply_recompute_plan): only the post-attention norm, the
+      up-projection and SwiGLU are recomputed, which drops the widest activations (2 x ffn_hidden_size per token)
+      for a third of the layer's forward FLOPs instead of all of them.
+    """
 
     def __init__(self, config: ChatGLMConfig, layer_idx: int):
         super().__init__()
@@ -284,6 +295,10 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        self.recompute_mlp = False
+
+    def _mlp_activation(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.mlp.activation(self.post_attention_layernorm(hidden_states))
 
     def forward(
         self,
@@ -291,26 +306,30 @@ class GLMBlock(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor],
         bias: AttentionBias,
         prefix: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: Cache | None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """Run the layer on (batch, seq, hidden)."""
         normed = self.input_layernorm(hidden_states)
         attention_output = self.self_attention(normed, rotary, bias, prefix, cache)
         residual = normed if self.residual_after_norm else hidden_states
         hidden_states = residual + self.hidden_dropout(attention_output)
-        normed = self.post_attention_layernorm(hidden_states)
-        residual = normed if self.residual_after_norm else hidden_states
-        return residual + self.hidden_dropout(self.mlp(normed))
+        if self.residual_after_norm:
+            normed = self.post_attention_layernorm(hidden_states)
+            return normed + self.hidden_dropout(self.mlp(normed))
+        if self.recompute_mlp and self.training and torch.is_grad_enabled():
+            activation = checkpoint(self._mlp_activation, hidden_states, use_reentrant=False)
+        else:
+            activation = self._mlp_activation(hidden_states)
+        return hidden_states + self.hidden_dropout(self.mlp.dense_4h_to_h(activation))
 
 
 class GLMTransformer(nn.Module):
-    """The stack of GLM blocks plus the final norm, with optional activation checkpointing per layer."""
+    """The stack of GLM blocks plus the final norm."""
 
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = make_norm(config) if config.post_layer_norm else None
-        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -320,14 +339,10 @@ class GLMTransformer(nn.Module):
         prefixes: PrefixKeyValues | None,
         cache: Cache | None,
     ) -> torch.Tensor:
-        """Run every layer; checkpointing is non-reentrant so a frozen base with a trainable prefix still gets grads."""
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        """Run every layer (a checkpointed layer gets no cache: transformers' GradientCheckpointingLayer drops it)."""
         for index, layer in enumerate(self.layers):
             prefix = prefixes[index] if prefixes is not None else None
-            if recompute:
-                hidden_states = checkpoint(layer, hidden_states, rotary, bias, prefix, None, use_reentrant=False)
-            else:
-                hidden_states = layer(hidden_states, rotary, bias, prefix, cache)
+            hidden_states = layer(hidden_states, rotary, bias, prefix, cache=cache)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states
