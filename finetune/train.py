@@ -201,8 +201,24 @@ def build_trainer(
     if "train" in splits:
         train_dataset = splits["train"].dataset
         if data_args.packing:
-            train_dataset = pack_examples(train_dataset, packing_length(data_args, splits["train"].data_format))
-            logger.info("packed %d examples into %d rows", len(splits["train"].dataset), len(train_dataset))
+            row_length = packing_length(data_args, splits["train"].data_format)
+            train_dataset = pack_examples(train_dataset, row_length)
+            examples_per_row = len(splits["train"].dataset) / max(1, len(train_dataset))
+            rows_per_step = (
+                training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps
+                * training_args.world_size
+            )
+            logger.info(
+                "packed %d examples into %d rows of up to %d tokens (%.2f examples per row): an optimizer step of %d "
+                "rows sees about %.0f examples (--packing False, or PACKING=0 for the launchers: one per row)",
+                len(splits["train"].dataset),
+                len(train_dataset),
+                row_length,
+                examples_per_row,
+                rows_per_step,
+                rows_per_step * examples_per_row,
+            )
     compute_metrics = None
     if training_args.predict_with_generate:
         from finetune.metrics import build_compute_metrics  # jieba loads its dictionary on import: only when needed

@@ -13,6 +13,8 @@
 #   AUTORESUME_FROM_CHECKPOINT [0]  1/true: continue from the newest checkpoint in OUTPUT_DIR if there is one
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]   multi-node rendezvous
 #   REPORT_TO [tensorboard when installed, else none]  where the Trainer reports metrics (none, tensorboard, wandb...)
+#   PACKING [1]             1: several examples per training row (segment masks; much faster on short examples; each
+#                           optimizer step then sees more examples, which the log states); 0: one example per row
 # Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -81,6 +83,8 @@ run_finetune() {
     [[ "$node_rank" =~ ^[0-9]+$ ]] || launcher_error "NODE_RANK must be a non-negative integer, got '$node_rank'"
     local autoresume=0
     is_true AUTORESUME_FROM_CHECKPOINT "${AUTORESUME_FROM_CHECKPOINT:-0}" && autoresume=1
+    local packing_flags=()
+    is_true PACKING "${PACKING:-1}" && packing_flags=(--packing)
 
     local base_model="${BASE_MODEL_PATH:-$_LAUNCHER_REPO_ROOT/output/tiny-chatglm3}"
     if [ ! -f "$base_model/config.json" ]; then
@@ -152,6 +156,7 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
         --logging_steps 1
         --report_to "$report_to"
         "${precision_flags[@]}"
+        "${packing_flags[@]}"
         "${resume_flags[@]}"
         "${method_flags[@]}"
         "$@")

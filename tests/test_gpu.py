@@ -43,3 +43,13 @@ def test_qlora_4bit_steps_on_a_6b_shaped_model():
     result = run_benchmark("--method", "qlora", "--batch", "1", "--seq", "1024")
     assert result["loss"] == result["loss"] and result["loss"] > 0
     assert result["peak_gib"] is not None
+
+
+@pytest.mark.parametrize(("method", "batch", "seq", "budget_gib"), [("lora", 4, 768, 15), ("ptuning", 1, 2048, 13)])
+def test_recompute_plan_keeps_the_peak_within_the_memory_budget(method, batch, seq, budget_gib):
+    """--recompute auto plans from the memory preflight's estimate; the measured peak must respect the budget."""
+    result = run_benchmark(
+        "--method", method, "--batch", str(batch), "--seq", str(seq), "--memory_budget_gib", str(budget_gib)
+    )
+    assert result["estimated_gib"] <= budget_gib
+    assert result["peak_gib"] <= budget_gib, result

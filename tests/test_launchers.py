@@ -2,6 +2,7 @@
 tests/test_deepspeed.py), and their knob checks fail with clear messages."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,9 @@ def _check_run(script: str, output_dir: Path, method: str, step: int, tiny_model
 
 CASES = {
     "finetune_pt_multiturn.sh": ("conversations", "ptuning", {"PRE_SEQ_LEN": "4", "LR": "1e-2", "MAX_SEQ_LEN": "256"}),
-    "finetune_lora.sh": ("input_output", "lora", {"LORA_RANK": "4", "LORA_TARGET": "query_key_value,dense"}),
+    "finetune_lora.sh": (
+        "input_output", "lora", {"LORA_RANK": "4", "LORA_TARGET": "query_key_value,dense", "PACKING": "0"}
+    ),
 }
 
 
@@ -85,6 +88,11 @@ def test_launcher_trains_and_leaves_a_loadable_checkpoint(script, tiny_model_dir
     print(f"{script}: {run.seconds:.1f} s")
     assert run.returncode == 0, run.output[-6000:]
     assert "No CUDA device: training on CPU" in run.output
+    packed = re.search(r"packed (\d+) examples into (\d+) rows", run.output)
+    if overrides.get("PACKING") == "0":
+        assert packed is None and "--packing" not in run.output
+    else:  # packing is the launchers' default
+        assert packed and int(packed.group(1)) > int(packed.group(2)) > 0, run.output[-3000:]
     record = _check_run(script, output_dir, method, 2, tiny_model_dir)
     assert record["training_args"]["per_device_train_batch_size"] == 2
     assert record["training_args"]["gradient_accumulation_steps"] == 1
