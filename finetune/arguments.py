@@ -81,7 +81,8 @@ class ModelArguments:
     recompute: str = field(
         default=RECOMPUTE_AUTO,
         metadata={
-            "help": "Activation recomputation in the backward pass, per layer: 'none' keeps every activation (fastest), "
+            "help": "Activation recomputation in the backward pass, per layer: 'none' keeps every activation "
+            "(fastest), "
             "'mlp' recomputes each layer's up-projection and SwiGLU (the widest activations), 'full' recomputes whole "
             "layers (leanest, as --gradient_checkpointing), 'auto' picks the least recomputation whose memory "
             "estimate fits the GPU (or --memory_budget_gib); on CPU auto means none. --gradient_checkpointing "

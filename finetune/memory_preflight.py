@@ -51,6 +51,9 @@ class TrainingSetup:
     lora_dropout: float = 0.1
     gradient_checkpointing: bool = False
     recompute: RecomputePlan = dataclasses.field(default_factory=RecomputePlan)
+    # Packed rows: attention's one-example-per-row layout, prefix included, holds this many times the tokens
+    # (finetune.data.collator.packed_attention_stretch); None for unpacked rows.
+    attention_stretch: float | None = None
     optimizer_8bit: bool = False
     zero_stage: int = 0
     num_gpus: int = 1
@@ -221,17 +224,19 @@ def layer_activation_bytes(config: ChatGLMConfig, setup: TrainingSetup, mode: st
 
     A frozen linear layer keeps nothing (its input gradient needs only the weight); the norms keep their input and one
     fp32 scale; attention keeps query, key, value, output and the log-sum-exp (queries and keys P-Tuning's prefix
-    longer); SwiGLU keeps the up-projection (2 x ffn_hidden_size); LoRA keeps a 16-bit copy of each adapted layer's
-    input, its dropout mask and the rank-r product. tests/test_recompute.py checks these counts against the tensors
-    autograd really saves.
+    longer; packed rows `attention_stretch` times their tokens); SwiGLU keeps the up-projection (2 x ffn_hidden_size);
+    LoRA keeps a 16-bit copy of each adapted layer's input, its dropout mask and the rank-r product.
+    tests/test_recompute.py checks these counts against the tensors autograd really saves.
     """
     element = _DTYPE_BYTES[setup.weight_dtype]
     norm = config.hidden_size * element + 4
     if mode == RECOMPUTE_FULL:
         return norm
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_groups, config.kv_channels
-    prefix_stretch = (setup.seq_length + (setup.pre_seq_len or 0)) / setup.seq_length
-    attention = prefix_stretch * (2 * heads * head_dim * element + 2 * groups * head_dim * element + heads * 4)
+    stretch = setup.attention_stretch
+    if stretch is None:
+        stretch = (setup.seq_length + (setup.pre_seq_len or 0)) / setup.seq_length
+    attention = stretch * (2 * heads * head_dim * element + 2 * groups * head_dim * element + heads * 4)
     shapes = _linear_shapes(config)
     trainable_linear = setup.method == "full"
     adapted = set(setup.lora_target if setup.lora_target != (LORA_TARGET_ALL,) else shapes)
@@ -519,11 +524,13 @@ def setup_from_arguments(
     data_args: object,
     training_args: object,
     seq_length: int | None = None,
+    attention_stretch: float | None = None,
 ) -> TrainingSetup:
     """Derive the TrainingSetup from the run's model, data and training arguments (read duck-typed).
 
     `seq_length` is the longest row the run will see (e.g. measured on the encoded data); without it, the data
-    arguments' bound (see `longest_row`) or else the model's seq_length is used.
+    arguments' bound (see `longest_row`) or else the model's seq_length is used. `attention_stretch`: see
+    TrainingSetup (packed rows).
     """
     method = _method(model_args)
     seq_length = seq_length or longest_row(data_args) or config.seq_length
@@ -535,7 +542,9 @@ def setup_from_arguments(
         weight_dtype = torch.float32
     zero_stage, offload_optimizer, offload_params = _deepspeed_settings(getattr(training_args, "deepspeed", None))
     recompute_mode = getattr(model_args, "recompute", RECOMPUTE_AUTO)
-    recompute = RecomputePlan() if recompute_mode == RECOMPUTE_AUTO else RecomputePlan.uniform(recompute_mode, config.num_layers)
+    recompute = RecomputePlan()
+    if recompute_mode != RECOMPUTE_AUTO:
+        recompute = RecomputePlan.uniform(recompute_mode, config.num_layers)
     return TrainingSetup(
         method=method,
         batch_size=getattr(training_args, "per_device_train_batch_size", 1),
@@ -549,6 +558,7 @@ def setup_from_arguments(
         lora_dropout=float(getattr(model_args, "lora_dropout", 0.0) or 0.0),
         gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
         recompute=recompute,
+        attention_stretch=attention_stretch,
         optimizer_8bit="8bit" in str(getattr(training_args, "optim", "")),
         zero_stage=zero_stage,
         num_gpus=max(1, int(getattr(training_args, "world_size", 1))),
@@ -572,14 +582,16 @@ def run_preflight(
     training_args: object,
     device_memory: int | None = None,
     seq_length: int | None = None,
+    attention_stretch: float | None = None,
 ) -> MemoryEstimate:
     """Estimate the run's memory, plan `--recompute auto`, log it, and warn with advice when it will not fit.
 
     `device_memory` (bytes) defaults to the free memory of the CUDA device; on CPU the estimate is only logged.
     `seq_length`: the longest training row when known (see `setup_from_arguments`). The returned estimate's
-    `setup.recompute` is the plan to apply (finetune.recompute.apply_recompute_plan).
+    `setup.recompute` is the plan to apply (finetune.recompute.apply_recompute_plan). `attention_stretch`: see
+    TrainingSetup (packed rows).
     """
-    setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length)
+    setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length, attention_stretch)
     if device_memory is None and not getattr(training_args, "use_cpu", False):
         device_memory = free_device_memory()
     budget_gib = getattr(model_args, "memory_budget_gib", None)

@@ -55,7 +55,9 @@ def apply_recompute_plan(model: nn.Module, plan: RecomputePlan) -> None:
     """Set each layer's grain: the first `full_layers` checkpoint whole, the next `mlp_layers` recompute their MLP."""
     blocks = glm_blocks(model)
     if plan.full_layers + plan.mlp_layers > len(blocks):
-        raise ValueError(f"recompute plan ({plan.describe(len(blocks))}) names more layers than the model's {len(blocks)}")
+        raise ValueError(
+            f"recompute plan ({plan.describe(len(blocks))}) names more layers than the model's {len(blocks)}"
+        )
     if plan.full_layers:
         # transformers sets the checkpoint function (non-reentrant) and makes the embedding output require grad.
         model.activation_checkpointing_enable()

@@ -21,7 +21,7 @@ from transformers.trainer_utils import set_seed
 from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.callbacks import LossCurveCallback, ThroughputCallback
-from finetune.data.collator import RightPaddingCollator, pack_examples
+from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_token_labels
@@ -187,38 +187,45 @@ def save_metrics(trainer: FinetuneTrainer, split: str, metrics: dict[str, float]
         write_json_atomically(Path(trainer.args.output_dir) / f"{split}_results.json", metrics)
 
 
+def training_rows(
+    splits: dict[str, TrainingData], data_args: DataArguments, training_args: Seq2SeqTrainingArguments
+) -> datasets.Dataset | None:
+    """The rows the Trainer trains on: the encoded examples, or, with --packing, packed rows (logged)."""
+    if "train" not in splits:
+        return None
+    examples = splits["train"].dataset
+    if not data_args.packing:
+        return examples
+    row_length = packing_length(data_args, splits["train"].data_format)
+    rows = pack_examples(examples, row_length)
+    examples_per_row = len(examples) / max(1, len(rows))
+    rows_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    logger.info(
+        "packed %d examples into %d rows of up to %d tokens (%.2f examples per row): an optimizer step of %d rows "
+        "sees about %.0f examples (--packing False, or PACKING=0 for the launchers: one per row)",
+        len(examples),
+        len(rows),
+        row_length,
+        examples_per_row,
+        rows_per_step,
+        rows_per_step * examples_per_row,
+    )
+    return rows
+
+
 def build_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     splits: dict[str, TrainingData],
+    train_dataset: datasets.Dataset | None,
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: Seq2SeqTrainingArguments,
     extra_callbacks: tuple[TrainerCallback, ...],
 ) -> FinetuneTrainer:
-    """The Trainer with its datasets (training rows packed when asked), collators, metrics and callbacks."""
-    train_dataset = None
-    if "train" in splits:
-        train_dataset = splits["train"].dataset
-        if data_args.packing:
-            row_length = packing_length(data_args, splits["train"].data_format)
-            train_dataset = pack_examples(train_dataset, row_length)
-            examples_per_row = len(splits["train"].dataset) / max(1, len(train_dataset))
-            rows_per_step = (
-                training_args.per_device_train_batch_size
-                * training_args.gradient_accumulation_steps
-                * training_args.world_size
-            )
-            logger.info(
-                "packed %d examples into %d rows of up to %d tokens (%.2f examples per row): an optimizer step of %d "
-                "rows sees about %.0f examples (--packing False, or PACKING=0 for the launchers: one per row)",
-                len(splits["train"].dataset),
-                len(train_dataset),
-                row_length,
-                examples_per_row,
-                rows_per_step,
-                rows_per_step * examples_per_row,
-            )
+    """The Trainer with its training rows (see `training_rows`), eval/test data, collators, metrics and callbacks."""
     compute_metrics = None
     if training_args.predict_with_generate:
         from finetune.metrics import build_compute_metrics  # jieba loads its dictionary on import: only when needed
@@ -280,14 +287,26 @@ def run(
         pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
+    train_dataset = training_rows(splits, data_args, training_args)
     estimate = run_preflight(
-        model_config, model_args, data_args, training_args, seq_length=training_row_length(data_args, splits)
+        model_config,
+        model_args,
+        data_args,
+        training_args,
+        seq_length=training_row_length(data_args, splits),
+        attention_stretch=(
+            packed_attention_stretch(train_dataset, model_args.pre_seq_len or 0)
+            if data_args.packing and train_dataset is not None
+            else None
+        ),
     )
     model = build_model(model_args, training_args)
     if not training_args.gradient_checkpointing:
         apply_recompute_plan(model, estimate.setup.recompute)
         logger.info("activation recomputation: %s", estimate.setup.recompute.describe(model_config.num_layers))
-    trainer = build_trainer(model, tokenizer, splits, model_args, data_args, training_args, extra_callbacks)
+    trainer = build_trainer(
+        model, tokenizer, splits, train_dataset, model_args, data_args, training_args, extra_callbacks
+    )
     outcome = TrainingRun(trainer)
 
     if training_args.do_train and already_finished(resume, training_args):

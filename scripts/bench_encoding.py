@@ -30,7 +30,9 @@ ATTRIBUTES = {
     "图案": ["条纹", "线条", "印花", "纯色", "格子"],
     "版型": ["宽松", "修身", "显瘦", "直筒"],
 }
-DESCRIPTION_CHARACTERS = "这款裙子采用了柔软舒适的面料上身效果非常显瘦时尚简约的设计搭配精致细节让你轻松穿出优雅气质，。"
+DESCRIPTION_CHARACTERS = (
+    "这款裙子采用了柔软舒适的面料上身效果非常显瘦时尚简约的设计搭配精致细节让你轻松穿出优雅气质，。"
+)
 
 
 def synthetic_example(generator: random.Random) -> dict:

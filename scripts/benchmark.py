@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.arguments import ModelArguments  # noqa: E402
-from finetune.data.collator import RightPaddingCollator, pack_examples  # noqa: E402
+from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch  # noqa: E402
 from finetune.memory_preflight import GIB, TrainingSetup, estimate_training_memory, plan_recompute  # noqa: E402
 from finetune.methods import apply_method, load_base_model  # noqa: E402
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
@@ -117,6 +117,13 @@ def training_setup(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch
     """The memory preflight's view of this run (rows of the longest realistic/packed length in realistic mode)."""
     seq_length = {"packed": args.pack_length, "fixed": OFFICIAL_V1_ROW_LENGTH, "dynamic": 2 + 60 + 200 + 1}
     method = args.method
+    stretch = None
+    if args.realistic == "packed":
+        import datasets
+
+        examples = datasets.Dataset.from_list(realistic_examples(args.examples, config.padded_vocab_size, args.seed))
+        prefix = args.pre_seq_len if method == "ptuning" else 0
+        stretch = packed_attention_stretch(pack_examples(examples, args.pack_length), prefix)
     return TrainingSetup(
         method=method,
         batch_size=args.batch,
@@ -125,6 +132,7 @@ def training_setup(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch
         quantization_bit=4 if method == "qlora" else None,
         pre_seq_len=args.pre_seq_len if method == "ptuning" else None,
         lora_rank=args.lora_rank if method != "ptuning" else None,
+        attention_stretch=stretch,
     )
 
 
@@ -169,8 +177,8 @@ def realistic_batches(args: argparse.Namespace, vocab: int, device: str):
     collator = RightPaddingCollator(pad_token_id=0)
     if args.realistic == "packed":
         rows = pack_examples(datasets.Dataset.from_list(examples), args.pack_length)
-        counts = [int(max(row)) for row in rows["attention_mask"]]
-        rows = [dict(row) for row in rows.remove_columns("length")]
+        counts = rows["segments"]
+        rows = [dict(row) for row in rows.remove_columns(["length", "segments", "longest"])]
         groups = [(rows[i : i + args.batch], sum(counts[i : i + args.batch])) for i in range(0, len(rows), args.batch)]
     else:
         collator.max_length = OFFICIAL_V1_ROW_LENGTH if args.realistic == "fixed" else None

@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import finetune  # noqa: F401  (registers ChatGLM3 with the Auto classes)
-from finetune.data.collator import RightPaddingCollator, first_fit_bins, pack_examples
+from finetune.data.collator import RightPaddingCollator, first_fit_bins, pack_examples, packed_attention_stretch
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation
 from finetune.data.loading import EncodingLimits, load_training_data
+from finetune.model.modeling import segment_layout
 from finetune.model.tokenization import ChatGLMTokenizer
 
 PAD_ID = 0
@@ -88,6 +89,7 @@ def test_packing_concatenates_examples_with_segments_and_restarted_positions():
     assert rows["position_ids"] == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
     assert rows["labels"][0] == [-100, -100, 102, 103, 104, -100, -100, 302]
     assert rows["length"] == [8, 6, 6]
+    assert rows["segments"] == [2, 2, 1] and rows["longest"] == [5, 4, 6]
     batch = RightPaddingCollator(PAD_ID)([packed[index] for index in range(3)])
     assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 2, 2, 0, 0]
     assert batch["position_ids"].tolist()[1] == [0, 1, 2, 3, 0, 1, 0, 0]
@@ -151,3 +153,19 @@ def test_packed_batch_gives_the_same_logits_and_loss_as_unpacked(
             torch.testing.assert_close(
                 packed_output.logits[row, positions], unpacked_logits[index], rtol=1e-4, atol=1e-5
             )
+
+
+def test_attention_stretch_bounds_every_batch_of_packed_rows():
+    """The stretch the memory estimate uses is at least what segment_layout really allocates for any batch."""
+    rng = random.Random(5)
+    features = [example(rng.randint(20, 260), 1000 * index) for index in range(200)]
+    packed = pack_examples(datasets.Dataset.from_list(features), max_length=1024)
+    stretch = packed_attention_stretch(packed)
+    collator = RightPaddingCollator(PAD_ID)
+    observed = []
+    for _ in range(50):
+        indices = rng.sample(range(len(packed)), 4)
+        mask = collator([packed[index] for index in indices])["attention_mask"]
+        observed.append(segment_layout(mask).gather.numel() / mask.numel())
+    assert 1.0 < max(observed) <= stretch < 2 * max(observed)
+    assert packed_attention_stretch(packed.select([])) == 1.0

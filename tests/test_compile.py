@@ -1,4 +1,4 @@
-"""torch.compile (the Trainer's --torch_compile) runs the model, custom autograd functions and recomputation included."""
+"""torch.compile (the Trainer's --torch_compile) runs the model, its custom autograd functions and recomputation."""
 
 import pytest
 import torch

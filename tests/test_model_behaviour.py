@@ -178,7 +178,10 @@ def test_chat_and_stream_chat_agree(reference_model_dir):
 
 
 def test_tool_call_replies_are_parsed_without_eval():
-    history = [{"role": "system", "content": "tools", "tools": [{"name": "get_weather"}]}, {"role": "user", "content": "?"}]
+    history = [
+        {"role": "system", "content": "tools", "tools": [{"name": "get_weather"}]},
+        {"role": "user", "content": "?"},
+    ]
     reply, new_history = split_response("get_weather\n```python\ntool_call(city='北京', days=2)\n```", history)
     assert reply == {"name": "get_weather", "parameters": {"city": "北京", "days": 2}}
     assert new_history[-1]["metadata"] == "get_weather"

@@ -42,17 +42,22 @@ def prepared_model(config_values: dict, method_values: dict, dtype: torch.dtype)
     return apply_method(model, ModelArguments(model_name_or_path="random", **method_values)).train()
 
 
-def measured_layer_bytes(method: str, mode: str, batch: int = 2, length: int = 128) -> float:
-    """Bytes autograd keeps for one layer's backward, per token: distinct storages, parameters and shared inputs out."""
+def measured_layer_bytes(
+    method: str, mode: str, batch: int = 2, length: int = 128, attention_mask: torch.Tensor | None = None
+) -> float:
+    """Bytes autograd keeps for one layer's backward, per token: distinct storages, parameters and shared inputs out.
+
+    `attention_mask` may hold segment ids (packed rows)."""
     model = prepared_model(NARROW, METHODS[method][0], torch.bfloat16)
     apply_recompute_plan(model, RecomputePlan.uniform(mode, NARROW["num_layers"]))
     transformer = model.get_base_model().transformer if hasattr(model, "get_base_model") else model.transformer
     config = transformer.config
     hidden = torch.randn(batch, length, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     rotary = transformer.rotary_pos_emb(torch.arange(length).expand(batch, -1))
-    bias = build_attention_bias(None, length, 0, config.pre_seq_len or 0, hidden.device)
+    bias = build_attention_bias(attention_mask, length, 0, config.pre_seq_len or 0, hidden.device)
     prefix = transformer.prefix_encoder(batch, torch.bfloat16)[0] if config.pre_seq_len else None
-    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary, *(prefix or ())]}
+    layout = (bias.segments.gather, bias.segments.slots) if bias.segments is not None else ()
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary, *(prefix or ()), *layout]}
     storages = {}
 
     def pack(tensor):
@@ -72,6 +77,22 @@ def test_memory_model_matches_what_autograd_keeps(method, mode):
     setup = TrainingSetup(batch_size=2, seq_length=128, weight_dtype=torch.bfloat16, **METHODS[method][1])
     estimated = layer_activation_bytes(ChatGLMConfig(**NARROW), setup, mode)
     assert measured_layer_bytes(method, mode) == pytest.approx(estimated, rel=0.05)
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_memory_model_of_packed_rows_scales_attention_by_the_layout(method):
+    lengths = [[70, 30, 20, 8], [100, 28]]  # two rows of 128 tokens, examples padded to 100 slots each
+    attention_mask = torch.tensor(
+        [sum(([segment + 1] * size for segment, size in enumerate(row)), []) for row in lengths]
+    )
+    prefix = METHODS[method][1].get("pre_seq_len", 0)
+    stretch = sum(len(row) for row in lengths) * (prefix + 100) / attention_mask.numel()
+    setup = TrainingSetup(batch_size=2, seq_length=128, weight_dtype=torch.bfloat16, attention_stretch=stretch,
+                          **METHODS[method][1])
+    estimated = layer_activation_bytes(ChatGLMConfig(**NARROW), setup, "none")
+    measured = measured_layer_bytes(method, "none", attention_mask=attention_mask)
+    assert measured == pytest.approx(estimated, rel=0.05)
+    assert measured > 1.1 * measured_layer_bytes(method, "none")  # the layout really costs more than plain rows
 
 
 def test_each_grain_keeps_less():

@@ -99,11 +99,14 @@ def pack_examples(dataset: datasets.Dataset, max_length: int) -> datasets.Datase
 
     Each row has input_ids, labels (the first token of every example set to -100, so nothing is predicted
     across a boundary), position_ids restarting at 0 per example, attention_mask holding segment ids 1, 2, ...,
-    and length.
+    length, and segments (examples in the row) with longest (tokens of its longest example).
     """
     columns = dataset.select_columns(["input_ids", "labels"])[:]
     input_ids, labels = columns["input_ids"], columns["labels"]
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "attention_mask": [], "length": []}
+    rows: dict[str, list] = {
+        "input_ids": [], "labels": [], "position_ids": [], "attention_mask": [], "length": [], "segments": [],
+        "longest": [],
+    }
     for members in first_fit_bins([len(ids) for ids in input_ids], max_length):
         row_ids, row_labels, row_positions, row_segments = [], [], [], []
         for segment, item in enumerate(members, start=1):
@@ -117,4 +120,20 @@ def pack_examples(dataset: datasets.Dataset, max_length: int) -> datasets.Datase
         rows["position_ids"].append(row_positions)
         rows["attention_mask"].append(row_segments)
         rows["length"].append(len(row_ids))
+        rows["segments"].append(len(members))
+        rows["longest"].append(max(len(input_ids[item]) for item in members))
     return datasets.Dataset.from_dict(rows)
+
+
+def packed_attention_stretch(rows: datasets.Dataset, prefix_length: int = 0) -> float:
+    """How many times its tokens attention's one-example-per-row layout of a batch of packed rows can hold, at most.
+
+    The model attends packed rows one example per row, each padded to the batch's longest example and led by the
+    P-Tuning prefix (finetune/model/modeling.py `segment_layout`), so a batch keeps segments x (prefix + longest)
+    query/key/value slots for backward instead of its token count. Bound: the most examples in a row times the
+    prefix plus the longest example, over the mean row length.
+    """
+    if len(rows) == 0:
+        return 1.0
+    mean_length = sum(rows["length"]) / len(rows)
+    return max(1.0, max(rows["segments"]) * (prefix_length + max(rows["longest"])) / mean_length)

@@ -13,7 +13,7 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from finetune.data import encoding
-from finetune.data.encoding import CONVERSATIONS, DATA_FORMATS, INPUT_OUTPUT, IGNORE_INDEX
+from finetune.data.encoding import CONVERSATIONS, DATA_FORMATS, IGNORE_INDEX, INPUT_OUTPUT
 from finetune.data.validation import (
     DataProblem,
     DataSummary,

@@ -1,4 +1,4 @@
-"""chat() and stream_chat() for ChatGLM3: role-message history, tools, observations, stop on <|user|>/<|observation|>."""
+"""chat() and stream_chat() for ChatGLM3: role-message history, tools, observations, stop on the role tokens."""
 
 import ast
 import copy

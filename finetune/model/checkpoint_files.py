@@ -26,7 +26,9 @@ def check_safetensors_file(path: Path) -> None:
     with path.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors; re-copy or re-download it")
+            raise CheckpointError(
+                f"{path}: file is {size} bytes, too short to be safetensors; re-copy or re-download it"
+            )
         (header_length,) = struct.unpack("<Q", prefix)
         if header_length > size - 8:
             raise CheckpointError(

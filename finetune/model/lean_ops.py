@@ -57,7 +57,7 @@ class _SwiGLUFunction(torch.autograd.Function):
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / rms(x) over the last dimension, in fp32 (or wider), cast back to x's dtype (keeps x and 1/rms for backward)."""
+    """weight * x / rms(x) over the last dimension in fp32 (or wider), cast to x's dtype; keeps x and 1/rms."""
     return _RMSNormFunction.apply(hidden_states, weight, eps)
 
 

@@ -426,7 +426,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache = None
         past_length = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, batch_size, seq_length, past_length, inputs_embeds.device)
+            position_ids = positions_from_mask(
+                attention_mask, batch_size, seq_length, past_length, inputs_embeds.device
+            )
         prefixes = None
         if self.prefix_encoder is not None:
             prefixes = self.prefix_encoder(batch_size, inputs_embeds.dtype)
