@@ -256,20 +256,26 @@ def test_quantized_run_fails_before_reading_data(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(not BITSANDBYTES_INSTALLED, reason="needs bitsandbytes (requirements-dev.txt installs it)")
 @pytest.mark.parametrize(
-    ("method_flags", "trained_marker"),
-    [({"lora_rank": 4, "learning_rate": 5e-3}, ".lora_"), ({"pre_seq_len": 4}, ".prefix_encoder.")],
+    ("method_flags", "trained_marker", "bits"),
+    [
+        ({"lora_rank": 4, "learning_rate": 5e-3}, ".lora_", 4),
+        ({"pre_seq_len": 4}, ".prefix_encoder.", 4),
+        ({"lora_rank": 4, "learning_rate": 5e-3}, ".lora_", 8),
+    ],
 )
-def test_quantized_base_trains_and_saves_only_the_adapter(method_flags, trained_marker, tiny_model_dir, tmp_path):
+def test_quantized_base_trains_and_saves_only_the_adapter(method_flags, trained_marker, bits, tiny_model_dir, tmp_path):
     import bitsandbytes
+
+    quantized_class = bitsandbytes.nn.Linear4bit if bits == 4 else bitsandbytes.nn.Linear8bitLt
 
     train_file = write_jsonl(tmp_path / "train.jsonl", input_output_records(8))
     argv = run_arguments(
         tiny_model_dir, train_file, tmp_path / "out", tmp_path / "cache",
-        quantization_bit=4, max_steps=12, save_steps=12, lr_scheduler_type="constant", **method_flags,
+        quantization_bit=bits, max_steps=12, save_steps=12, lr_scheduler_type="constant", **method_flags,
     )
     outcome = main(argv)
     model = outcome.trainer.model
-    quantized = [module for module in model.modules() if isinstance(module, bitsandbytes.nn.Linear4bit)]
+    quantized = [module for module in model.modules() if isinstance(module, quantized_class)]
     assert len(quantized) == 2 * 4  # every linear layer of both blocks
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
