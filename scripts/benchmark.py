@@ -245,8 +245,9 @@ def run_suite(args: argparse.Namespace) -> None:
         table.append((row, ours, reference))
     packed, dynamic, fixed = (next(r[1] for r in table if r[0].name == name)
                               for name in ("realistic-packed", "realistic-dynamic", "realistic-fixed1153"))
-    print("\n| run | ours tokens/s | ours peak GiB | estimated GiB | recompute | anchor tokens/s | anchor peak GiB | target "
-          "| met |")
+    columns = ("run", "ours tokens/s", "ours peak GiB", "estimated GiB", "recompute", "anchor tokens/s",
+               "anchor peak GiB", "target", "met")
+    print("\n| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row, ours, reference in table:
         target = " ".join(filter(None, (row.min_tokens_per_s and f">= {row.min_tokens_per_s:,.0f} tok/s",
@@ -260,11 +261,11 @@ def run_suite(args: argparse.Namespace) -> None:
                 row.min_tokens_per_s is None or ours["tokens_per_s"] >= row.min_tokens_per_s,
                 row.max_peak_gib is None or ours["peak_gib"] <= row.max_peak_gib,
             ))
-        anchor_cells = (f"{reference.get('tokens_per_s', 'error')}", f"{reference.get('peak_gib', '')}") if reference \
-            else ("", "")
-        print(f"| {row.name} | {ours.get('tokens_per_s', ours.get('error'))} | {ours.get('peak_gib', '')} | "
-              f"{ours.get('estimated_gib', '')} | {ours.get('recompute', '')} | {anchor_cells[0]} | {anchor_cells[1]} | "
-              f"{target} | {met} |")
+        reference = reference or {}
+        cells = (row.name, ours.get("tokens_per_s", ours.get("error")), ours.get("peak_gib", ""),
+                 ours.get("estimated_gib", ""), ours.get("recompute", ""), reference.get("tokens_per_s", ""),
+                 reference.get("peak_gib", ""), target, met)
+        print("| " + " | ".join(str(cell) for cell in cells) + " |")
     if all("samples_per_s" in result for result in (packed, dynamic, fixed)):
         print(f"\nrealistic samples/s: packed {packed['samples_per_s']}, dynamic {dynamic['samples_per_s']} "
               f"({packed['samples_per_s'] / dynamic['samples_per_s']:.2f}x, target >= 4x), fixed-1153 "
