@@ -46,15 +46,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+# Each stage also runs with activation recomputation: ZeRO-3 re-gathers the up-projection's weight for the recompute.
 CASES = {
-    "zero2": ("finetune_ds.sh", INPUT_OUTPUT_RECORDS, "64"),
-    "zero3": ("finetune_ds_multiturn.sh", CONVERSATION_RECORDS, "256"),  # the tool conversation has 204 tokens
+    "zero2": ("finetune_ds.sh", INPUT_OUTPUT_RECORDS, "64", "full"),
+    "zero3": ("finetune_ds_multiturn.sh", CONVERSATION_RECORDS, "256", "mlp"),  # the tool conversation has 204 tokens
 }
 
 
 @pytest.mark.parametrize("stage", list(CASES))
 def test_two_process_zero_run_leaves_loadable_checkpoints(stage, shm_op_build_seconds, tiny_model_dir, tmp_path):
-    script, records, max_seq_len = CASES[stage]
+    script, records, max_seq_len, recompute = CASES[stage]
     output_dir = tmp_path / "run"
     knobs = {
         "BASE_MODEL_PATH": str(tiny_model_dir),
@@ -71,9 +72,12 @@ def test_two_process_zero_run_leaves_loadable_checkpoints(stage, shm_op_build_se
         "MAX_TARGET_LEN": "16",
         "MAX_SEQ_LEN": max_seq_len,
     }
-    run = run_launcher(script, knobs, *quick_run_flags(tmp_path / "cache"))
+    run = run_launcher(script, knobs, *quick_run_flags(tmp_path / "cache"), "--recompute", recompute)
     print(f"{stage} ({script}, 2 processes): {run.seconds:.1f} s")
     assert run.returncode == 0, run.output[-8000:]
+    layers = 2  # the tiny model's
+    expected_plan = f"{layers} layers full, 0 mlp, 0 none" if recompute == "full" else f"0 layers full, {layers} mlp, 0 none"
+    assert f"activation recomputation: {expected_plan}" in run.output
 
     record = read_record(output_dir / "checkpoint-2")
     assert record["method"] == "full" and record["global_step"] == 2
