@@ -384,6 +384,13 @@ def _usable(device_memory: int) -> float:
     return USABLE_FRACTION * device_memory
 
 
+def recompute_budget(memory_budget_gib: float | None, device_memory: int | None) -> float | None:
+    """Bytes `--recompute auto` plans for: the explicit budget, else the usable free device memory; None on CPU."""
+    if memory_budget_gib:
+        return memory_budget_gib * GIB
+    return _usable(device_memory) if device_memory is not None else None
+
+
 def memory_advice(config: ChatGLMConfig, setup: TrainingSetup, device_memory: int) -> list[str]:
     """Concrete changes to the launcher settings that lower the estimate, each with its new estimate."""
     usable = _usable(device_memory)
@@ -594,8 +601,7 @@ def run_preflight(
     setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length, attention_stretch)
     if device_memory is None and not getattr(training_args, "use_cpu", False):
         device_memory = free_device_memory()
-    budget_gib = getattr(model_args, "memory_budget_gib", None)
-    budget = budget_gib * GIB if budget_gib else (_usable(device_memory) if device_memory is not None else None)
+    budget = recompute_budget(getattr(model_args, "memory_budget_gib", None), device_memory)
     planned = getattr(model_args, "recompute", RECOMPUTE_AUTO) == RECOMPUTE_AUTO and not setup.gradient_checkpointing
     if planned and budget is not None:
         setup = dataclasses.replace(setup, recompute=plan_recompute(model_config, setup, budget))

@@ -36,13 +36,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.arguments import ModelArguments  # noqa: E402
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch  # noqa: E402
-from finetune.memory_preflight import GIB, TrainingSetup, estimate_training_memory, plan_recompute  # noqa: E402
+from finetune.memory_preflight import (  # noqa: E402
+    GIB,
+    TrainingSetup,
+    estimate_training_memory,
+    free_device_memory,
+    plan_recompute,
+    recompute_budget,
+)
 from finetune.methods import apply_method, load_base_model  # noqa: E402
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan  # noqa: E402
@@ -113,17 +121,15 @@ def build_model(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dt
     return apply_method(model, model_args).train()
 
 
-def training_setup(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dtype) -> TrainingSetup:
+def training_setup(
+    args: argparse.Namespace, dtype: torch.dtype, packed_rows: datasets.Dataset | None
+) -> TrainingSetup:
     """The memory preflight's view of this run (rows of the longest realistic/packed length in realistic mode)."""
     seq_length = {"packed": args.pack_length, "fixed": OFFICIAL_V1_ROW_LENGTH, "dynamic": 2 + 60 + 200 + 1}
     method = args.method
     stretch = None
-    if args.realistic == "packed":
-        import datasets
-
-        examples = datasets.Dataset.from_list(realistic_examples(args.examples, config.padded_vocab_size, args.seed))
-        prefix = args.pre_seq_len if method == "ptuning" else 0
-        stretch = packed_attention_stretch(pack_examples(examples, args.pack_length), prefix)
+    if packed_rows is not None:
+        stretch = packed_attention_stretch(packed_rows, args.pre_seq_len if method == "ptuning" else 0)
     return TrainingSetup(
         method=method,
         batch_size=args.batch,
@@ -140,11 +146,8 @@ def recompute_plan(args: argparse.Namespace, config: ChatGLMConfig, setup: Train
     """--recompute as a plan; auto asks the memory preflight for the least recomputation that fits the budget."""
     if args.recompute != RECOMPUTE_AUTO:
         return RecomputePlan.uniform(args.recompute, config.num_layers)
-    if args.memory_budget_gib:
-        return plan_recompute(config, setup, args.memory_budget_gib * GIB)
-    if device == "cuda":
-        return plan_recompute(config, setup, 0.9 * torch.cuda.mem_get_info()[0])
-    return RecomputePlan()
+    budget = recompute_budget(args.memory_budget_gib, free_device_memory() if device == "cuda" else None)
+    return plan_recompute(config, setup, budget) if budget is not None else RecomputePlan()
 
 
 def fixed_batches(args: argparse.Namespace, vocab: int, device: str):
@@ -169,16 +172,19 @@ def realistic_examples(count: int, vocab: int, seed: int) -> list[dict]:
     return examples
 
 
-def realistic_batches(args: argparse.Namespace, vocab: int, device: str):
-    """Batches of synthetic AdvertiseGen-shaped examples in the chosen layout, cycling forever."""
-    import datasets
+def packed_realistic_rows(args: argparse.Namespace, vocab: int) -> datasets.Dataset:
+    """The synthetic AdvertiseGen-shaped examples packed into rows of --pack_length tokens."""
+    examples = datasets.Dataset.from_list(realistic_examples(args.examples, vocab, args.seed))
+    return pack_examples(examples, args.pack_length)
 
+
+def realistic_batches(args: argparse.Namespace, vocab: int, device: str, packed_rows: datasets.Dataset | None):
+    """Batches of synthetic AdvertiseGen-shaped examples in the chosen layout (packed: from `packed_rows`), forever."""
     examples = realistic_examples(args.examples, vocab, args.seed)
     collator = RightPaddingCollator(pad_token_id=0)
-    if args.realistic == "packed":
-        rows = pack_examples(datasets.Dataset.from_list(examples), args.pack_length)
-        counts = rows["segments"]
-        rows = [dict(row) for row in rows.remove_columns(["length", "segments", "longest"])]
+    if packed_rows is not None:
+        counts = packed_rows["segments"]
+        rows = [dict(row) for row in packed_rows.remove_columns(["length", "segments", "longest"])]
         groups = [(rows[i : i + args.batch], sum(counts[i : i + args.batch])) for i in range(0, len(rows), args.batch)]
     else:
         collator.max_length = OFFICIAL_V1_ROW_LENGTH if args.realistic == "fixed" else None
@@ -283,15 +289,17 @@ def main() -> None:
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     config = model_config(args)
     model = build_model(args, config, dtype, device)
-    setup = training_setup(args, config, dtype)
+    packed_rows = packed_realistic_rows(args, config.padded_vocab_size) if args.realistic == "packed" else None
+    setup = training_setup(args, dtype, packed_rows)
     plan = recompute_plan(args, config, setup, device)
     apply_recompute_plan(model, plan)
     estimate = estimate_training_memory(config, dataclasses.replace(setup, recompute=plan))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
-    batches = realistic_batches(args, config.padded_vocab_size, device) if args.realistic else fixed_batches(
-        args, config.padded_vocab_size, device
-    )
+    if args.realistic:
+        batches = realistic_batches(args, config.padded_vocab_size, device, packed_rows)
+    else:
+        batches = fixed_batches(args, config.padded_vocab_size, device)
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     mixed_precision = dtype != torch.float32
 
