@@ -1,10 +1,12 @@
-"""Shared test fixtures: where ../shared lives, and the reference ChatGLM3 tiny checkpoint."""
+"""Shared test fixtures: where ../shared lives, the reference ChatGLM3 tiny checkpoint, and a tiny random model."""
 
 import json
 import os
 from pathlib import Path
 
 import pytest
+
+from finetune.tiny_model import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("CHATGLM_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -42,3 +44,9 @@ def reference(reference_dir: Path) -> dict:
 def reference_model_dir(reference_dir: Path) -> Path:
     """The official-layout tiny checkpoint folder."""
     return reference_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random ChatGLM3 checkpoint with its tokenizer (built once; tests only read it)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

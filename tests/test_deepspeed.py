@@ -24,8 +24,6 @@ from launcher_helpers import (
 )
 from transformers import AutoModelForCausalLM
 
-from finetune.tiny_model import build_tiny_model
-
 pytestmark = pytest.mark.slow
 
 
@@ -38,12 +36,6 @@ def shm_op_build_seconds() -> float:
     seconds = time.perf_counter() - start
     print(f"DeepSpeed shm op build/load: {seconds:.1f} s")
     return seconds
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 # Each stage also runs with activation recomputation: ZeRO-3 re-gathers the up-projection's weight for the recompute.

@@ -16,14 +16,6 @@ from launcher_helpers import (
     write_jsonl,
 )
 
-from finetune.tiny_model import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory) -> dict[str, Path]:

@@ -12,16 +12,9 @@ from train_helpers import input_output_records, write_jsonl
 from finetune import train
 from finetune.arguments import BASE_MODEL_ENV, ModelArguments, parse_arguments, parse_lora_target
 from finetune.data.validation import DataValidationError
-from finetune.tiny_model import build_tiny_model
 from finetune.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

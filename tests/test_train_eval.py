@@ -1,7 +1,6 @@
 """Evaluation by generation: prompt/reference split, left-padded prompts, metrics during training, predictions file."""
 
 import json
-from pathlib import Path
 
 import datasets
 import pytest
@@ -12,14 +11,7 @@ from transformers import AutoTokenizer
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation, encode_input_output
 from finetune.generation_eval_batches import GenerationEvalCollator, blank_after_stop, split_prompt_and_reference
 from finetune.metrics import METRIC_NAMES
-from finetune.tiny_model import build_tiny_model
 from finetune.train import PREDICTIONS_FILE, main
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from finetune.data.encoding import encode_input_output
 from finetune.generation_eval_batches import GenerationEvalCollator
 from finetune.methods import apply_method, check_quantization_available, load_base_model, quantization_config
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
-from finetune.tiny_model import build_tiny_model
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
 
@@ -33,12 +32,6 @@ EXPECTED_FILES = {
     "full": {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "training_record.json"},
 }
 RESUME_STATE_FILES = {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

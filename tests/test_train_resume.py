@@ -17,19 +17,12 @@ from finetune.resume import (
     find_latest_checkpoint,
     resolve_resume_checkpoint,
 )
-from finetune.tiny_model import build_tiny_model
 from finetune.train import main
 from finetune.trainer import FinetuneTrainer
 
 
 class SimulatedCrash(RuntimeError):
     """Raised by a test to stop a training process at a chosen point."""
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random ChatGLM3 checkpoint with its tokenizer."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
