@@ -396,7 +396,15 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         """Load a checkpoint; a local folder is checked first so a wrong folder or a truncated shard is named."""
         if os.path.isdir(pretrained_model_name_or_path):
             check_chatglm_folder(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if model.config.pre_seq_len:
+            model.train_prefix_only()
+        return model
+
+    def train_prefix_only(self) -> None:
+        """As the official ChatGLMModel with pre_seq_len: only the prefix encoder's parameters require grad."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_("prefix_encoder." in name)
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -408,10 +416,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.rotary_pos_emb = RotaryEmbedding(config)
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-        if config.pre_seq_len:
-            # As the official ChatGLMModel: with a prefix, only the prefix encoder trains.
-            self.requires_grad_(False)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        if config.pre_seq_len:
+            self.train_prefix_only()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
