@@ -89,10 +89,11 @@ def test_decode_writes_command_tokens_and_hides_control_ids_as_official(tokenize
     )
 
 
-def test_decode_of_control_negative_and_out_of_range_ids_gives_nothing(tokenizer):
+def test_decode_of_control_and_negative_ids_gives_nothing_and_beyond_the_vocabulary_unk(tokenizer):
     hello = tokenizer.encode("你好", add_special_tokens=False)
-    assert tokenizer.decode([1, 0] + hello + [2, -100, 1000]) == "你好"
-    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["", ""]
+    assert tokenizer.decode([1, 0] + hello + [2, -100]) == "你好"
+    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["<unk>", ""]
+    assert tokenizer.decode([901, 903, 1000]) == "[gMASK]sop<unk>"
     assert tokenizer.decode([907] + tokenizer.encode("Hello", add_special_tokens=False)) == "<|assistant|>Hello"
 
 

@@ -197,7 +197,8 @@ class ChatMixin:
         attention_mask = torch.ones_like(input_ids)
         turn_history = history + [{"role": role, "content": query}]
         prompt_length = input_ids.shape[1]
-        last_text = None
+        last_text = text = ""
+        cache = past_key_values
         for item in self.stream_generate(
             input_ids,
             attention_mask=attention_mask,
@@ -207,8 +208,11 @@ class ChatMixin:
         ):
             ids, cache = item if return_past_key_values else (item, None)
             text = tokenizer.decode(self._strip_stop(ids[0, prompt_length:].tolist(), stop_ids))
-            if not text or text.endswith(REPLACEMENT_CHARACTER) or text == last_text:
-                continue
-            last_text = text
+            if text and not text.endswith(REPLACEMENT_CHARACTER) and text != last_text:
+                last_text = text
+                reply, new_history = split_response(text, turn_history)
+                yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)
+        if text and text != last_text:
+            # The whole reply ends inside a multi-byte character (cut by the length limit): still give it, as chat().
             reply, new_history = split_response(text, turn_history)
             yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)

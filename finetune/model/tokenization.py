@@ -169,12 +169,18 @@ class ChatGLMTokenizer(SentencePieceBackend):
         return text, kwargs
 
     def _convert_id_to_token(self, index: int) -> str:
-        """Token of an id; as the official tokenizer, "" for bos, eos, pad/unk and ids outside the vocabulary."""
+        """Token of an id: as the official tokenizer, "" for bos, eos, pad/unk and negative ids (-100).
+
+        Ids past the vocabulary (the embedding's padding rows, which an untrained model may sample) give the unknown
+        token, so such output stays visible.
+        """
         silent = (self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id())
         if index in self._added_tokens_decoder and index not in silent:
             return self._added_tokens_decoder[index].content
-        if index in silent or not 0 <= index < self.sp_model.get_piece_size():
+        if index in silent or index < 0:
             return ""
+        if index >= self.sp_model.get_piece_size():
+            return str(self.unk_token)
         return self.sp_model.id_to_piece(index)
 
     def _decode(
