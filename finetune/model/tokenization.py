@@ -155,7 +155,9 @@ class ChatGLMTokenizer(SentencePieceBackend):
             return self.sp_model.encode(metadata + "\n", out_type=str) + self.sp_model.encode(content, out_type=str)
         return self.sp_model.encode(segment, out_type=str)
 
-    def apply_chat_template(self, conversation, *args, tokenizer_kwargs: dict | None = None, **kwargs):
+    def apply_chat_template(
+        self, conversation: list[dict] | list[list[dict]], *args, tokenizer_kwargs: dict | None = None, **kwargs
+    ) -> str | list[int] | list[list[int]] | BatchEncoding:
         """transformers' apply_chat_template, with the command tokens the template writes parsed as tokens."""
         tokenizer_kwargs = {"split_special_tokens": False, **(tokenizer_kwargs or {})}
         return super().apply_chat_template(conversation, *args, tokenizer_kwargs=tokenizer_kwargs, **kwargs)
