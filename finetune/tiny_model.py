@@ -167,7 +167,7 @@ def build_tiny_model(
     ffn_hidden_size: int = 160,
     vocab_size: int = 900,
     seq_length: int = 512,
-    rope_ratio: int | float = 1,
+    rope_ratio: float = 1,
     multi_query_attention: bool = True,
     seed: int = 0,
     overwrite: bool = False,

@@ -151,7 +151,7 @@ class ChatGLMTokenizer(SentencePieceBackend):
             return []
         if previous_command in ROLE_TOKENS and "\n" in segment:
             metadata, content = segment.split("\n", 1)
-            content = content[1:] if content.startswith(" ") else content
+            content = content.removeprefix(" ")
             return self.sp_model.encode(metadata + "\n", out_type=str) + self.sp_model.encode(content, out_type=str)
         return self.sp_model.encode(segment, out_type=str)
 
