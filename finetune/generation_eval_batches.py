@@ -88,14 +88,20 @@ def prediction_records(
     """
     if len(examples) != len(predictions):
         raise ValueError(f"{len(examples)} examples but {len(predictions)} prediction rows; they must correspond")
+    special_ids = set(tokenizer.all_special_ids)
+
+    def text_only(ids: Sequence[int]) -> list[int]:
+        # ChatGLM3's decode, like the official one, writes command tokens even with skip_special_tokens.
+        return [token for token in ids if token not in special_ids]
+
     records = []
     for example, generated in zip(examples, predictions):
         prompt, reference = split_prompt_and_reference(example["input_ids"], example["labels"])
         records.append(
             {
-                "prompt": tokenizer.decode(prompt, skip_special_tokens=not keep_prompt_special_tokens),
-                "label": tokenizer.decode(_text_ids(reference, None), skip_special_tokens=True),
-                "prediction": tokenizer.decode(_text_ids(generated, tokenizer.pad_token_id), skip_special_tokens=True),
+                "prompt": tokenizer.decode(prompt if keep_prompt_special_tokens else text_only(prompt)),
+                "label": tokenizer.decode(text_only(_text_ids(reference, None))),
+                "prediction": tokenizer.decode(text_only(_text_ids(generated, tokenizer.pad_token_id))),
             }
         )
     return records

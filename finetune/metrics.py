@@ -75,10 +75,9 @@ def _first_array(value: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
     return value[0] if isinstance(value, tuple) else value
 
 
-def _token_ids(row: np.ndarray, pad_token_id: int | None) -> list[int]:
-    """The ids of one row without the ignore index (-100) and without padding."""
-    dropped = {IGNORE_INDEX} if pad_token_id is None else {IGNORE_INDEX, pad_token_id}
-    return [int(token_id) for token_id in row if int(token_id) not in dropped]
+def _token_ids(row: np.ndarray, dropped: set[int]) -> list[int]:
+    """The ids of one row without the ignore index (-100) and the `dropped` ids (padding, special tokens)."""
+    return [int(token_id) for token_id in row if int(token_id) != IGNORE_INDEX and int(token_id) not in dropped]
 
 
 def _strip_prompt(prediction_row: np.ndarray, input_row: np.ndarray, row_index: int) -> np.ndarray:
@@ -106,9 +105,10 @@ def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalP
       When `inputs` is absent, the rows must hold only the generated tokens.
     - `label_ids`: the reference answer's ids; -100 (masked prompt, padding) and pad ids are dropped, so labels
       masked over the prompt and answer-only labels both work.
-    Both are decoded with `batch_decode(skip_special_tokens=True)` and scored with `compute_metrics`.
+    Both are decoded without the tokenizer's special tokens (ChatGLM3's command tokens included: its decode, like
+    the official one, writes them even with skip_special_tokens) and scored with `compute_metrics`.
     """
-    pad_token_id = tokenizer.pad_token_id
+    dropped = set(tokenizer.all_special_ids) | ({tokenizer.pad_token_id} - {None})
 
     def compute(eval_prediction: EvalPrediction) -> dict[str, float]:
         generated = _first_array(eval_prediction.predictions)
@@ -128,12 +128,8 @@ def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalP
             generated = [
                 _strip_prompt(row, prompt, index) for index, (row, prompt) in enumerate(zip(generated, inputs))
             ]
-        prediction_texts = tokenizer.batch_decode(
-            [_token_ids(row, pad_token_id) for row in generated], skip_special_tokens=True
-        )
-        reference_texts = tokenizer.batch_decode(
-            [_token_ids(row, pad_token_id) for row in labels], skip_special_tokens=True
-        )
+        prediction_texts = tokenizer.batch_decode([_token_ids(row, dropped) for row in generated])
+        reference_texts = tokenizer.batch_decode([_token_ids(row, dropped) for row in labels])
         return compute_metrics(prediction_texts, reference_texts)
 
     return compute

@@ -167,10 +167,16 @@ def build_tiny_model(
     ffn_hidden_size: int = 160,
     vocab_size: int = 900,
     seq_length: int = 512,
+    rope_ratio: float = 1,
+    multi_query_attention: bool = True,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
-    """Train a tokenizer on `texts` (default: the built-in corpus) and save a random ChatGLM3 model at `output_dir`."""
+    """Train a tokenizer on `texts` (default: the built-in corpus) and save a random ChatGLM3 model at `output_dir`.
+
+    The shape is ChatGLM3-6B's (qkv bias, multi-query attention) scaled down; `seq_length` and `rope_ratio` build the
+    long-context variants' shape (chatglm3-6b-32k: seq_length 32768, rope_ratio 50).
+    """
     if num_attention_heads % multi_query_group_num:
         raise ValueError(
             f"num_attention_heads ({num_attention_heads}) must be a multiple of multi_query_group_num "
@@ -187,6 +193,9 @@ def build_tiny_model(
         "multi_query_group_num": multi_query_group_num,
         "ffn_hidden_size": ffn_hidden_size,
         "seq_length": seq_length,
+        "rope_ratio": rope_ratio,
+        "add_qkv_bias": True,
+        "multi_query_attention": multi_query_attention,
     }
     workspace = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
@@ -224,7 +233,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--multi_query_group_num", type=int, default=2)
     parser.add_argument("--ffn_hidden_size", type=int, default=160)
     parser.add_argument("--vocab_size", type=int, default=900, help="SentencePiece pieces (+9 ChatGLM3 tokens)")
-    parser.add_argument("--seq_length", type=int, default=512)
+    parser.add_argument("--seq_length", type=int, default=512, help="the model's context (32768 for a 32k shape)")
+    parser.add_argument(
+        "--rope_ratio", type=float, default=1.0, help="rotary base = 10000 x rope_ratio (50 for a 32k shape)"
+    )
+    parser.add_argument(
+        "--no_multi_query_attention", action="store_true", help="one K/V head per attention head (official default)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
     args = parser.parse_args(argv)
@@ -239,6 +254,8 @@ def main(argv: list[str] | None = None) -> Path:
         ffn_hidden_size=args.ffn_hidden_size,
         vocab_size=args.vocab_size,
         seq_length=args.seq_length,
+        rope_ratio=int(args.rope_ratio) if args.rope_ratio.is_integer() else args.rope_ratio,
+        multi_query_attention=not args.no_multi_query_attention,
         seed=args.seed,
         overwrite=args.overwrite,
     )

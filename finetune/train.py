@@ -14,7 +14,14 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, Seq2SeqTrainingArguments, TrainerCallback
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import set_seed
 
@@ -154,6 +161,21 @@ def training_row_length(data_args: DataArguments, splits: dict[str, TrainingData
     return train.summary.length_max
 
 
+def warn_rows_beyond_context(row_length: int | None, model_config: PreTrainedConfig) -> str | None:
+    """Log and return a warning when training rows (plus the P-Tuning prefix) exceed the model's seq_length."""
+    tokens = (row_length or 0) + (getattr(model_config, "pre_seq_len", None) or 0)
+    seq_length = getattr(model_config, "seq_length", None)
+    if seq_length is None or tokens <= seq_length:
+        return None
+    message = (
+        f"training rows reach {tokens} tokens, longer than the model's seq_length {seq_length} (config.json): the "
+        "base was not trained on such lengths; use a long-context base (chatglm3-6b-32k: seq_length 32768) or "
+        "lower --max_seq_length / --max_source_length + --max_target_length / --packing_length"
+    )
+    logger.warning(message)
+    return message
+
+
 def load_data(
     data_args: DataArguments, training_args: Seq2SeqTrainingArguments, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, TrainingData]:
@@ -288,6 +310,7 @@ def run(
         prefix_projection=model_args.prefix_projection,
     )
     train_dataset = training_rows(splits, data_args, training_args)
+    warn_rows_beyond_context(training_row_length(data_args, splits), model_config)
     estimate = run_preflight(
         model_config,
         model_args,

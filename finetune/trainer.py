@@ -39,6 +39,7 @@ from finetune.generation_eval_batches import (
     blank_after_stop,
 )
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix_weights
+from finetune.model.remote_code import copy_remote_code_files
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +150,12 @@ class FinetuneTrainer(Seq2SeqTrainer):
                 del config.quantization_config
             config.save_pretrained(folder)
             save_prefix_weights(model, folder, official_bin=self.model_args.save_official_bin)
+            copy_remote_code_files(self.model_args.model_name_or_path, folder)
         elif self.model_args.method == METHOD_FULL:
             model.save_pretrained(folder, state_dict=state_dict)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)
+            copy_remote_code_files(self.model_args.model_name_or_path, folder)
         else:
             model.save_pretrained(folder, state_dict=state_dict)
         record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)

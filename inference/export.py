@@ -5,7 +5,8 @@
 LoRA: the adapter is merged into its base (PEFT merge_and_unload). P-Tuning v2: the prefix is folded in: the
 config keeps pre_seq_len/prefix_projection and the weights include `transformer.prefix_encoder.*`, so
 `AutoModelForCausalLM.from_pretrained(OUT)` (after `import finetune`) gives the prefix model. Full and base
-checkpoints are re-saved as they are. The folder is built next to OUT and renamed into place.
+checkpoints are re-saved as they are. The folder is built next to OUT and renamed into place. The base's
+`auto_map` is kept and its official remote-code files (modeling_chatglm.py, ...) are copied along when it has them.
 """
 
 import argparse
@@ -28,6 +29,7 @@ from finetune.checkpoints import (  # noqa: E402
     resolve_base,
 )
 from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file  # noqa: E402
+from finetune.model.remote_code import copy_remote_code_files  # noqa: E402
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -82,6 +84,7 @@ def export_checkpoint(
         built = workspace / target.name
         model.save_pretrained(built, max_shard_size=max_shard_size)
         loaded_tokenizer.save_pretrained(built)
+        copy_remote_code_files(base_path, built)
         check_chatglm_folder(built)
         replace_folder(built, target)
     finally:

@@ -53,11 +53,12 @@ from finetune.memory_preflight import (  # noqa: E402
 )
 from finetune.methods import apply_method, load_base_model  # noqa: E402
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
+from finetune.model.configuration import CHATGLM3_6B_FIELDS  # noqa: E402
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan  # noqa: E402
 
 OFFICIAL_V1_ROW_LENGTH = 1024 + 128 + 1
-CPU_SHAPE = dict(num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32, multi_query_group_num=2,
-                 ffn_hidden_size=688, padded_vocab_size=8192)
+CPU_SHAPE = dict(multi_query_attention=True, num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32,
+                 multi_query_group_num=2, ffn_hidden_size=688, padded_vocab_size=8192)
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,7 +89,7 @@ def parse_args() -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace) -> ChatGLMConfig:
     """ChatGLM3-6B shape (with --layers), or the small CPU shape."""
-    shape = dict(CPU_SHAPE) if args.cpu else {"num_layers": args.layers}
+    shape = dict(CPU_SHAPE) if args.cpu else {**CHATGLM3_6B_FIELDS, "num_layers": args.layers}
     return ChatGLMConfig(**shape, use_cache=False)
 
 

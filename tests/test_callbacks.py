@@ -16,6 +16,7 @@ PAD = 0
 def _tiny_model() -> ChatGLMForConditionalGeneration:
     torch.manual_seed(0)
     config = ChatGLMConfig(
+        multi_query_attention=True,
         num_layers=1,
         padded_vocab_size=64,
         hidden_size=16,

@@ -8,7 +8,7 @@ from finetune.methods import apply_method
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.recompute import RecomputePlan, apply_recompute_plan
 
-CONFIG = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16,
+CONFIG = {"multi_query_attention": True, "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16,
           "multi_query_group_num": 2, "ffn_hidden_size": 128, "padded_vocab_size": 256, "use_cache": False}
 
 

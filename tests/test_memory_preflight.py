@@ -23,14 +23,16 @@ from finetune.memory_preflight import (
     run_preflight,
     setup_from_arguments,
 )
+from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.loss import DEFAULT_CHUNK_TOKENS
 
-CHATGLM3_6B = ChatGLMConfig()  # the defaults are chatglm3-6b's shape
+CHATGLM3_6B = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
 DEVICE_24GIB = 24 * GIB
 
 
 def _tiny_config(**overrides) -> ChatGLMConfig:
     values = {
+        "multi_query_attention": True,
         "num_layers": 2,
         "padded_vocab_size": 96,
         "hidden_size": 32,

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.chat import parse_tool_call, split_response
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.loss import chunked_causal_lm_loss
@@ -20,6 +21,7 @@ from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix
 def small_config(**overrides) -> ChatGLMConfig:
     """A ChatGLM3-shaped config with other layer/group counts than the fixture."""
     values = dict(
+        CHATGLM3_6B_FIELDS,
         num_layers=3, hidden_size=48, num_attention_heads=6, kv_channels=8, multi_query_group_num=3,
         ffn_hidden_size=96, padded_vocab_size=320, seq_length=256,
     )

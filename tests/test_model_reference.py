@@ -37,7 +37,7 @@ def load_variant(reference_dir, variant: str) -> ChatGLMForConditionalGeneration
 def test_auto_classes_resolve_to_ours(reference_model_dir):
     config = AutoConfig.from_pretrained(reference_model_dir)
     assert isinstance(config, ChatGLMConfig)
-    assert not hasattr(config, "auto_map")
+    assert config.auto_map["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
     model = AutoModelForCausalLM.from_pretrained(reference_model_dir)
     assert type(model) is ChatGLMForConditionalGeneration
 

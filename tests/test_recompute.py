@@ -16,13 +16,14 @@ from finetune.memory_preflight import (
 )
 from finetune.methods import apply_method
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.modeling import build_attention_bias
 from finetune.recompute import RecomputePlan, apply_recompute_plan, glm_blocks
 
-CHATGLM3_6B = ChatGLMConfig()
+CHATGLM3_6B = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
 # ChatGLM3-6B's proportions at a size the CPU runs quickly: 8 heads sharing 2 K/V groups, ffn ~2.7 x hidden.
-NARROW = dict(num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32, multi_query_group_num=2,
-              ffn_hidden_size=688, padded_vocab_size=512, use_cache=False)
+NARROW = dict(multi_query_attention=True, num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32,
+              multi_query_group_num=2, ffn_hidden_size=688, padded_vocab_size=512, use_cache=False)
 
 METHODS = {
     "lora": (dict(lora_rank=8, lora_dropout=0.0), dict(method="lora", lora_rank=8, lora_dropout=0.0)),

@@ -79,37 +79,46 @@ def test_bad_role_and_unknown_command_are_rejected(tokenizer):
         tokenizer.get_command("<|robot|>")
 
 
-def test_decode_renders_special_tokens_unless_skipped(tokenizer):
+def test_decode_writes_command_tokens_and_hides_control_ids_as_official(tokenizer):
     ids = [901, 903] + tokenizer.build_single_message("user", "", "你好") + [907, 2]
-    assert tokenizer.decode(ids) == "[gMASK]sop<|user|>\n 你好<|assistant|></s>"
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "\n 你好"
+    assert tokenizer.decode(ids) == "[gMASK]sop<|user|>\n 你好<|assistant|>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "[gMASK]sop<|user|>\n 你好<|assistant|>"
+    assert tokenizer.decode(tokenizer.strip_command_ids(ids)) == "\n 你好"
     assert tokenizer.decode([901, 903] + tokenizer.encode("数字12345和English混合", add_special_tokens=False)) == (
         "[gMASK]sop数字12345和English混合"
     )
 
 
-def test_decode_of_ids_beyond_the_vocabulary_gives_unk(tokenizer):
-    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["<unk>", "<unk>"]
+def test_decode_of_control_and_negative_ids_gives_nothing_and_beyond_the_vocabulary_unk(tokenizer):
+    hello = tokenizer.encode("你好", add_special_tokens=False)
+    assert tokenizer.decode([1, 0] + hello + [2, -100]) == "你好"
+    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["<unk>", ""]
     assert tokenizer.decode([901, 903, 1000]) == "[gMASK]sop<unk>"
+    assert tokenizer.decode([907] + tokenizer.encode("Hello", add_special_tokens=False)) == "<|assistant|>Hello"
 
 
-def test_batch_padding_right_by_default_and_left_on_request(tokenizer):
+def test_batch_padding_left_by_default_with_position_ids_and_right_on_request(tokenizer):
     texts = ["你好", "Hello world, the quick brown fox!"]
     lengths = [len(tokenizer.encode(text)) for text in texts]
     assert lengths[0] < lengths[1]
-    right = tokenizer(texts, padding=True, return_tensors="pt")
-    assert right["input_ids"].shape == (2, lengths[1])
-    assert right["input_ids"][0, lengths[0] :].eq(0).all()
-    assert right["attention_mask"][0].tolist() == [1] * lengths[0] + [0] * (lengths[1] - lengths[0])
-    left = tokenizer(texts, padding=True, return_tensors="pt", padding_side="left")
     pad = lengths[1] - lengths[0]
+    left = tokenizer(texts, padding=True, return_tensors="pt")
     assert left["input_ids"][0].tolist() == [0] * pad + tokenizer.encode(texts[0])
     assert left["attention_mask"][0].tolist() == [0] * pad + [1] * lengths[0]
-    assert tokenizer.batch_decode(left["input_ids"], skip_special_tokens=True) == texts
+    assert left["position_ids"][0].tolist() == [0] * pad + list(range(lengths[0]))
+    assert left["position_ids"][1].tolist() == list(range(lengths[1]))
+    right = tokenizer(texts, padding=True, return_tensors="pt", padding_side="right")
+    assert right["input_ids"].shape == (2, lengths[1])
+    assert right["input_ids"][0, lengths[0] :].eq(0).all()
+    assert right["attention_mask"][0].tolist() == [1] * lengths[0] + [0] * pad
+    assert right["position_ids"][0].tolist() == list(range(lengths[0])) + [0] * pad
+    assert tokenizer.batch_decode(right["input_ids"], skip_special_tokens=True) == ["[gMASK]sop" + t for t in texts]
 
 
 def test_padding_side_given_at_load_time_and_to_pad(reference_model_dir, tokenizer):
-    left_tokenizer = AutoTokenizer.from_pretrained(reference_model_dir, padding_side="left")
+    right_tokenizer = AutoTokenizer.from_pretrained(reference_model_dir, padding_side="right")
+    assert right_tokenizer.padding_side == "right"
+    left_tokenizer = AutoTokenizer.from_pretrained(reference_model_dir)
     assert left_tokenizer.padding_side == "left"
     features = [tokenizer("你好"), tokenizer("类型#裙*颜色#红色*风格#简约")]
     padded = left_tokenizer.pad(features, return_tensors="pt")
@@ -134,7 +143,7 @@ def test_save_and_reload_round_trip(tokenizer, reference, tmp_path):
     assert str(tmp_path / "tokenizer_config.json") in [str(path) for path in files]
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["tokenizer_class"] == "ChatGLMTokenizer"
-    assert "auto_map" not in config
+    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
     assert not [path.name for path in tmp_path.iterdir() if ".tmp" in path.name]
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(reloaded) is ChatGLMTokenizer

@@ -3,7 +3,8 @@
 Two formats, both as in ChatGLM3's official fine-tuning code:
   input_output   {"prompt", "response"}: `[gMASK] sop` + prompt + response + eos; only response and eos learned.
   conversations  {"conversations": [...], "tools"?: [...]}: ChatGLM3 chat turns; a token is learned when the
-                 token before it belongs to a loss-bearing message (assistant and tool calls, unless "loss": false).
+                 token before it belongs to a loss-bearing message (assistant and tool calls, unless "loss": false;
+                 an observation only with "loss": true).
 """
 
 import json
@@ -17,6 +18,15 @@ DATA_FORMATS = (INPUT_OUTPUT, CONVERSATIONS)
 TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:\n"
 ROLES_WITHOUT_LOSS = frozenset({"system", "user", "observation"})
 MESSAGE_ROLES = ("system", "user", "assistant", "observation", "tool")
+
+
+def message_opts_in(message: dict) -> bool:
+    """Whether a message of a role without loss is learned anyway: an observation with `"loss": true`.
+
+    Unlike the official converters, an observation (a tool's result) is not learned by default: the model never
+    generates it at inference time, the tool does.
+    """
+    return message["role"] == "observation" and message.get("loss") is True
 
 
 def format_tool_call(parameters: dict) -> str:
@@ -60,7 +70,7 @@ def conversation_tokens(example: dict, tokenizer: ChatGLMTokenizer) -> tuple[lis
         add_message("system", "", tools_system_message(example["tools"]), False)
     for message in example["conversations"]:
         role = message["role"]
-        has_loss = role not in ROLES_WITHOUT_LOSS and message.get("loss", True)
+        has_loss = message.get("loss", True) if role not in ROLES_WITHOUT_LOSS else message_opts_in(message)
         if role == "tool":
             add_message("assistant", message["name"], format_tool_call(message["parameters"]), has_loss)
             add_message("observation", "", format_observation(message["observation"]), False)

@@ -21,6 +21,7 @@ from finetune.data.encoding import (
     INPUT_OUTPUT,
     MESSAGE_ROLES,
     ROLES_WITHOUT_LOSS,
+    message_opts_in,
 )
 from finetune.model.tokenization import ChatGLMTokenizer
 
@@ -268,7 +269,10 @@ def _check_conversation(record: dict) -> list[tuple[str, str]]:
         problems += _check_message(message, position)
     if problems:
         return problems
-    if all(message["role"] in ROLES_WITHOUT_LOSS or message.get("loss") is False for message in conversation):
+    if not any(
+        message_opts_in(message) if message["role"] in ROLES_WITHOUT_LOSS else message.get("loss", True) is not False
+        for message in conversation
+    ):
         return [("conversations", "no message carries loss: add an assistant or tool message without \"loss\": false")]
     return []
 
@@ -352,4 +356,6 @@ def print_token_labels(example: dict, tokenizer: ChatGLMTokenizer, stream: TextI
     stream = stream or sys.stdout
     print(f"{'token':>24} {'id':>7} {'label':>7}", file=stream)
     for token_id, label in zip(example["input_ids"], example["labels"]):
-        print(f"{tokenizer.decode([token_id])!r:>24} {token_id:>7} {label:>7}", file=stream)
+        # eos and bos decode to nothing (as officially); show their token names instead.
+        text = tokenizer.decode([token_id]) or tokenizer.convert_ids_to_tokens(token_id)
+        print(f"{text!r:>24} {token_id:>7} {label:>7}", file=stream)

@@ -8,9 +8,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 REPLACEMENT_CHARACTER = "\ufffd"
+# The official chat code writes this token when a step's scores hold NaN or inf, instead of failing to sample.
+INVALID_SCORE_FALLBACK_TOKEN = 5
+# The official response post-processing replaces this placeholder of the training data in plain answers.
+TRAINING_DATE_PLACEHOLDER = ("[[训练时间]]", "2023年")
+
+
+class InvalidScoreLogitsProcessor(LogitsProcessor):
+    """The official guard of chat(): scores with NaN or inf become a certain pick of the fallback token."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Scores unchanged when finite, else zeros with a large score on the fallback token."""
+        if bool(torch.isfinite(scores).all()):
+            return scores
+        replaced = torch.zeros_like(scores)
+        replaced[..., INVALID_SCORE_FALLBACK_TOKEN] = 5e4
+        return replaced
 
 
 def parse_tool_call(text: str) -> dict[str, Any]:
@@ -43,7 +61,7 @@ def split_response(output: str, history: list[dict]) -> tuple[str | dict, list[d
         if not metadata.strip():
             content = content.strip()
             history.append({"role": "assistant", "metadata": metadata, "content": content})
-            reply = content
+            reply = content.replace(*TRAINING_DATE_PLACEHOLDER)
             continue
         history.append({"role": "assistant", "metadata": metadata, "content": content})
         if has_tools:
@@ -78,12 +96,22 @@ class _TokenQueueStreamer(BaseStreamer):
 
 
 class ChatMixin:
-    """Conversation helpers mixed into ChatGLMForConditionalGeneration."""
+    """Conversation helpers mixed into ChatGLMForConditionalGeneration (the official chat API)."""
 
     def _chat_generation_kwargs(self, tokenizer, gen_kwargs: dict) -> dict:
         stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-        defaults = {"max_length": 8192, "do_sample": True, "top_p": 0.8, "temperature": 0.8}
-        return {**defaults, **gen_kwargs, "eos_token_id": stop_ids, "pad_token_id": tokenizer.pad_token_id}
+        defaults = {"do_sample": True, "top_p": 0.8, "temperature": 0.8}
+        if "max_new_tokens" not in gen_kwargs:
+            defaults["max_length"] = 8192
+        processors = LogitsProcessorList(gen_kwargs.pop("logits_processor", None) or [])
+        processors.append(InvalidScoreLogitsProcessor())
+        return {
+            **defaults,
+            **gen_kwargs,
+            "logits_processor": processors,
+            "eos_token_id": stop_ids,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
 
     @staticmethod
     def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
@@ -96,40 +124,95 @@ class ChatMixin:
         """One conversation turn: returns the reply and the new history (official ChatGLM3 chat semantics)."""
         history = list(history or [])
         inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
-        kwargs = self._chat_generation_kwargs(tokenizer, gen_kwargs)
+        kwargs = self._chat_generation_kwargs(tokenizer, dict(gen_kwargs))
         outputs = self.generate(**inputs, **kwargs)
         new_ids = self._strip_stop(outputs[0, inputs["input_ids"].shape[1] :].tolist(), kwargs["eos_token_id"])
         history.append({"role": role, "content": query})
         return split_response(tokenizer.decode(new_ids), history)
 
-    def stream_chat(
-        self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user", **gen_kwargs
-    ) -> Iterator[tuple[str | dict, list[dict]]]:
-        """Like chat(), but yields (partial reply, history) as tokens arrive; the last item is the full turn."""
-        history = list(history or [])
-        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
-        kwargs = self._chat_generation_kwargs(tokenizer, gen_kwargs)
-        streamer = _TokenQueueStreamer(prompt_length=inputs["input_ids"].shape[1])
+    def stream_generate(
+        self, input_ids: torch.LongTensor, return_past_key_values: bool = False, **kwargs
+    ) -> Iterator[torch.LongTensor | tuple[torch.LongTensor, Cache]]:
+        """Generate for one row, yielding the ids so far (prompt included) after each new token.
+
+        With `return_past_key_values=True` each item is (ids, cache); the cache is complete once the loop ends (it
+        holds every token but the last, as the official stream_generate's). Other kwargs go to `generate`.
+        """
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"stream_generate streams one row; got a batch of {input_ids.shape[0]}")
+        cache = kwargs.pop("past_key_values", None) or kwargs.pop("cache", None)
+        if return_past_key_values and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            kwargs["cache"] = cache
+        streamer = _TokenQueueStreamer(prompt_length=input_ids.shape[1])
         errors: list[BaseException] = []
 
         def run_generate() -> None:
             try:
                 with torch.inference_mode():
-                    self.generate(**inputs, **kwargs, streamer=streamer)
+                    self.generate(input_ids=input_ids, **kwargs, streamer=streamer)
             except BaseException as error:  # re-raised in the consuming thread below
                 errors.append(error)
                 streamer.end()
 
         worker = threading.Thread(target=run_generate, daemon=True)
         worker.start()
-        new_ids: list[int] = []
-        turn_history = history + [{"role": role, "content": query}]
-        while (ids := streamer.queue.get()) is not None:
-            new_ids.extend(ids)
-            text = tokenizer.decode(self._strip_stop(new_ids, kwargs["eos_token_id"]))
-            if text and not text.endswith(REPLACEMENT_CHARACTER):
-                yield split_response(text, turn_history)
+        ids = input_ids
+        while (new_ids := streamer.queue.get()) is not None:
+            ids = torch.cat((ids, torch.tensor([new_ids], dtype=ids.dtype, device=ids.device)), dim=1)
+            yield (ids, cache) if return_past_key_values else ids
         worker.join()
         if errors:
             raise errors[0]
-        yield split_response(tokenizer.decode(self._strip_stop(new_ids, kwargs["eos_token_id"])), turn_history)
+
+    def stream_chat(
+        self,
+        tokenizer,
+        query: str,
+        history: list[dict] | None = None,
+        role: str = "user",
+        past_key_values: Cache | None = None,
+        return_past_key_values: bool = False,
+        **gen_kwargs,
+    ) -> Iterator[tuple]:
+        """Like chat(), but yields (partial reply, history) as the reply grows; the last item is the full turn.
+
+        As the official stream_chat: with `past_key_values` (the cache a previous call returned) only the new query
+        is encoded and appended to the cached conversation; `return_past_key_values=True` yields
+        (reply, history, past_key_values). Items with an empty or unchanged reply are not yielded.
+        """
+        history = list(history or [])
+        kwargs = self._chat_generation_kwargs(tokenizer, dict(gen_kwargs))
+        stop_ids = kwargs["eos_token_id"]
+        if past_key_values is None:
+            inputs = tokenizer.build_chat_input(query, history=history, role=role)
+            input_ids = inputs["input_ids"].to(self.device)
+        else:
+            # generate() takes the whole sequence and skips the cached part; those positions only need a placeholder.
+            new_ids = tokenizer.build_chat_input(query, role=role)["input_ids"]
+            past_length = past_key_values.get_seq_length()
+            cached = torch.full((1, past_length), tokenizer.pad_token_id, dtype=new_ids.dtype)
+            input_ids = torch.cat((cached, new_ids), dim=1).to(self.device)
+        attention_mask = torch.ones_like(input_ids)
+        turn_history = history + [{"role": role, "content": query}]
+        prompt_length = input_ids.shape[1]
+        last_text = text = ""
+        cache = past_key_values
+        for item in self.stream_generate(
+            input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            return_past_key_values=return_past_key_values,
+            **kwargs,
+        ):
+            ids, cache = item if return_past_key_values else (item, None)
+            text = tokenizer.decode(self._strip_stop(ids[0, prompt_length:].tolist(), stop_ids))
+            if text and not text.endswith(REPLACEMENT_CHARACTER) and text != last_text:
+                last_text = text
+                reply, new_history = split_response(text, turn_history)
+                yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)
+        if text and text != last_text:
+            # The whole reply ends inside a multi-byte character (cut by the length limit): still give it, as chat().
+            reply, new_history = split_response(text, turn_history)
+            yield (reply, new_history, cache) if return_past_key_values else (reply, new_history)

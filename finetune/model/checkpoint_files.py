@@ -1,9 +1,12 @@
 """Cheap structural checks of a checkpoint folder before loading, so failures name the file and what is wrong."""
 
 import json
+import pickle
 import struct
 import zipfile
 from pathlib import Path
+
+import torch
 
 
 class CheckpointError(ValueError):
@@ -47,8 +50,19 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
+# How a file written by torch.save(..., _use_new_zipfile_serialization=False) (torch < 1.6, older prefix
+# checkpoints) begins: torch's magic number, pickled with protocol 2.
+LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
 def check_torch_file(path: Path) -> None:
-    """Raise CheckpointError if `path` is not a complete torch zip archive (the format of pytorch_model*.bin)."""
+    """Raise CheckpointError unless `path` is a complete torch zip archive or a legacy (pre-zip) torch file.
+
+    A legacy file has no index to check; torch.load (weights_only=True) reports one that is cut short.
+    """
+    with path.open("rb") as handle:
+        if handle.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC:
+            return
     try:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()

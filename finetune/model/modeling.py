@@ -203,6 +203,7 @@ class SelfAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_groups
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
+        self.per_head_qkv = not config.multi_query_attention
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(
             config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias
@@ -220,14 +221,20 @@ class SelfAttention(nn.Module):
         """Attend over [prefix keys/values, cached keys/values, current keys/values]; input (batch, seq, hidden)."""
         batch_size, seq_length, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)
-        query, key, value = qkv.split(
-            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
-            dim=-1,
-        )
-        query = query.view(batch_size, seq_length, self.num_heads, self.head_dim).transpose(1, 2)
-        key = key.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.per_head_qkv:
+            # The official layout without multi-query attention: head by head, its query, key and value channels.
+            per_head = qkv.view(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
+            query, key, value = (x.transpose(1, 2) for x in per_head.split(self.head_dim, dim=-1))
+        else:
+            query, key, value = qkv.split(
+                [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+                dim=-1,
+            )
+            query = query.view(batch_size, seq_length, self.num_heads, self.head_dim).transpose(1, 2)
+            key = key.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            value = value.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # A copy of the small value slice: attention keeps it for backward, and a view would keep all of qkv alive.
-        value = value.view(batch_size, seq_length, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
+        value = value.contiguous()
         cos, sin = rotary
         query = apply_rotary(query, cos, sin)
         key = apply_rotary(key, cos, sin)
@@ -236,7 +243,8 @@ class SelfAttention(nn.Module):
         if bias.segments is not None:
             query, key, value = (bias.segments.to_segments(x) for x in (query, key, value))
             if prefix is not None:
-                prefix = tuple(x[:1].expand(query.shape[0], -1, -1, -1) for x in prefix)
+                row_of_segment = bias.segments.gather[:, 0] // seq_length
+                prefix = tuple(x[row_of_segment] for x in prefix)
         if prefix is not None:
             prefix_key, prefix_value = prefix
             key = torch.cat((prefix_key.to(key.dtype), key), dim=2)
@@ -338,14 +346,24 @@ class GLMTransformer(nn.Module):
         bias: AttentionBias,
         prefixes: PrefixKeyValues | None,
         cache: Cache | None,
-    ) -> torch.Tensor:
-        """Run every layer (a checkpointed layer gets no cache: transformers' GradientCheckpointingLayer drops it)."""
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run every layer (a checkpointed layer gets no cache: transformers' GradientCheckpointingLayer drops it).
+
+        Returns the final-norm output and, when asked, the num_layers + 1 hidden states as the official code
+        collects them: each layer's input, then the last layer's output (before the final norm).
+        """
+        all_hidden_states: tuple[torch.Tensor, ...] = ()
         for index, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
             prefix = prefixes[index] if prefixes is not None else None
             hidden_states = layer(hidden_states, rotary, bias, prefix, cache=cache)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
-        return hidden_states
+        return hidden_states, all_hidden_states if output_hidden_states else None
 
 
 class Embedding(nn.Module):
@@ -378,7 +396,15 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         """Load a checkpoint; a local folder is checked first so a wrong folder or a truncated shard is named."""
         if os.path.isdir(pretrained_model_name_or_path):
             check_chatglm_folder(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if model.config.pre_seq_len:
+            model.train_prefix_only()
+        return model
+
+    def train_prefix_only(self) -> None:
+        """As the official ChatGLMModel with pre_seq_len: only the prefix encoder's parameters require grad."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_("prefix_encoder." in name)
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -391,6 +417,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
+        if config.pre_seq_len:
+            self.train_prefix_only()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -410,9 +438,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Final hidden states (batch, seq, hidden) and the updated KV cache."""
+        """Final hidden states (batch, seq, hidden), the updated KV cache and, when asked, every layer's input."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -440,8 +469,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             device=inputs_embeds.device,
         )
         rotary = self.rotary_pos_emb(position_ids)
-        hidden_states = self.encoder(inputs_embeds, rotary, bias, prefixes, cache)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden_states, all_hidden_states = self.encoder(
+            inputs_embeds, rotary, bias, prefixes, cache, output_hidden_states=output_hidden_states
+        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
 
 
 def positions_from_mask(
@@ -498,9 +531,13 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits)."""
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits).
+
+        `return_dict=False` gives the official tuple: (loss,) logits, cache (and hidden states when asked).
+        """
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -508,6 +545,7 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
         )
         hidden_states = outputs.last_hidden_state
         output_layer = self.transformer.output_layer
@@ -518,4 +556,8 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         if labels is None or not self.training:
             kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
             logits = output_layer(kept)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return result if return_dict else result.to_tuple()

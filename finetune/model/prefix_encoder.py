@@ -33,12 +33,15 @@ class PrefixEncoder(nn.Module):
         self.dropout = nn.Dropout(PREFIX_DROPOUT)
 
     def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (key, value) prefixes, each shaped (batch, kv_heads, pre_seq_len, head_dim)."""
+        """Per-layer (key, value) prefixes, each shaped (batch, kv_heads, pre_seq_len, head_dim).
+
+        As in the official code, dropout draws its mask per batch row (in eval mode the rows share one tensor).
+        """
         prefix = self.embedding.weight
         if self.trans is not None:
             prefix = self.trans(prefix)
-        prefix = self.dropout(prefix.to(dtype))
+        prefix = self.dropout(prefix.to(dtype).unsqueeze(0).expand(batch_size, -1, -1))
         # Official layout of the flat vector: (layer, key|value, kv_head, head_dim).
-        prefix = prefix.view(self.pre_seq_len, self.num_layers * 2, self.num_kv_heads, self.head_dim)
-        prefix = prefix.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        prefix = prefix.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.num_kv_heads, self.head_dim)
+        prefix = prefix.permute(2, 0, 3, 1, 4)
         return [(prefix[2 * layer], prefix[2 * layer + 1]) for layer in range(self.num_layers)]
