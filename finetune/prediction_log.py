@@ -100,8 +100,9 @@ class PartialWriter:
         self._handle.close()
 
 
-def merge_predictions(final: Path, order: Sequence[str]) -> list[dict]:
-    """Write every partial file's rows to `final` in `order` (atomically), remove the partial files; return the rows."""
+def merge_predictions(final: Path, order: Sequence[str], keep_id: bool = True) -> list[dict]:
+    """Write every partial file's rows to `final` in `order` (atomically; without their "id" unless `keep_id`),
+    remove the partial files; return the rows."""
     made = read_partial_rows(final)
     missing = [row_id for row_id in order if row_id not in made]
     if missing:
@@ -110,7 +111,7 @@ def merge_predictions(final: Path, order: Sequence[str]) -> list[dict]:
             "rerun the same command to generate them"
         )
     rows = [made[row_id] for row_id in order]
-    write_jsonl_atomically(final, rows)
+    write_jsonl_atomically(final, rows if keep_id else ({k: v for k, v in row.items() if k != "id"} for row in rows))
     for part in partial_files(final):
         part.unlink()
     settings_path(final).unlink(missing_ok=True)

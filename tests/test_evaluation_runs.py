@@ -133,3 +133,33 @@ def test_two_processes_give_exactly_the_single_process_results(tiny_model_dir: P
     assert "examples/s" in result.stderr and "generated tokens/s" in result.stderr
     assert (sharded_dir / PREDICTIONS_FILE).read_bytes() == single_rows
     assert (sharded_dir / METRICS_FILE).read_bytes() == single_metrics
+
+
+def test_batch_inference_checks_its_output_first_and_resumes(tiny_model_dir: Path, dev_file: Path, tmp_path, capsys):
+    from inference.inference import batch_settings
+    from inference.inference import build_parser as inference_parser
+    from inference.inference import main as inference_main
+
+    def argv(output: Path) -> list[str]:
+        return [
+            "--model", str(tiny_model_dir), "--input_file", str(dev_file), "--output_file", str(output),
+            "--device", "cpu", "--max_new_tokens", "5", "--batch_size", "3",
+        ]  # fmt: skip
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert inference_main(argv(blocker / "replies.jsonl")) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write results to {blocker}" in err and "--output_file" in err and "loaded" not in err
+
+    assert inference_main(argv(tmp_path / "complete.jsonl")) == 0
+    reference = read_rows(tmp_path / "complete.jsonl")
+    assert len(reference) == 8 and all(set(row) == {"prompt", "response"} for row in reference)
+    resumed = tmp_path / "resumed.jsonl"
+    settings_path(resumed).write_text(json.dumps(batch_settings(inference_parser().parse_args(argv(resumed)))))
+    partial_path(resumed, 0).write_text(
+        json.dumps({"id": "6", "prompt": reference[6]["prompt"], "response": "kept"}) + "\n"
+    )
+    assert inference_main(argv(resumed)) == 0
+    assert read_rows(resumed) == reference[:6] + [{"prompt": reference[6]["prompt"], "response": "kept"}, reference[7]]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("resumed")) == ["resumed.jsonl"]
