@@ -163,3 +163,15 @@ def test_batch_inference_checks_its_output_first_and_resumes(tiny_model_dir: Pat
     assert inference_main(argv(resumed)) == 0
     assert read_rows(resumed) == reference[:6] + [{"prompt": reference[6]["prompt"], "response": "kept"}, reference[7]]
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("resumed")) == ["resumed.jsonl"]
+
+
+def test_evaluation_benchmark_compares_batched_and_single_generation_on_the_same_model():
+    figures = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "bench_evaluation.py"), "--examples", "6", "--batch_size", "6",
+         "--max_new_tokens", "4"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    result = json.loads(figures.strip().splitlines()[-1])
+    assert result["same_tokens"] is True
+    assert result["batched_examples_per_s"] > 0 and result["single_examples_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["batched_examples_per_s"] / result["single_examples_per_s"], 0.05)
