@@ -53,7 +53,12 @@ def parse_tool_call_arguments(text: str) -> dict | None:
 
 
 def split_metadata(reply: str) -> tuple[str, str]:
-    """A generated ChatGLM3 reply split into its metadata line (the tool name, or empty) and its content."""
+    """A generated ChatGLM3 reply split into its metadata line (the tool name, or empty) and its content.
+
+    As ChatGLM3's own reply parsing does, a reply without a newline has no metadata: it is all content.
+    """
+    if "\n" not in reply:
+        return "", reply.strip()
     metadata, _, content = reply.partition("\n")
     return metadata.strip(), content.strip()
 

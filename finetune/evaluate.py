@@ -553,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 with a message on a checkpoint, data or output problem)."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_source_length or 3) < 3:
+    too_short = args.max_source_length is not None and args.max_source_length < 3
+    if args.batch_size < 1 or args.max_new_tokens < 1 or too_short:
         print("error: --batch_size and --max_new_tokens must be >= 1, --max_source_length >= 3", file=sys.stderr)
         return 2
     try:

@@ -107,3 +107,14 @@ def test_trained_checkpoint_calls_tools_better_than_the_untrained_one(tiny_model
     assert trained["tool_name_accuracy"] >= untrained["tool_name_accuracy"] + 50
     assert trained["tool_call_parse_rate"] > untrained["tool_call_parse_rate"]
     assert trained["tool_arguments_f1"] > untrained["tool_arguments_f1"]
+
+
+def test_generated_replies_are_read_as_chatglm3_reads_them():
+    from data_tools.tool_calls import ToolCall, read_tool_call
+
+    assert read_tool_call("get_weather\n```python\ntool_call(city='北京', days=[1, 2])\n```") == ToolCall(
+        "get_weather", {"city": "北京", "days": [1, 2]}
+    )
+    assert read_tool_call("get_weather\ntool_call(city=open('x'))") == ToolCall("get_weather", None)
+    assert read_tool_call("\n北京今天晴。") is None
+    assert read_tool_call("no newline, so no metadata") is None
