@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.tool_calls import parse_tool_call_arguments
+from data_tools.tool_calls import parse_tool_call
 from data_tools.tool_conversations import (
     arguments_object,
     build_parser,
@@ -110,9 +110,10 @@ def _call_of(message: dict, following: dict | None, where: str) -> tuple[str, di
     if message["role"] == "tool":
         return message["name"], message["parameters"], message["observation"]
     if message["role"] == "assistant" and message.get("metadata"):
-        arguments = parse_tool_call_arguments(message.get("content", ""))
-        if arguments is None:
-            raise ValueError(f"{where}: assistant message with metadata {message['metadata']!r} is not a tool_call")
+        try:
+            arguments = parse_tool_call(message.get("content", ""))
+        except ValueError as error:
+            raise ValueError(f"{where}: assistant message with metadata {message['metadata']!r}: {error}") from error
         if not following or following.get("role") != "observation":
             raise ValueError(f"{where}: the tool call is not followed by an observation message")
         return message["metadata"], arguments, following["content"]

@@ -2,12 +2,13 @@
 
 Training writes a tool call as an assistant message whose metadata is the tool name and whose content is
 ```` ```python\ntool_call(k=v, ...)\n``` ```` with Python `repr` values (finetune/data/encoding.py). This module reads
-such text back into an arguments dict, for the converters' reverse direction and for tool-call evaluation. It only
-uses the standard library, so the converters start without importing torch.
+such text back into an arguments dict, for chat replies (finetune/model/chat.py), the converters' reverse direction
+and tool-call evaluation. It only uses the standard library, so the converters start without importing torch.
 """
 
 import ast
 from dataclasses import dataclass
+from typing import Any
 
 FENCE = "```"
 CALL_FUNCTION = "tool_call"
@@ -32,24 +33,21 @@ def strip_code_fence(text: str) -> str:
     return body.strip()
 
 
-def parse_tool_call_arguments(text: str) -> dict | None:
-    """The keyword arguments of a `tool_call(...)` text as Python literals, or None when it is not one."""
+def parse_tool_call(text: str) -> dict[str, Any]:
+    """The keyword arguments of a `tool_call(k=v, ...)` text as Python literals, without evaluating code.
+
+    Raises ValueError saying what is wrong when the text is not such a call.
+    """
+    code = strip_code_fence(text)
     try:
-        tree = ast.parse(strip_code_fence(text), mode="eval")
-    except SyntaxError:
-        return None
-    call = tree.body
+        call = ast.parse(code, mode="eval").body
+    except SyntaxError as error:
+        raise ValueError(f"tool call is not valid Python: {code!r} ({error.msg})") from error
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == CALL_FUNCTION):
-        return None
+        raise ValueError(f"expected tool_call(name=value, ...), got {code!r}")
     if call.args or any(keyword.arg is None for keyword in call.keywords):
-        return None
-    arguments = {}
-    for keyword in call.keywords:
-        try:
-            arguments[keyword.arg] = ast.literal_eval(keyword.value)
-        except ValueError:
-            return None
-    return arguments
+        raise ValueError(f"tool_call takes keyword arguments only, got {code!r}")
+    return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
 
 
 def split_metadata(reply: str) -> tuple[str, str]:
@@ -68,4 +66,7 @@ def read_tool_call(reply: str) -> ToolCall | None:
     name, content = split_metadata(reply)
     if not name:
         return None
-    return ToolCall(name, parse_tool_call_arguments(content))
+    try:
+        return ToolCall(name, parse_tool_call(content))
+    except ValueError:
+        return ToolCall(name, None)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
-from data_tools.tool_calls import parse_tool_call_arguments, read_tool_call
+from data_tools.tool_calls import parse_tool_call, read_tool_call
 from finetune.atomic_files import write_json_atomically
 from finetune.checkpoints import (
     ModelLoadError,
@@ -200,7 +200,10 @@ def reference_call(message: dict) -> dict | None:
     if message["role"] == "tool":
         return {"name": message["name"], "arguments": message["parameters"]}
     if message.get("metadata"):
-        return {"name": message["metadata"], "arguments": parse_tool_call_arguments(message["content"])}
+        try:
+            return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
+        except ValueError:
+            return {"name": message["metadata"], "arguments": None}
     return None
 
 

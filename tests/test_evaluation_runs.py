@@ -101,6 +101,7 @@ def test_max_source_length_and_data_format_come_from_the_training_record(tiny_mo
     assert settings["max_source_length"] == 8
 
 
+@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_results(tiny_model_dir: Path, dev_file: Path, tmp_path):
     checkpoint = tmp_path / f"shard-test-{os.getpid()}"
     shutil.copytree(tiny_model_dir, checkpoint)
@@ -165,6 +166,7 @@ def test_batch_inference_checks_its_output_first_and_resumes(tiny_model_dir: Pat
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("resumed")) == ["resumed.jsonl"]
 
 
+@pytest.mark.slow
 def test_evaluation_benchmark_compares_batched_and_single_generation_on_the_same_model():
     figures = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "bench_evaluation.py"), "--examples", "6", "--batch_size", "6",

@@ -82,6 +82,7 @@ def evaluate_checkpoint(model: Path, data: Path, output_dir: Path) -> tuple[dict
     return json.loads((output_dir / METRICS_FILE).read_text(encoding="utf-8")), rows
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_calls_tools_better_than_the_untrained_one(tiny_model_dir: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "tools.jsonl", synthetic_tool_records())
     argv = run_arguments(
