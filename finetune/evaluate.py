@@ -565,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ModelLoadError, DataValidationError, OutputNotWritableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the predictions made so far are kept; rerun the same command to continue", file=sys.stderr
+        )
+        return 130
     return 0
 
 

@@ -87,13 +87,20 @@ class PartialWriter:
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 os.truncate(path, data.rfind(b"\n") + 1)
+        self.path = path
         self._handle = open(path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - kept open across batches
 
     def write(self, rows: Iterable[dict]) -> None:
-        """Append rows and flush them to the file."""
-        for row in rows:
-            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        """Append rows and flush them to the file; OutputNotWritableError when the disk refuses them."""
+        try:
+            for row in rows:
+                self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._handle.flush()
+        except OSError as error:
+            raise OutputNotWritableError(
+                f"cannot append predictions to {self.path}: {error.strerror or error}. The predictions written "
+                "before are kept; free space (or fix permissions) and rerun the same command to continue"
+            ) from error
 
     def close(self) -> None:
         """Close the file."""

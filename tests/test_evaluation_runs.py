@@ -4,8 +4,10 @@ training-record defaults, and two processes (torchrun, gloo) giving exactly the 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,35 @@ def test_evaluation_benchmark_compares_batched_and_single_generation_on_the_same
     assert result["same_tokens"] is True
     assert result["batched_examples_per_s"] > 0 and result["single_examples_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["batched_examples_per_s"] / result["single_examples_per_s"], 0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_predictions_made_and_the_rerun_finishes_them(tiny_model_dir: Path, dev_file: Path, tmp_path):
+    argv = [*evaluation_argv(tiny_model_dir, dev_file, tmp_path / "run"), "--batch_size", "1", "--max_new_tokens", "12"]
+    partial = partial_path(tmp_path / "run" / PREDICTIONS_FILE, 0)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune.evaluate", *argv], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (partial.is_file() and partial.read_text(encoding="utf-8").count("\n") >= 1):
+        assert process.poll() is None and time.monotonic() < deadline, "no prediction was written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted: the predictions made so far are kept; rerun the same command to continue" in err
+    kept = read_rows(partial)
+    assert 1 <= len(kept) < 8 and not (tmp_path / "run" / PREDICTIONS_FILE).exists()
+
+    assert main(argv) == 0
+    rows = read_rows(tmp_path / "run" / PREDICTIONS_FILE)
+    fresh = [
+        *evaluation_argv(tiny_model_dir, dev_file, tmp_path / "fresh"),
+        "--batch_size",
+        "8",
+        "--max_new_tokens",
+        "12",
+    ]
+    assert main(fresh) == 0
+    assert rows == read_rows(tmp_path / "fresh" / PREDICTIONS_FILE)
+    assert all(row in rows for row in kept)
