@@ -196,14 +196,18 @@ def read_prompt_examples(
 
 
 def reference_call(message: dict) -> dict | None:
-    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply."""
+    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply.
+
+    An assistant message with metadata is a call when its content is a `tool_call(...)`; other metadata messages
+    (e.g. code for an interpreter) are scored as text.
+    """
     if message["role"] == "tool":
         return {"name": message["name"], "arguments": message["parameters"]}
     if message.get("metadata"):
         try:
             return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
         except ValueError:
-            return {"name": message["metadata"], "arguments": None}
+            return None
     return None
 
 

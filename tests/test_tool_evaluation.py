@@ -119,3 +119,14 @@ def test_generated_replies_are_read_as_chatglm3_reads_them():
     assert read_tool_call("get_weather\ntool_call(city=open('x'))") == ToolCall("get_weather", None)
     assert read_tool_call("\n北京今天晴。") is None
     assert read_tool_call("no newline, so no metadata") is None
+
+
+def test_reference_calls_in_both_of_our_forms():
+    from finetune.evaluate import reference_call
+
+    tool = {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": "晴"}
+    text_form = {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"}
+    interpreter = {"role": "assistant", "metadata": "interpreter", "content": "```python\nprint(1)\n```"}
+    assert reference_call(tool) == reference_call(text_form) == call("get_weather", {"city": "北京"})
+    assert reference_call(interpreter) is None
+    assert reference_call({"role": "assistant", "content": "晴"}) is None
