@@ -1,6 +1,7 @@
-"""Converters from public datasets (AdvertiseGen, ToolAlpaca) to the toolkit's JSONL training formats.
+"""Converters from public datasets (AdvertiseGen, ToolAlpaca) and tool-data formats (OpenAI, GLM-4, ShareGPT) to
+the toolkit's JSONL training formats.
 
-This module holds what both converters share: writing JSONL atomically and reporting skipped records.
+This module holds what all converters share: writing JSONL atomically and reporting skipped records.
 """
 
 import json

@@ -1,36 +1,61 @@
-"""Evaluate a checkpoint (P-Tuning v2, LoRA, full or base) on a dev set: generate, score ROUGE/BLEU, write results.
+"""Evaluate a checkpoint (P-Tuning v2, LoRA, full or base) on a dev set: generate, score, write results.
 
     python -m finetune.evaluate --model output/checkpoint-1000 --data formatted_data/dev.jsonl
+    torchrun --nproc_per_node 2 -m finetune.evaluate ...       # the dev set shared among processes
 
-Prompts are encoded as in training: input-output records as `[gMASK] sop` + prompt (truncated to
---max_source_length like the training encoding); conversation records as ChatGLM3 chat turns up to their last
-assistant message, which is the reference, followed by `<|assistant|>`. Generation is batched with left padding
-and the KV cache; a row's output equals what it would get alone. Results go to OUTPUT_DIR:
-`generated_predictions.jsonl` (prompt, label, prediction per record) and `metrics.json` (ROUGE-1/2/L, BLEU-4).
+Prompts are encoded as in training: input-output records as `[gMASK] sop` + prompt (truncated to max_source_length
+like the training encoding, taken from the checkpoint's training_record.json unless given); in conversation records
+every learned assistant turn and tool call is evaluated, given the reference history before it, followed by
+`<|assistant|>`. Generation is batched by prompt length with left padding and the KV cache; a row's output equals
+what it would get alone. The data and the output folder are checked before the model is loaded; predictions are
+appended to partial files as they are made, a rerun with the same settings continues from them, and the finished run
+writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and for conversations the reference and
+predicted tool calls) and `metrics.json` (ROUGE-1/2/L, BLEU-4, and tool-call metrics when the data has tool calls).
 """
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
-from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
-from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
+from data_tools.tool_calls import parse_tool_call, read_tool_call
+from finetune.atomic_files import write_json_atomically
+from finetune.checkpoints import (
+    ModelLoadError,
+    add_loading_arguments,
+    load_from_arguments,
+    read_training_record,
+    require_checkpoint_folder,
+)
 from finetune.data.encoding import (
     CONVERSATIONS,
     IGNORE_INDEX,
     INPUT_OUTPUT,
+    ROLES_WITHOUT_LOSS,
     conversation_tokens,
     encode_input_output,
 )
 from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
-from finetune.metrics import compute_metrics
+from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics
 from finetune.model.checkpoint_files import CheckpointError
+from finetune.prediction_log import (
+    OutputNotWritableError,
+    PartialWriter,
+    check_writable,
+    merge_predictions,
+    partial_path,
+    prepare_resume,
+    read_partial_rows,
+)
+from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
@@ -39,12 +64,18 @@ DEFAULT_MAX_SOURCE_LENGTH = 1024
 
 @dataclass
 class PromptExample:
-    """One record ready for generation: what to show as the prompt, its token ids, and the reference if any."""
+    """One prompt ready for generation: what to show as the prompt, its token ids, and the reference if any.
+
+    `label_call` is the reference tool call (`{"name", "arguments"}`) of a conversation turn that is a call, in
+    which case `label` is None; `example_id` is "<record index>" or "<record index>:<message position>".
+    """
 
     prompt: str | list[dict]
     prompt_ids: list[int]
     label: str | None
     reply_has_metadata: bool
+    label_call: dict | None = None
+    example_id: str = ""
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizer) -> list[int]:
@@ -111,6 +142,37 @@ def record_problems(value: object, data_format: str, reference_from_record: bool
     return check_record(value, data_format)
 
 
+def read_checked_records(
+    path: str | Path, reference_from_record: bool, skip_invalid: bool = False, data_format: str | None = None
+) -> list[dict]:
+    """Read and check a .jsonl/.json file of input-output or conversation records (no model or tokenizer needed).
+
+    `data_format` (e.g. from the checkpoint's training record) must match the file's; DataValidationError lists
+    every problem unless `skip_invalid` leaves the invalid records out.
+    """
+    records, problems = read_source_records(Path(path))
+    detected = detect_file_format(records)
+    if detected is None and records:
+        problems.append(records[0].problem(None, "record has neither 'conversations' nor 'prompt'/'response'"))
+    if detected and data_format and detected != data_format:
+        message = (
+            f"the file holds {detected} records but the checkpoint was trained on {data_format} records "
+            f"(training_record.json); pass --data_format {detected} to evaluate on them anyway"
+        )
+        raise DataValidationError([records[0].problem(None, message)])
+    usable = []
+    for record in records if detected else []:
+        found = record_problems(record.value, detected, reference_from_record)
+        problems += [record.problem(field, message) for field, message in found]
+        if not found:
+            usable.append(record)
+    if problems and not (skip_invalid and usable):
+        raise DataValidationError(problems)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    return [record.value for record in usable]
+
+
 def read_prompt_examples(
     path: str | Path,
     tokenizer: PreTrainedTokenizer,
@@ -119,28 +181,73 @@ def read_prompt_examples(
     skip_invalid: bool = False,
     max_samples: int | None = None,
 ) -> list[PromptExample]:
-    """Read and check a .jsonl/.json file of input-output or conversation records and encode their prompts.
+    """Read, check and encode a file's records, one prompt per record (a conversation's reply follows it all).
 
     With `reference_from_record` (evaluation) a record's response, or its last assistant message, is the label.
     """
-    records, problems = read_source_records(Path(path))
-    data_format = detect_file_format(records)
-    if data_format is None and records:
-        problems.append(records[0].problem(None, "record has neither 'conversations' nor 'prompt'/'response'"))
-    usable = []
-    for record in records if data_format else []:
-        found = record_problems(record.value, data_format, reference_from_record)
-        problems += [record.problem(field, message) for field, message in found]
-        if not found:
-            usable.append(record)
-    if problems and not (skip_invalid and usable):
-        raise DataValidationError(problems)
-    for problem in problems:
-        print(f"skipped: {problem}", file=sys.stderr)
-    return [
-        build_prompt_example(record.value, tokenizer, max_source_length, reference_from_record)
-        for record in usable[:max_samples]
+    records = read_checked_records(path, reference_from_record, skip_invalid)
+    examples = [
+        build_prompt_example(record, tokenizer, max_source_length, reference_from_record)
+        for record in records[:max_samples]
     ]
+    for index, example in enumerate(examples):
+        example.example_id = str(index)
+    return examples
+
+
+def reference_call(message: dict) -> dict | None:
+    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply.
+
+    An assistant message with metadata is a call when its content is a `tool_call(...)`; other metadata messages
+    (e.g. code for an interpreter) are scored as text.
+    """
+    if message["role"] == "tool":
+        return {"name": message["name"], "arguments": message["parameters"]}
+    if message.get("metadata"):
+        try:
+            return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
+        except ValueError:
+            return None
+    return None
+
+
+def turn_examples(
+    record: dict, index: int, tokenizer: PreTrainedTokenizer, max_source_length: int
+) -> list[PromptExample]:
+    """One example per learned assistant turn or tool call of a conversation, given the reference history before it."""
+    messages = record["conversations"]
+    examples = []
+    for position, message in enumerate(messages):
+        if message["role"] in ROLES_WITHOUT_LOSS or message.get("loss") is False:
+            continue
+        history = messages[:position]
+        call = reference_call(message)
+        examples.append(
+            PromptExample(
+                prompt=history,
+                prompt_ids=conversation_prompt_ids(history, record.get("tools"), tokenizer, max_source_length),
+                label=None if call else message["content"],
+                reply_has_metadata=True,
+                label_call=call,
+                example_id=f"{index}:{position}",
+            )
+        )
+    return examples
+
+
+def evaluation_examples(
+    records: Sequence[dict], tokenizer: PreTrainedTokenizer, max_source_length: int
+) -> list[PromptExample]:
+    """Evaluation prompts: one per input-output record, one per learned turn of a conversation."""
+    examples = []
+    for index, record in enumerate(records):
+        if "conversations" in record:
+            examples += turn_examples(record, index, tokenizer, max_source_length)
+        else:
+            example = build_prompt_example(record, tokenizer, max_source_length, reference_from_record=True)
+            example.example_id = str(index)
+            examples.append(example)
+    return examples
 
 
 def cut_at_stop(ids: list[int], stop_ids: Sequence[int], keep_stop: bool = False) -> list[int]:
@@ -151,6 +258,12 @@ def cut_at_stop(ids: list[int], stop_ids: Sequence[int], keep_stop: bool = False
     return ids
 
 
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length, longest first, so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate_token_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizer,
@@ -158,13 +271,22 @@ def generate_token_ids(
     generation_config: GenerationConfig,
     batch_size: int,
     show_progress: bool = False,
+    batches: Sequence[Sequence[int]] | None = None,
+    on_batch: Callable[[Sequence[int], list[list[int]]], None] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt, through its stop id, generated in left-padded batches of similar length."""
+    """New token ids for each prompt, through its stop id, generated in left-padded batches of similar length.
+
+    `batches` (indices into `prompts`) overrides the length batches; prompts in no batch get []. `on_batch` is
+    called with each batch's indices and new ids as soon as they are generated. With `show_progress` the speed
+    (examples/s, generated tokens/s) is logged at the end.
+    """
     stop_ids = generation_config.eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]), reverse=True)
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if batches is None:
+        batches = length_batches([len(prompt) for prompt in prompts], batch_size)
     results: list[list[int]] = [[] for _ in prompts]
+    started = time.perf_counter()
+    examples = generated_tokens = 0
     for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
         padded = tokenizer.pad(
             {"input_ids": [prompts[index] for index in batch]}, padding_side="left", return_tensors="pt"
@@ -175,9 +297,22 @@ def generate_token_ids(
                 attention_mask=padded["attention_mask"],
                 generation_config=generation_config,
             )
-        new_tokens = output[:, padded["input_ids"].shape[1] :].tolist()
+        new_tokens = [
+            cut_at_stop(ids, stop_ids, keep_stop=True) for ids in output[:, padded["input_ids"].shape[1] :].tolist()
+        ]
         for index, ids in zip(batch, new_tokens, strict=True):
-            results[index] = cut_at_stop(ids, stop_ids, keep_stop=True)
+            results[index] = ids
+        examples += len(batch)
+        generated_tokens += sum(len(ids) for ids in new_tokens)
+        if on_batch is not None:
+            on_batch(batch, new_tokens)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    if show_progress and examples:
+        print(
+            f"generated {examples} examples in {elapsed:.1f} s: {examples / elapsed:.2f} examples/s, "
+            f"{generated_tokens / elapsed:.1f} generated tokens/s",
+            file=sys.stderr,
+        )
     return results
 
 
@@ -235,48 +370,159 @@ def format_metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def default_output_dir(model: str) -> Path:
-    """output/evaluation/<checkpoint folder name>, with the run folder's name in front of a checkpoint-N folder."""
+def default_output_dir(model: str, output_root: str | Path = "output") -> Path:
+    """<output_root>/evaluation/<checkpoint folder name>, with the run folder's name in front of a checkpoint-N."""
     folder = Path(model).resolve()
     name = f"{folder.parent.name}-{folder.name}" if folder.name.startswith("checkpoint-") else folder.name
-    return Path("output") / "evaluation" / name
+    return Path(output_root) / "evaluation" / name
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, float]:
-    """Load the checkpoint, generate for every dev record, write predictions and metrics; return the metrics."""
-    set_seed(args.seed)
-    model, tokenizer, _ = load_from_arguments(args)
-    examples = read_prompt_examples(
-        args.data, tokenizer, args.max_source_length, True, args.skip_invalid, args.max_samples
-    )
-    generation_config = build_generation_config(
-        tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
-    )
-    predictions = generate_replies(model, tokenizer, examples, generation_config, args.batch_size, show_progress=True)
-    labels = [example.label for example in examples]
-    metrics = compute_metrics(predictions, labels)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model)
-    rows = (
-        {"prompt": example.prompt, "label": label, "prediction": prediction}
-        for example, label, prediction in zip(examples, labels, predictions, strict=True)
-    )
-    write_jsonl_atomically(output_dir / PREDICTIONS_FILE, rows)
-    write_json_atomically(output_dir / METRICS_FILE, metrics)
-    print(format_metrics_table(metrics))
-    print(f"{len(examples)} examples; predictions and metrics written to {output_dir}")
+def prediction_row(example: PromptExample, ids: list[int], tokenizer: PreTrainedTokenizer) -> dict:
+    """The predictions-file row of one example: prompt, label, prediction (and tool calls for conversations)."""
+    row = {
+        "id": example.example_id,
+        "prompt": example.prompt,
+        "label": example.label,
+        "prediction": decode_reply(ids, tokenizer, example.reply_has_metadata),
+    }
+    if example.reply_has_metadata:
+        call = read_tool_call(tokenizer.decode(cut_at_stop(ids, stop_token_ids(tokenizer))))
+        row["label_call"] = example.label_call
+        row["predicted_call"] = {"name": call.name, "arguments": call.arguments} if call else None
+    return row
+
+
+def score_rows(rows: Sequence[dict], convention: str = PTUNING) -> dict[str, float]:
+    """ROUGE/BLEU of the text replies and, when any reference turn is a tool call, the tool-call metrics."""
+    text_rows = [row for row in rows if not row.get("label_call")]
+    metrics = compute_metrics([row["prediction"] for row in text_rows], [row["label"] for row in text_rows], convention)
+    if any(row.get("label_call") for row in rows):
+        metrics.update(compute_tool_metrics(rows))
     return metrics
+
+
+@dataclass
+class ProcessGroup:
+    """This process's place among the evaluation processes (torchrun sets RANK and WORLD_SIZE)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_environment(cls) -> "ProcessGroup":
+        """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, else gloo)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world_size)
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op for one process)."""
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group."""
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def training_defaults(model: str) -> tuple[int | None, str | None]:
+    """max_source_length and data_format the checkpoint was trained with (training_record.json), when recorded."""
+    folder = Path(model)
+    record = read_training_record(folder) if folder.is_dir() else None
+    data_args = (record or {}).get("data_args") or {}
+    return data_args.get("max_source_length"), data_args.get("data_format")
+
+
+def generation_settings(args: argparse.Namespace, max_source_length: int) -> dict:
+    """What decides the predictions: a rerun with the same settings continues an interrupted run."""
+    keys = ("model", "base", "data", "max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "seed")
+    settings = {key: getattr(args, key) for key in keys}
+    settings.update(
+        model=str(Path(args.model).resolve()), data=str(Path(args.data).resolve()), max_source_length=max_source_length
+    )
+    settings.update(max_samples=args.max_samples, skip_invalid=args.skip_invalid)
+    return settings
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
+    """Check data and output, load the checkpoint, generate this process's share of every dev prompt (appending
+    rows as they are made), then on rank 0 merge the predictions and write the metrics; return them (None elsewhere).
+    """
+    set_seed(args.seed)
+    require_checkpoint_folder(args.model)
+    recorded_length, recorded_format = training_defaults(args.model)
+    max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
+    records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
+    check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
+    group = ProcessGroup.from_environment()
+    try:
+        model, tokenizer, _ = load_from_arguments(args)
+        examples = evaluation_examples(records[: args.max_samples], tokenizer, max_source_length)
+        final = output_dir / PREDICTIONS_FILE
+        if group.rank == 0:
+            prepare_resume(final, generation_settings(args, max_source_length))
+        group.barrier()
+        done = read_partial_rows(final)
+        pending = [example for example in examples if example.example_id not in done]
+        if group.rank == 0 and done:
+            print(f"{len(done)} of {len(examples)} predictions were already made; generating the rest", file=sys.stderr)
+        generation_config = build_generation_config(
+            tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
+        )
+        writer = PartialWriter(partial_path(final, group.rank))
+        try:
+            generate_token_ids(
+                model,
+                tokenizer,
+                [example.prompt_ids for example in pending],
+                generation_config,
+                args.batch_size,
+                show_progress=True,
+                batches=length_batches([len(example.prompt_ids) for example in pending], args.batch_size)[
+                    group.rank :: group.world_size
+                ],
+                on_batch=lambda batch, new_ids: writer.write(
+                    prediction_row(pending[index], ids, tokenizer) for index, ids in zip(batch, new_ids, strict=True)
+                ),
+            )
+        finally:
+            writer.close()
+        group.barrier()
+        if group.rank != 0:
+            return None
+        rows = merge_predictions(final, [example.example_id for example in examples])
+        metrics = score_rows(rows, args.metric_convention)
+        write_json_atomically(output_dir / METRICS_FILE, metrics)
+        print(format_metrics_table(metrics))
+        calls = sum(1 for row in rows if row.get("label_call"))
+        turns = f" ({calls} of them tool calls)" if calls else ""
+        print(f"{len(rows)} evaluated turns{turns}; predictions and metrics written to {output_dir}")
+        return metrics
+    finally:
+        group.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of the evaluation."""
     parser = argparse.ArgumentParser(
-        description="Generate predictions for a dev set with any checkpoint and score ROUGE-1/2/L and BLEU-4."
+        description=(
+            "Generate predictions for a dev set with any checkpoint; score ROUGE-1/2/L and BLEU-4 of text replies "
+            "and, on conversations with tool calls, the tool-call metrics. An interrupted run continues where it "
+            "stopped when rerun with the same settings."
+        )
     )
     add_loading_arguments(parser)
     parser.add_argument("--data", required=True, help="dev set: .jsonl/.json of input-output or conversation records")
     parser.add_argument(
-        "--output_dir", help="where to write results (default: output/evaluation/<run>-<checkpoint name>)"
+        "--output_dir", help="where to write results (default: <output_root>/evaluation/<run>-<checkpoint name>)"
     )
+    parser.add_argument("--output_root", default="output", help="folder for the default --output_dir (default: output)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
@@ -286,8 +532,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max_source_length",
         type=int,
-        default=DEFAULT_MAX_SOURCE_LENGTH,
-        help="prompt token budget; use the training value (input-output prompts are truncated as in training)",
+        help=(
+            "prompt token budget (default: the training value from the checkpoint's training_record.json, else "
+            f"{DEFAULT_MAX_SOURCE_LENGTH}); input-output prompts are truncated as in training"
+        ),
+    )
+    parser.add_argument(
+        "--data_format",
+        choices=(INPUT_OUTPUT, CONVERSATIONS),
+        help="expected format of the dev set (default: the training format from training_record.json, if recorded)",
+    )
+    parser.add_argument(
+        "--metric_convention",
+        choices=METRIC_CONVENTIONS,
+        default=PTUNING,
+        help=(
+            "ptuning: ChatGLM-6B P-Tuning v2 (BLEU-4 on characters, x100; the default); finetune_demo: ChatGLM3 "
+            "finetune_demo and GLM-4 (BLEU-4 on jieba words, 0-1)"
+        ),
     )
     parser.add_argument("--max_samples", type=int, help="evaluate only the first N records")
     parser.add_argument("--skip_invalid", action="store_true", help="leave out invalid records instead of stopping")
@@ -296,16 +558,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (1 with a message on a checkpoint or data problem)."""
+    """Command-line entry point; returns the exit status (1 with a message on a checkpoint, data or output problem)."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.max_source_length < 3:
+    too_short = args.max_source_length is not None and args.max_source_length < 3
+    if args.batch_size < 1 or args.max_new_tokens < 1 or too_short:
         print("error: --batch_size and --max_new_tokens must be >= 1, --max_source_length >= 3", file=sys.stderr)
         return 2
     try:
         evaluate(args)
-    except (CheckpointError, ModelLoadError, DataValidationError) as error:
+    except (CheckpointError, ModelLoadError, DataValidationError, OutputNotWritableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the predictions made so far are kept; rerun the same command to continue", file=sys.stderr
+        )
+        return 130
     return 0
 
 

@@ -1,6 +1,6 @@
-"""ROUGE-1/2/L and BLEU-4 for generated Chinese text, as ChatGLM's P-Tuning v2 evaluation scores it.
+"""ROUGE-1/2/L and BLEU-4 for generated Chinese text, in either of the two conventions published ChatGLM numbers use.
 
-Convention (checked against shared/reference/metrics_reference.json):
+Convention "ptuning" (ChatGLM-6B's P-Tuning v2; the default; checked against shared/reference/metrics_reference.json):
 - ROUGE: both texts are cut into words with jieba, joined with spaces and scored with `rouge-chinese`;
   the F-score x 100 is kept.
 - BLEU-4: nltk `sentence_bleu` on characters (the reference's characters against the prediction's), smoothing
@@ -8,6 +8,13 @@ Convention (checked against shared/reference/metrics_reference.json):
 - Every per-pair value is rounded to 4 decimals; the corpus value is the mean of the rounded per-pair values,
   rounded to 4 decimals again.
 - A pair whose prediction or reference is empty or whitespace-only scores 0 on every metric.
+
+Convention "finetune_demo" (ChatGLM3's finetune_demo and GLM-4's):
+- Both texts are stripped and cut into jieba words; ROUGE as above (F-score x 100, each value rounded to 4 decimals).
+- BLEU-4: nltk `sentence_bleu` on those jieba words, smoothing method 3, on a 0-1 scale, not rounded.
+- The corpus value is the plain mean of the per-pair values, not rounded. A pair whose prediction or reference is
+  empty after stripping is left out of the mean (GLM-4 leaves out empty generations; ChatGLM3's demo would stop with
+  rouge's "Hypothesis is empty" error).
 
 jieba builds its dictionary on first use (about 1-2 s) and logs while doing so; its logging is silenced here.
 Import this module only where metrics are computed, not from `finetune/__init__.py`.
@@ -23,6 +30,9 @@ from rouge_chinese import Rouge
 from transformers import EvalPrediction, PreTrainedTokenizerBase
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+PTUNING = "ptuning"
+FINETUNE_DEMO = "finetune_demo"
+METRIC_CONVENTIONS = (PTUNING, FINETUNE_DEMO)
 IGNORE_INDEX = -100
 DECIMALS = 4
 
@@ -55,19 +65,40 @@ def score_pair(prediction: str, reference: str) -> dict[str, float]:
     return scores
 
 
-def compute_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L and BLEU-4 over aligned (prediction, reference) pairs; all zeros for no pairs."""
+def score_pair_finetune_demo(prediction: str, reference: str) -> dict[str, float] | None:
+    """ROUGE-1/2/L (x100, 4 decimals) and word BLEU-4 (0-1) as ChatGLM3's finetune_demo; None for an empty text."""
+    prediction_words = list(jieba.cut(prediction.strip()))
+    reference_words = list(jieba.cut(reference.strip()))
+    if not prediction.strip() or not reference.strip():
+        return None
+    rouge = _ROUGE.get_scores(" ".join(prediction_words), " ".join(reference_words))[0]
+    scores = {name: round(rouge[name]["f"] * 100, DECIMALS) for name in ("rouge-1", "rouge-2", "rouge-l")}
+    scores["bleu-4"] = float(sentence_bleu([reference_words], prediction_words, smoothing_function=_BLEU_SMOOTHING))
+    return scores
+
+
+def compute_metrics(
+    predictions: Sequence[str], references: Sequence[str], convention: str = PTUNING
+) -> dict[str, float]:
+    """Mean ROUGE-1/2/L and BLEU-4 over aligned (prediction, reference) pairs in `convention`; zeros for no pairs."""
     if len(predictions) != len(references):
         raise ValueError(
             f"compute_metrics got {len(predictions)} predictions but {len(references)} references; "
             "pass one reference per prediction, in the same order"
         )
-    if not predictions:
+    if convention not in METRIC_CONVENTIONS:
+        raise ValueError(f"unknown metric convention {convention!r}; expected one of {METRIC_CONVENTIONS}")
+    pairs = zip(predictions, references, strict=True)
+    if convention == FINETUNE_DEMO:
+        scored = [score_pair_finetune_demo(prediction, reference) for prediction, reference in pairs]
+        kept = [scores for scores in scored if scores is not None]
+        if not kept:
+            return _zero_scores()
+        return {name: float(np.mean([scores[name] for scores in kept])) for name in METRIC_NAMES}
+    pair_scores = [score_pair(prediction, reference) for prediction, reference in pairs]
+    if not pair_scores:
         return _zero_scores()
-    pair_scores = [score_pair(prediction, reference) for prediction, reference in zip(predictions, references)]
-    return {
-        name: round(float(np.mean([scores[name] for scores in pair_scores])), DECIMALS) for name in METRIC_NAMES
-    }
+    return {name: round(float(np.mean([scores[name] for scores in pair_scores])), DECIMALS) for name in METRIC_NAMES}
 
 
 def _first_array(value: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:

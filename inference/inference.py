@@ -19,16 +19,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from finetune.atomic_files import write_jsonl_atomically  # noqa: E402
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments  # noqa: E402
 from finetune.data.validation import DataValidationError  # noqa: E402
 from finetune.evaluate import (  # noqa: E402
     DEFAULT_MAX_SOURCE_LENGTH,
     build_generation_config,
-    generate_replies,
-    read_prompt_examples,
+    build_prompt_example,
+    decode_reply,
+    generate_token_ids,
+    read_checked_records,
 )
 from finetune.model.checkpoint_files import CheckpointError  # noqa: E402
+from finetune.prediction_log import (  # noqa: E402
+    OutputNotWritableError,
+    PartialWriter,
+    check_writable,
+    merge_predictions,
+    partial_path,
+    prepare_resume,
+    read_partial_rows,
+)
 
 CLEAR_COMMAND = "/clear"
 EXIT_COMMAND = "/exit"
@@ -89,18 +99,54 @@ def chat_loop(model, tokenizer, generation_kwargs: dict) -> None:
         history = stream_reply(model, tokenizer, query, history, generation_kwargs)
 
 
-def run_batch(model, tokenizer, args: argparse.Namespace) -> int:
-    """Generate a reply for every record of --input_file and write them to --output_file; return the count."""
-    examples = read_prompt_examples(args.input_file, tokenizer, args.max_source_length, reference_from_record=False)
+def check_batch_files(args: argparse.Namespace) -> list[dict]:
+    """Check --input_file's records and that --output_file's folder can be written, before any model is loaded."""
+    records = read_checked_records(args.input_file, reference_from_record=False)
+    check_writable(Path(args.output_file).resolve().parent, "--output_file")
+    return records
+
+
+def batch_settings(args: argparse.Namespace) -> dict:
+    """What decides the replies: a rerun with the same settings continues an interrupted batch run."""
+    keys = ("base", "max_new_tokens", "do_sample", "temperature", "top_p", "max_source_length", "merge_lora")
+    settings = {key: getattr(args, key) for key in keys}
+    settings.update(model=str(Path(args.model).resolve()), input_file=str(Path(args.input_file).resolve()))
+    return settings
+
+
+def run_batch(model, tokenizer, args: argparse.Namespace, records: list[dict]) -> int:
+    """Generate a reply for every checked record and write them to --output_file; return the count.
+
+    Replies are appended to a partial file as they are made; a rerun with the same settings continues from it, and
+    the finished run writes --output_file (one line per record, in input order) atomically.
+    """
+    examples = [build_prompt_example(record, tokenizer, args.max_source_length, False) for record in records]
+    final = Path(args.output_file)
+    prepare_resume(final, batch_settings(args))
+    done = read_partial_rows(final)
+    pending = [index for index in range(len(examples)) if str(index) not in done]
     generation_config = build_generation_config(
         tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p
     )
-    replies = generate_replies(model, tokenizer, examples, generation_config, args.batch_size, show_progress=True)
-    rows = (
-        {"conversations" if isinstance(example.prompt, list) else "prompt": example.prompt, "response": reply}
-        for example, reply in zip(examples, replies, strict=True)
-    )
-    write_jsonl_atomically(Path(args.output_file), rows)
+
+    def write_batch(batch: list[int], new_ids: list[list[int]]) -> None:
+        rows = []
+        for position, ids in zip(batch, new_ids, strict=True):
+            example = examples[pending[position]]
+            prompt_key = "conversations" if isinstance(example.prompt, list) else "prompt"
+            reply = decode_reply(ids, tokenizer, example.reply_has_metadata)
+            rows.append({"id": str(pending[position]), prompt_key: example.prompt, "response": reply})
+        writer.write(rows)
+
+    writer = PartialWriter(partial_path(final, 0))
+    try:
+        prompts = [examples[index].prompt_ids for index in pending]
+        generate_token_ids(
+            model, tokenizer, prompts, generation_config, args.batch_size, show_progress=True, on_batch=write_batch
+        )
+    finally:
+        writer.close()
+    merge_predictions(final, [str(index) for index in range(len(examples))], keep_id=False)
     return len(examples)
 
 
@@ -130,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and args.input_file:
         parser.error("use either --prompt or --input_file, not both")
     try:
+        records = check_batch_files(args) if args.input_file else None
         model, tokenizer, _ = load_from_arguments(args, merge_lora=args.merge_lora)
         if args.input_file:
-            count = run_batch(model, tokenizer, args)
+            count = run_batch(model, tokenizer, args, records)
             print(f"wrote {count} replies to {args.output_file}", file=sys.stderr)
         elif args.prompt is not None:
             stream_reply(model, tokenizer, args.prompt, [], chat_generation_kwargs(args))
         else:
             chat_loop(model, tokenizer, chat_generation_kwargs(args))
-    except (CheckpointError, ModelLoadError, DataValidationError) as error:
+    except (CheckpointError, ModelLoadError, DataValidationError, OutputNotWritableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ Every target of the performance issue, with the official-recipe anchor at the sa
 line per run, then a Markdown table):
     python scripts/benchmark.py --suite [--anchor ../shared/bench/anchor_native_glm.py]
     python scripts/benchmark.py --suite --cpu --steps 1 --warmup 0     # the suite's plumbing on the CPU shape
+Evaluation speed (batched generation vs one example at a time, tiny model on the CPU; scripts/bench_evaluation.py):
+    python scripts/benchmark.py --evaluation
 """
 
 import argparse
@@ -83,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pack_length", type=int, default=2048, help="realistic packed mode: tokens per row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--suite", action="store_true", help="run every performance target and the anchor")
+    parser.add_argument("--evaluation", action="store_true",
+                        help="instead: batched evaluation vs one example at a time (scripts/bench_evaluation.py)")
     parser.add_argument("--anchor", default=None, help="the anchor script (default: $CHATGLM_SHARED_DIR or ../shared)")
     return parser.parse_args()
 
@@ -282,6 +286,11 @@ def run_suite(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the benchmark and print one JSON line (or, with --suite, every target)."""
     args = parse_args()
+    if args.evaluation:
+        from bench_evaluation import main as evaluation_benchmark  # scripts/ is on sys.path when run as a script
+
+        evaluation_benchmark([])
+        return
     if args.suite:
         run_suite(args)
         return

@@ -1,30 +1,43 @@
 #!/usr/bin/env bash
-# Evaluate a checkpoint (P-Tuning v2, LoRA, full or base) on a dev set: ROUGE-1/2/L and BLEU-4.
+# Evaluate a checkpoint (P-Tuning v2, LoRA, full or base) on a dev set: ROUGE-1/2/L, BLEU-4 and tool-call metrics.
 # Usage: CHECKPOINT=output/<run>/checkpoint-1000 [KNOB=value ...] bash scripts/evaluate.sh [extra evaluate flags]
 # Knobs (defaults in brackets):
 #   CHECKPOINT       checkpoint folder to evaluate (required)
 #   DATASET_PATH     dev set, input-output or conversations .jsonl [formatted_data/advertise_gen_dev.jsonl]
 #   BASE_MODEL_PATH  base model for LoRA/P-Tuning checkpoints [the one in the checkpoint's training_record.json]
-#   OUTPUT_DIR       where generated_predictions.jsonl and metrics.json go [output/evaluation/<run>-<checkpoint>]
-#   BATCH_SIZE [8]   prompts generated together
+#   OUTPUT_DIR       where generated_predictions.jsonl and metrics.json go
+#                    [<repository>/output/evaluation/<run>-<checkpoint>]
+#   NUM_GPUS [1]     processes (torchrun) that share the dev set; "all" uses every visible CUDA device
+#   BATCH_SIZE [8]   prompts generated together (per process)
 #   MAX_NEW_TOKENS [128]  longest prediction in tokens
 # Arguments go to `python -m finetune.evaluate` last (see its --help), e.g. --max_source_length 64 --device cpu.
+# A rerun with the same settings continues an interrupted evaluation.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 [ -n "${CHECKPOINT:-}" ] || launcher_error "set CHECKPOINT to the checkpoint folder to evaluate"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
+NUM_GPUS="${NUM_GPUS:-1}"
 require_positive_integer BATCH_SIZE "$BATCH_SIZE"
 require_positive_integer MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
+if [ "$NUM_GPUS" = "all" ]; then
+    NUM_GPUS="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
+fi
+require_positive_integer NUM_GPUS "$NUM_GPUS"
 
 flags=(
     --model "$CHECKPOINT"
     --data "${DATASET_PATH:-$_LAUNCHER_REPO_ROOT/formatted_data/advertise_gen_dev.jsonl}"
     --batch_size "$BATCH_SIZE"
     --max_new_tokens "$MAX_NEW_TOKENS"
+    --output_root "$_LAUNCHER_REPO_ROOT/output"
 )
 add_optional_flag flags --base "${BASE_MODEL_PATH:-}"
 add_optional_flag flags --output_dir "${OUTPUT_DIR:-}"
 
+if ((NUM_GPUS > 1)); then
+    exec python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NUM_GPUS" \
+        -m finetune.evaluate "${flags[@]}" "$@"
+fi
 exec python -m finetune.evaluate "${flags[@]}" "$@"

@@ -174,8 +174,10 @@ def test_evaluate_conversations_with_lora(checkpoints: dict, tmp_path: Path):
     )
     assert status == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / PREDICTIONS_FILE).read_text().splitlines()]
-    assert [row["label"] for row in rows] == ["上海今天25度。", "hi, how can I help?"]
-    assert rows[0]["prompt"] == CONVERSATION_RECORDS[0]["conversations"][:3]
+    assert [row["label"] for row in rows] == ["北京今天21度。", "上海今天25度。", "hi, how can I help?"]
+    assert [row["id"] for row in rows] == ["0:1", "0:3", "1:1"]
+    assert rows[1]["prompt"] == CONVERSATION_RECORDS[0]["conversations"][:3]
+    assert all(row["label_call"] is None for row in rows)
     assert sorted(json.loads((tmp_path / "out" / METRICS_FILE).read_text())) == sorted(METRIC_NAMES)
 
 

@@ -164,3 +164,33 @@ def test_factory_rejects_generated_rows_without_their_prompt(tokenizer: ChatGLMT
     )
     with pytest.raises(ValueError, match="generated row 0 does not begin with its input ids"):
         build_compute_metrics(tokenizer)(eval_prediction)
+
+
+def test_finetune_demo_convention_word_bleu_on_a_0_1_scale_and_unrounded_means(metrics_reference: dict) -> None:
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    pairs = [pair for pair in metrics_reference["pairs"] if pair["prediction"].strip() and pair["reference"].strip()]
+    predictions = [pair["prediction"] for pair in pairs] + ["   "]
+    references = [pair["reference"] for pair in pairs] + ["an empty prediction is left out"]
+    metrics = compute_metrics(predictions, references, convention="finetune_demo")
+    for name in ("rouge-1", "rouge-2", "rouge-l"):
+        # The same jieba-word ROUGE as the P-Tuning convention, averaged without rounding.
+        assert metrics[name] == pytest.approx(float(np.mean([pair[name] for pair in pairs])), abs=1e-12)
+    word_bleu = [
+        sentence_bleu(
+            [list(jieba.cut(pair["reference"]))],
+            list(jieba.cut(pair["prediction"])),
+            smoothing_function=SmoothingFunction().method3,
+        )
+        for pair in pairs
+    ]
+    assert metrics["bleu-4"] == pytest.approx(float(np.mean(word_bleu)), abs=1e-12)
+    assert 0 < metrics["bleu-4"] < 1
+    text = "这款连衣裙设计简约，夏天穿非常清凉。"
+    assert compute_metrics([text], [text], "finetune_demo") == {
+        "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 1.0,
+    }  # fmt: skip
+    assert compute_metrics(["  "], ["x"], "finetune_demo") == {name: 0.0 for name in METRIC_NAMES}
+    with pytest.raises(ValueError, match="unknown metric convention 'bleu'"):
+        compute_metrics([text], [text], "bleu")

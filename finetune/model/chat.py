@@ -1,16 +1,16 @@
 """chat() and stream_chat() for ChatGLM3: role-message history, tools, observations, stop on the role tokens."""
 
-import ast
 import copy
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
+
+from data_tools.tool_calls import parse_tool_call
 
 REPLACEMENT_CHARACTER = "\ufffd"
 # The official chat code writes this token when a step's scores hold NaN or inf, instead of failing to sample.
@@ -29,22 +29,6 @@ class InvalidScoreLogitsProcessor(LogitsProcessor):
         replaced = torch.zeros_like(scores)
         replaced[..., INVALID_SCORE_FALLBACK_TOKEN] = 5e4
         return replaced
-
-
-def parse_tool_call(text: str) -> dict[str, Any]:
-    """Parse the parameters of a "tool_call(k=v, ...)" line written by the model, without evaluating code."""
-    code = text.strip()
-    if code.startswith("```"):
-        code = "\n".join(code.split("\n")[1:-1]).strip()
-    try:
-        call = ast.parse(code, mode="eval").body
-    except SyntaxError as error:
-        raise ValueError(f"tool call is not valid Python: {code!r} ({error.msg})") from error
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ValueError(f"expected tool_call(name=value, ...), got {code!r}")
-    if call.args:
-        raise ValueError(f"tool_call takes keyword arguments only, got {code!r}")
-    return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
 
 
 def split_response(output: str, history: list[dict]) -> tuple[str | dict, list[dict]]:
