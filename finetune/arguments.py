@@ -91,7 +91,7 @@ class ModelArguments:
     )
     memory_budget_gib: float | None = field(
         default=None,
-        metadata={"help": "GPU memory in GiB that --recompute auto plans for (default: 90% of the GPU's free memory)."},
+        metadata={"help": "GPU memory in GiB that --recompute auto plans for (default: 90 percent of the GPU's free memory)."},
     )
 
     def __post_init__(self) -> None:

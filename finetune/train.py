@@ -7,7 +7,9 @@ method, then train (saving checkpoints and the final model in the agreed format)
 """
 
 import logging
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from transformers.trainer_utils import set_seed
 
 from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
-from finetune.callbacks import LossCurveCallback, ThroughputCallback
+from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
@@ -36,6 +38,18 @@ from finetune.trainer import FinetuneTrainer
 logger = logging.getLogger("finetune.train")  # named, so `python -m finetune.train` logs too
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACEBACK_ENV = "FINETUNE_TRACEBACK"
+# Exit status of a run stopped by a known error (bad argument, data or checkpoint): the message says what to fix.
+KNOWN_ERROR_EXIT_CODE = 2
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the process should exit with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -304,8 +318,9 @@ def run(
     if not training_args.gradient_checkpointing:
         apply_recompute_plan(model, estimate.setup.recompute)
         logger.info("activation recomputation: %s", estimate.setup.recompute.describe(model_config.num_layers))
+    stop = StopOnSignalCallback()
     trainer = build_trainer(
-        model, tokenizer, splits, train_dataset, model_args, data_args, training_args, extra_callbacks
+        model, tokenizer, splits, train_dataset, model_args, data_args, training_args, (*extra_callbacks, stop)
     )
     outcome = TrainingRun(trainer)
 
@@ -314,7 +329,7 @@ def run(
         trainer.load_checkpoint_weights(resume)
         trainer.save_final_model()
     elif training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        result = train_until_done_or_signalled(trainer, resume, stop)
         trainer.save_final_model()
         outcome.metrics["train"] = result.metrics
         save_metrics(trainer, "train", result.metrics)
@@ -328,6 +343,27 @@ def run(
     return outcome
 
 
+def train_until_done_or_signalled(
+    trainer: FinetuneTrainer, resume: Path | None, stop: StopOnSignalCallback
+) -> transformers.trainer_utils.TrainOutput:
+    """trainer.train() with SIGINT/SIGTERM turned into "save a checkpoint and stop" (then TrainingInterrupted)."""
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    finally:
+        stop.uninstall()
+    if stop.stopped:
+        output_dir = Path(trainer.args.output_dir).resolve()
+        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+        raise TrainingInterrupted(
+            f"training stopped by {stop.received.name} at step {trainer.state.global_step}: checkpoint saved to "
+            f"{checkpoint}, loss curve in {output_dir}; continue with --resume_from_checkpoint auto and the same "
+            f"--output_dir (launchers: AUTORESUME_FROM_CHECKPOINT=1 OUTPUT_DIR={output_dir})",
+            stop.exit_code,
+        )
+    return result
+
+
 def already_finished(resume: Path | None, training_args: Seq2SeqTrainingArguments) -> bool:
     """True when the checkpoint to resume from is at or past --max_steps (Trainer would run one step too many)."""
     if resume is None or training_args.max_steps <= 0:
@@ -337,11 +373,34 @@ def already_finished(resume: Path | None, training_args: Seq2SeqTrainingArgument
 
 
 def main(argv: list[str] | None = None) -> TrainingRun:
-    """Command-line entry point: parse arguments (or one config file) and run."""
+    """Parse arguments (or one config file) and run; errors propagate (see `cli` for the command line)."""
     model_args, data_args, training_args = parse_arguments(argv)
     configure_logging(training_args)
     return run(model_args, data_args, training_args)
 
 
+def is_known_error(error: BaseException) -> bool:
+    """True for an error one of the project's own checks raised: its message says what to fix."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PROJECT_ROOT / "finetune")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry point: known errors end the run with one line and exit status 2 (set FINETUNE_TRACEBACK=1
+    for the traceback); a run stopped by a signal exits with 128 + the signal number after saving."""
+    try:
+        main(argv)
+    except TrainingInterrupted as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
+    except (ValueError, TypeError, OSError) as error:
+        if not is_known_error(error) or os.environ.get(TRACEBACK_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{where}error: {error}", file=sys.stderr, flush=True)
+        sys.exit(KNOWN_ERROR_EXIT_CODE)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
