@@ -347,6 +347,8 @@ def train_until_done_or_signalled(
     trainer: FinetuneTrainer, resume: Path | None, stop: StopOnSignalCallback
 ) -> transformers.trainer_utils.TrainOutput:
     """trainer.train() with SIGINT/SIGTERM turned into "save a checkpoint and stop" (then TrainingInterrupted)."""
+    if trainer.args.save_strategy != "no":
+        trainer.check_free_space()
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
