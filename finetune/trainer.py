@@ -327,6 +327,28 @@ class FinetuneTrainer(Seq2SeqTrainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
+        schedule: the saved state holds the rate the checkpoint's own schedule reached (0 at its last step when the
+        run was planned with a smaller --max_steps), which the first resumed step would otherwise use."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        saved_rate = self.lr_scheduler.get_last_lr()[0]
+        # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
+        self.lr_scheduler.last_epoch -= 1
+        self.lr_scheduler.step()
+        resumed_rate = self.lr_scheduler.get_last_lr()[0]
+        if resumed_rate != saved_rate:
+            logger.info(
+                "resumed learning rate at step %d: %.3g from this run's schedule (max_steps=%d) instead of the saved "
+                "%.3g",
+                self.lr_scheduler.last_epoch,
+                resumed_rate,
+                self.args.max_steps,
+                saved_rate,
+            )
+
     def _load_best_model(self) -> None:
         """Load the best checkpoint at the end of training; a prefix checkpoint loads into the prefix encoder."""
         if self.model_args.method == METHOD_PTUNING and not self.is_deepspeed_enabled:
