@@ -227,19 +227,19 @@ class FinetuneTrainer(Seq2SeqTrainer):
         )
 
     @contextlib.contextmanager
-    def _removed_on_failure(self, staging: Path, run_dir: Path) -> Iterator[None]:
-        """Delete the staging folder when the save inside fails; a full disk becomes a DiskFullError."""
+    def _disk_full_guard(self, staging: Path, run_dir: Path) -> Iterator[None]:
+        """Turn a save that runs out of disk space into a DiskFullError, deleting its staging folder (other
+        failures leave the folder as it is; resume never uses it)."""
         try:
             yield
         except Exception as error:
-            disk_full = self.args.should_save and is_disk_full(error, run_dir)
-            if self.args.should_save and staging.exists():
+            if not (self.args.should_save and is_disk_full(error, run_dir)):
+                raise
+            if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
-            if disk_full:
-                needed = self.checkpoint_bytes(run_dir)
-                message = self._disk_full_message(run_dir, needed, shutil.disk_usage(run_dir).free)
-                raise DiskFullError(f"{message}; the partial {staging.name} was removed") from error
-            raise
+            needed = self.checkpoint_bytes(run_dir)
+            message = self._disk_full_message(run_dir, needed, shutil.disk_usage(run_dir).free)
+            raise DiskFullError(f"{message}; the partial {staging.name} was removed") from error
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         """Write checkpoint-N as Trainer does, but into tmp-checkpoint-N, renamed to checkpoint-N when complete.
@@ -258,7 +258,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
-        with self._removed_on_failure(staging, run_dir):
+        with self._disk_full_guard(staging, run_dir):
             self.save_model(str(staging), _internal_call=True)
             best_step = self.state.best_global_step
             if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
@@ -305,7 +305,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        with self._removed_on_failure(staging, output_dir):
+        with self._disk_full_guard(staging, output_dir):
             self.save_model(str(staging), _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
