@@ -132,21 +132,6 @@ run_finetune() {
     local packing_flags=()
     is_true PACKING "${PACKING:-1}" && packing_flags=(--packing)
 
-    local base_model="${BASE_MODEL_PATH:-}"
-    if [ -z "$base_model" ]; then
-        launcher_error "BASE_MODEL_PATH is not set: set it to your ChatGLM3 model folder, e.g. \
-BASE_MODEL_PATH=/path/to/chatglm3-6b bash $0 (to try the pipeline without a download: bash scripts/quickstart.sh)"
-    fi
-    if [ ! -f "$base_model/config.json" ]; then
-        launcher_error "no model at BASE_MODEL_PATH=$base_model (config.json missing). Set BASE_MODEL_PATH to a \
-ChatGLM3 folder (e.g. a local copy of chatglm3-6b), or build the tiny test model first: \
-python -m finetune.tiny_model --output_dir $_LAUNCHER_REPO_ROOT/output/tiny-chatglm3"
-    fi
-    if [ ! -f "$DATASET_PATH" ]; then
-        launcher_error "no training data at DATASET_PATH=$DATASET_PATH. Convert a data set first (python -m \
-data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or set DATASET_PATH to a JSONL file"
-    fi
-
     local accelerator gpu_count
     read -r accelerator gpu_count < <(detect_accelerator) || true
     [ -n "${accelerator:-}" ] || launcher_error "could not import torch with $(command -v python); activate the \
@@ -172,6 +157,21 @@ CPU processes will share them and run slower than one; set NUM_GPUS=1 (or at mos
             precision_flags=("--$accelerator")
             ;;
     esac
+
+    local base_model="${BASE_MODEL_PATH:-}"
+    if [ -z "$base_model" ]; then
+        launcher_error "BASE_MODEL_PATH is not set: set it to your ChatGLM3 model folder, e.g. \
+BASE_MODEL_PATH=/path/to/chatglm3-6b bash $0 (to try the pipeline without a download: bash scripts/quickstart.sh)"
+    fi
+    if [ ! -f "$base_model/config.json" ]; then
+        launcher_error "no model at BASE_MODEL_PATH=$base_model (config.json missing). Set BASE_MODEL_PATH to a \
+ChatGLM3 folder (e.g. a local copy of chatglm3-6b), or build the tiny test model first: \
+python -m finetune.tiny_model --output_dir $_LAUNCHER_REPO_ROOT/output/tiny-chatglm3"
+    fi
+    if [ ! -f "$DATASET_PATH" ]; then
+        launcher_error "no training data at DATASET_PATH=$DATASET_PATH. Convert a data set first (python -m \
+data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or set DATASET_PATH to a JSONL file"
+    fi
 
     # TensorBoard logs (OUTPUT_DIR/runs) whenever tensorboard is installed; REPORT_TO overrides (e.g. none, wandb).
     local report_to="${REPORT_TO:-}"
@@ -231,7 +231,8 @@ CPU processes will share them and run slower than one; set NUM_GPUS=1 (or at mos
     } | tee -a "$log_file"
     local status=0 log_start
     log_start=$(($(wc -l <"$log_file") + 1))
-    "${command[@]}" 2>&1 | tee -a "$log_file" || status=$?
+    # tee ignores SIGINT/SIGTERM, so that it keeps logging while training saves its checkpoint after Ctrl-C.
+    "${command[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$log_file") || status=$?
     if ((status != 0)); then
         # The one useful line can sit above torchrun's report of the failed process: repeat it last.
         local reason

@@ -8,6 +8,7 @@ truncation. Also here: the data summary and the token/label sanity-check printou
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,11 @@ class DataProblem:
     field: str | None
     message: str
 
+    @property
+    def kind(self) -> str:
+        """The problem without its place, for counting problems of the same kind."""
+        return f"field {self.field!r}: {self.message}" if self.field is not None else self.message
+
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         if self.record_index is not None and self.file.endswith(".json"):
@@ -49,16 +55,37 @@ class DataProblem:
         return f"{where}: {self.message}"
 
 
-class DataValidationError(ValueError):
-    """Training data with problems; `problems` lists every one of them."""
+MAX_LISTED_PROBLEMS = 20
+SKIP_INVALID_ADVICE = "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
 
-    def __init__(self, problems: Sequence[DataProblem]):
+
+def describe_problems(problems: Sequence[DataProblem], skip_invalid_given: bool = False) -> str:
+    """The message of a DataValidationError: a first line that stands alone, the first MAX_LISTED_PROBLEMS problems,
+    a count per kind of the rest, and what to do (--skip_invalid only where it would help and was not given)."""
+    if len(problems) == 1:
+        lines = [f"a problem in the data: {problems[0]}"]
+    else:
+        lines = [f"{len(problems)} problems in the data (first: {problems[0]}):"]
+        lines += [f"  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS]]
+    rest = problems[MAX_LISTED_PROBLEMS:]
+    if rest:
+        kinds = Counter(problem.kind for problem in rest)
+        counts = "; ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
+        lines.append(f"  ... and {len(rest)} more: {counts}")
+    if any(problem.line is not None for problem in problems):
+        if skip_invalid_given:
+            lines.append("No valid example is left even with --skip_invalid: fix the records listed above.")
+        else:
+            lines.append(SKIP_INVALID_ADVICE)
+    return "\n".join(lines)
+
+
+class DataValidationError(ValueError):
+    """Training data with problems; `problems` lists every one of them (the message shows the first ones)."""
+
+    def __init__(self, problems: Sequence[DataProblem], skip_invalid_given: bool = False):
         self.problems = list(problems)
-        listing = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(
-            f"{len(self.problems)} problem(s) in the data:\n{listing}\n"
-            "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
-        )
+        super().__init__(describe_problems(self.problems, skip_invalid_given))
 
 
 class SourceRecord(NamedTuple):
