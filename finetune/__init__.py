@@ -7,7 +7,7 @@ import logging
 # that an optional kernel package is missing, on every run, quantized or not. Its own fallback kernel is used instead.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .model import (  # noqa: E402
+from .model import (
     ChatGLMConfig,
     ChatGLMForConditionalGeneration,
     ChatGLMModel,

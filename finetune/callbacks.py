@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 LOSS_CURVE_FILE = "loss_curve.png"
+INTERVAL_THROUGHPUT_KEY = "interval_tokens_per_second"
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (non-padding input tokens since the previous log, all processes) and
+    """Adds `interval_tokens_per_second` (non-padding input tokens per second since the previous log, all processes;
+    transformers' own `train_tokens_per_second` is the average since training started) and
     `gpu_max_memory_allocated_gib` (peak allocated CUDA memory on this process, when CUDA is available) to each
     training log.
 
@@ -46,6 +48,12 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         """Start the first measuring window (also after resuming, where the token count does not start at 0)."""
+        if state.is_world_process_zero:
+            logger.info(
+                "throughput in the training logs: %s = non-padding tokens per second since the previous log line (all "
+                "processes); train_tokens_per_second = the average since training started",
+                INTERVAL_THROUGHPUT_KEY,
+            )
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
         if torch.cuda.is_available():
@@ -67,7 +75,7 @@ class ThroughputCallback(TrainerCallback):
         added: dict[str, float] = {}
         elapsed = now - self._last_time
         if elapsed > 0:
-            added["tokens_per_second"] = round((tokens - self._last_tokens) / elapsed, 2)
+            added[INTERVAL_THROUGHPUT_KEY] = round((tokens - self._last_tokens) / elapsed, 2)
         if torch.cuda.is_available():
             added["gpu_max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
         self._last_time = now

@@ -26,7 +26,7 @@ from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, Throughp
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
-from finetune.data.validation import print_token_labels
+from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, check_quantization_available
@@ -107,8 +107,47 @@ def check_run_settings(
             f"--gradient_checkpointing recomputes whole layers but --recompute {model_args.recompute} asks for less; "
             "pass only one of them"
         )
+    if training_args.ddp_find_unused_parameters is None:
+        # Every trainable parameter (prefix encoder, LoRA adapters, or all weights) takes part in each forward pass,
+        # so DDP need not search the graph for unused ones (it warns every run when asked to and finds none).
+        training_args.ddp_find_unused_parameters = False
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"
+
+
+def log_effective_settings(
+    model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments
+) -> None:
+    """Log the settings a run actually uses, in one block, before any heavy work."""
+    rows_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    steps = (
+        f"{training_args.max_steps} steps"
+        if training_args.max_steps > 0
+        else f"{training_args.num_train_epochs} epochs"
+    )
+    files = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
+    logger.info(
+        "effective settings:\n  method %s, model %s\n  %s, learning rate %g, checkpoint every %s steps\n"
+        "  batch %d per device x %d accumulation x %d process(es) = %d rows per optimizer step%s\n"
+        "  lengths: source %d, target %d tokens (input_output), %d per row (conversations)\n  data: %s\n  output: %s",
+        model_args.method,
+        model_args.model_name_or_path,
+        steps,
+        training_args.learning_rate,
+        training_args.save_steps,
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+        training_args.world_size,
+        rows_per_step,
+        " (packed rows)" if data_args.packing else "",
+        data_args.max_source_length,
+        data_args.max_target_length,
+        data_args.max_seq_length,
+        ", ".join(f"{split} {path}" for split, path in files.items() if path),
+        Path(training_args.output_dir).resolve(),
+    )
 
 
 def check_output_dir(training_args: Seq2SeqTrainingArguments, resuming: bool) -> None:
@@ -284,6 +323,8 @@ def run(
 ) -> TrainingRun:
     """Train, evaluate and predict as the arguments say; `extra_callbacks` are added to the Trainer."""
     check_run_settings(model_args, data_args, training_args)
+    if training_args.should_log:
+        log_effective_settings(model_args, data_args, training_args)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         check_checkpoint_matches(resume, model_args)
@@ -293,8 +334,11 @@ def run(
     check_chatglm_folder(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     splits = load_data(data_args, training_args, tokenizer)
-    if "train" in splits and data_args.print_first_example and training_args.should_log:
-        print_token_labels(splits["train"].dataset[0], tokenizer)
+    if "train" in splits and training_args.should_log:
+        if data_args.print_first_example:
+            print_learned_spans(splits["train"].dataset[0], tokenizer)
+        if data_args.print_token_table:
+            print_token_labels(splits["train"].dataset[0], tokenizer)
 
     model_config = AutoConfig.from_pretrained(
         model_args.model_name_or_path,

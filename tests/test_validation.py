@@ -10,7 +10,7 @@ from train_helpers import write_jsonl
 
 from finetune.data.encoding import encode_input_output
 from finetune.data.loading import EncodingLimits, load_training_data
-from finetune.data.validation import SKIP_INVALID_ADVICE, DataValidationError, print_token_labels
+from finetune.data.validation import SKIP_INVALID_ADVICE, DataValidationError, print_learned_spans, print_token_labels
 from finetune.model.tokenization import ChatGLMTokenizer
 
 MALFORMED_DIR = Path(__file__).parent / "data" / "malformed"
@@ -207,7 +207,9 @@ def test_a_long_problem_list_is_capped_with_a_count_per_kind(tmp_path: Path, tok
     assert len(raised.value.problems) == 35
     assert lines[0].startswith(f"35 problems in the data (first: {path}:1 field 'response': ")
     assert sum(line.startswith(f"  {path}:") for line in lines) == 20
-    assert lines[-2] == "  ... and 15 more: 10 x field 'response': is missing; 5 x field 'response': must be a string, got number"
+    assert lines[-2] == (
+        "  ... and 15 more: 10 x field 'response': is missing; 5 x field 'response': must be a string, got number"
+    )
     assert lines[-1] == SKIP_INVALID_ADVICE
 
 
@@ -219,10 +221,21 @@ def test_file_problems_and_skip_invalid_runs_do_not_suggest_skip_invalid(tmp_pat
     with pytest.raises(DataValidationError) as skipped:
         load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, skip_invalid=True, cache_dir=None)
     assert "--skip_invalid (where" not in str(skipped.value)
-    assert str(skipped.value).endswith("No valid example is left even with --skip_invalid: fix the records listed above.")
+    assert str(skipped.value).endswith(
+        "No valid example is left even with --skip_invalid: fix the records listed above."
+    )
 
 
 def test_raw_advertise_gen_data_is_sent_to_the_converter(tmp_path: Path, tokenizer: ChatGLMTokenizer):
     path = write_jsonl(tmp_path / "train.json", [{"content": "类型#裙", "summary": "好看的裙子"}] * 2)  # as downloaded
     with pytest.raises(ValueError, match="convert it first: python -m data_tools.format_advertise_gen --train_file"):
         load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+
+
+def test_first_example_is_shown_as_text_with_the_learned_span_marked(tokenizer: ChatGLMTokenizer):
+    example = encode_input_output({"prompt": "类型#裙", "response": "红色"}, tokenizer, 8, 8)
+    stream = io.StringIO()
+    print_learned_spans(example, tokenizer, stream)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "--print_token_table True" in lines[0]
+    assert lines[1].endswith(">>>红色</s><<<") and "类型#裙" in lines[1].split(">>>")[0]

@@ -6,6 +6,7 @@ AdvertiseGen's own `train.json`, one object per line). Checking: every record ag
 truncation. Also here: the data summary and the token/label sanity-check printout.
 """
 
+import itertools
 import json
 import sys
 from collections import Counter
@@ -19,6 +20,7 @@ import numpy as np
 from finetune.data.encoding import (
     CONVERSATIONS,
     DATA_FORMATS,
+    IGNORE_INDEX,
     INPUT_OUTPUT,
     MESSAGE_ROLES,
     ROLES_WITHOUT_LOSS,
@@ -56,7 +58,9 @@ class DataProblem:
 
 
 MAX_LISTED_PROBLEMS = 20
-SKIP_INVALID_ADVICE = "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
+SKIP_INVALID_ADVICE = (
+    "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
+)
 
 
 def describe_problems(problems: Sequence[DataProblem], skip_invalid_given: bool = False) -> str:
@@ -296,7 +300,7 @@ def _check_conversation(record: dict) -> list[tuple[str, str]]:
     if problems:
         return problems
     if all(message["role"] in ROLES_WITHOUT_LOSS or message.get("loss") is False for message in conversation):
-        return [("conversations", "no message carries loss: add an assistant or tool message without \"loss\": false")]
+        return [("conversations", 'no message carries loss: add an assistant or tool message without "loss": false')]
     return []
 
 
@@ -380,3 +384,24 @@ def print_token_labels(example: dict, tokenizer: ChatGLMTokenizer, stream: TextI
     print(f"{'token':>24} {'id':>7} {'label':>7}", file=stream)
     for token_id, label in zip(example["input_ids"], example["labels"]):
         print(f"{tokenizer.decode([token_id])!r:>24} {token_id:>7} {label:>7}", file=stream)
+
+
+LEARNED_START = ">>>"
+LEARNED_END = "<<<"
+
+
+def print_learned_spans(example: dict, tokenizer: ChatGLMTokenizer, stream: TextIO | None = None) -> None:
+    """Print an encoded example as text with the learned spans (labels other than -100) between >>> and <<<."""
+    stream = stream or sys.stdout
+    pieces = []
+    for learned, group in itertools.groupby(
+        zip(example["input_ids"], example["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX
+    ):
+        text = tokenizer.decode([token_id for token_id, _ in group])
+        pieces.append(f"{LEARNED_START}{text}{LEARNED_END}" if learned else text)
+    print(
+        f"first training example, {len(example['input_ids'])} tokens; the model learns the text between "
+        f"{LEARNED_START} and {LEARNED_END} (--print_token_table True lists every token and label):",
+        file=stream,
+    )
+    print("".join(pieces), file=stream)
