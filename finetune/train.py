@@ -23,6 +23,7 @@ from transformers.trainer_utils import set_seed
 from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
+from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
@@ -30,7 +31,6 @@ from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, check_quantization_available
-from finetune.model.checkpoint_files import check_chatglm_folder
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
 from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
@@ -331,7 +331,7 @@ def run(
     check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
     set_seed(training_args.seed)
 
-    check_chatglm_folder(model_args.model_name_or_path)
+    check_base_model_folder(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     splits = load_data(data_args, training_args, tokenizer)
     if "train" in splits and training_args.should_log:
