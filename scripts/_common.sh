@@ -18,7 +18,7 @@
 #                           optimizer step then sees more examples, which the log states); 0: one example per row
 #   STOP_TIMEOUT [600]      seconds torchrun gives its workers, after Ctrl-C / SIGTERM, to save a checkpoint and exit
 # Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs;
-# `--help` prints this list and finetune.py's flags. An environment variable whose name is close to a knob's
+# `--help` prints this list. An environment variable whose name is close to a knob's
 # (MAX_STEPS for MAX_STEP) gets a warning, since the launcher ignores it. One process on one node runs finetune.py
 # directly; several processes (or DeepSpeed) run it under torchrun.
 
@@ -73,13 +73,13 @@ for name in sorted(os.environ):
 PY
 }
 
-# Prints the launcher's header comment (its knobs), the shared knobs, and finetune.py's flags.
+# Prints the launcher's header comment (its knobs) and the shared knobs.
 print_launcher_help() {
     sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
     echo
     sed -n '2,/^_LAUNCHER_REPO_ROOT=/p' "$_LAUNCHER_REPO_ROOT/scripts/_common.sh" | grep '^#' | sed 's/^# \{0,1\}//'
     echo
-    python -m finetune.finetune --help
+    echo "The flags finetune.py takes after the launcher's name: python -m finetune.train --help"
 }
 
 # Prints "cpu", "bf16" or "fp16" (the mixed precision the first GPU supports), then the number of CUDA devices.
