@@ -437,7 +437,8 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except TrainingInterrupted as stopped:
-        print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every process stopped at the same step; one says so
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
         sys.exit(stopped.exit_code)
     except (ValueError, TypeError, OSError) as error:
         if not is_known_error(error) or os.environ.get(TRACEBACK_ENV, "").lower() in ("1", "true", "yes"):

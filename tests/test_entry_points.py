@@ -1,14 +1,18 @@
 """Every command-line entry point answers --help with its usage and exit status 0 (a stray % in a help string used to
-crash argparse), and a known error in training ends with one line and exit status 2, without a traceback."""
+crash argparse), a known error in training ends with one line and exit status 2, without a traceback, and the
+libraries' noise of every run stays out (bitsandbytes' CPU kernel warning, the gradient_checkpointing deprecation)."""
 
 import os
 import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 from launcher_helpers import LAUNCHER_KNOBS
+
+from finetune.arguments import parse_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # (module name, or script path) of every Python command; each runs in this process as __main__, sharing imports.
@@ -77,3 +81,21 @@ def test_a_bad_argument_ends_training_with_one_line(tiny_model_dir, tmp_path):
         "error: --pre_seq_len must be a positive number of prefix tokens, got 0"
     )
     assert "Traceback" not in completed.stderr
+
+
+def test_importing_the_trainer_prints_no_library_noise():
+    completed = subprocess.run(
+        [sys.executable, "-c", "import finetune.train"],
+        cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "gemm_4bit_forward" not in completed.stderr and "pip install kernels" not in completed.stderr
+
+
+def test_gradient_checkpointing_flag_is_passed_on_without_a_deprecation_warning(tiny_model_dir, tmp_path):
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), "--gradient_checkpointing"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, training_args = parse_arguments(argv)
+    assert training_args.gradient_checkpointing and training_args.activation_checkpointing
+    assert not [warning for warning in caught if "gradient_checkpointing" in str(warning.message)]
