@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, Seq2SeqTrainingArguments, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import SaveStrategy, set_seed
 
 from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
@@ -127,16 +127,21 @@ def log_effective_settings(
         if training_args.max_steps > 0
         else f"{training_args.num_train_epochs} epochs"
     )
+    saving = (
+        f"checkpoint every {training_args.save_steps} steps"
+        if training_args.save_strategy == SaveStrategy.STEPS
+        else f"save strategy {SaveStrategy(training_args.save_strategy).value}"
+    )
     files = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
     logger.info(
-        "effective settings:\n  method %s, model %s\n  %s, learning rate %g, checkpoint every %s steps\n"
+        "effective settings:\n  method %s, model %s\n  %s, learning rate %g, %s\n"
         "  batch %d per device x %d accumulation x %d process(es) = %d rows per optimizer step%s\n"
         "  lengths: source %d, target %d tokens (input_output), %d per row (conversations)\n  data: %s\n  output: %s",
         model_args.method,
         model_args.model_name_or_path,
         steps,
         training_args.learning_rate,
-        training_args.save_steps,
+        saving,
         training_args.per_device_train_batch_size,
         training_args.gradient_accumulation_steps,
         training_args.world_size,
