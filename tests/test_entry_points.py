@@ -45,6 +45,7 @@ def _environment() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO_ROOT)}
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy, for modules already imported
 @pytest.mark.parametrize("entry", PYTHON_ENTRY_POINTS)
 def test_every_python_entry_point_prints_its_help(entry: str, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [entry, "--help"])
