@@ -91,7 +91,9 @@ class ModelArguments:
     )
     memory_budget_gib: float | None = field(
         default=None,
-        metadata={"help": "GPU memory in GiB that --recompute auto plans for (default: 90% of the GPU's free memory)."},
+        metadata={
+            "help": "GPU memory in GiB that --recompute auto plans for (default: 90 percent of the GPU's free memory)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -185,7 +187,11 @@ class DataArguments:
         default=None, metadata={"help": "Pad batch rows to a multiple of this many tokens (e.g. 8 for tensor cores)."}
     )
     print_first_example: bool = field(
-        default=True, metadata={"help": "Print the first training example token by token with its labels."}
+        default=True,
+        metadata={"help": "Print the first training example as text with the learned spans marked >>> ... <<<."},
+    )
+    print_token_table: bool = field(
+        default=False, metadata={"help": "Also print the first training example token by token with its labels."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation examples."})
@@ -276,6 +282,21 @@ def read_config_file(path: Path) -> dict:
     return _coerce_numbers(values, path)
 
 
+# transformers 5 renamed these TrainingArguments (the old names still work but warn on every run); the project keeps
+# documenting the familiar names and passes them on under the new ones.
+RENAMED_TRAINING_ARGUMENTS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _renamed_flag(argument: str) -> str:
+    """`--gradient_checkpointing[=value]` as `--activation_checkpointing[=value]`; other arguments unchanged."""
+    name, equals, value = argument.partition("=")
+    new_name = RENAMED_TRAINING_ARGUMENTS.get(name.removeprefix("--")) if name.startswith("--") else None
+    return f"--{new_name}{equals}{value}" if new_name else argument
+
+
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
@@ -288,5 +309,5 @@ def parse_arguments(
         unknown = sorted(set(values) - {item.name for cls in ARGUMENT_CLASSES for item in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
-        return parser.parse_dict(values)
-    return parser.parse_args_into_dataclasses(args=argv)
+        return parser.parse_dict({RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
+    return parser.parse_args_into_dataclasses(args=[_renamed_flag(argument) for argument in argv])

@@ -1,7 +1,10 @@
-"""Trainer callbacks: throughput and GPU memory in the training logs, and a loss-curve plot at the end of training."""
+"""Trainer callbacks: throughput and GPU memory in the training logs, a loss-curve plot at the end of training, and
+stopping cleanly (checkpoint saved) on SIGINT/SIGTERM."""
 
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 LOSS_CURVE_FILE = "loss_curve.png"
+INTERVAL_THROUGHPUT_KEY = "interval_tokens_per_second"
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (non-padding input tokens since the previous log, all processes) and
+    """Adds `interval_tokens_per_second` (non-padding input tokens per second since the previous log, all processes;
+    transformers' own `train_tokens_per_second` is the average since training started) and
     `gpu_max_memory_allocated_gib` (peak allocated CUDA memory on this process, when CUDA is available) to each
     training log.
 
@@ -43,6 +48,12 @@ class ThroughputCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         """Start the first measuring window (also after resuming, where the token count does not start at 0)."""
+        if state.is_world_process_zero:
+            logger.info(
+                "throughput in the training logs: %s = non-padding tokens per second since the previous log line (all "
+                "processes); train_tokens_per_second = the average since training started",
+                INTERVAL_THROUGHPUT_KEY,
+            )
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
         if torch.cuda.is_available():
@@ -64,7 +75,7 @@ class ThroughputCallback(TrainerCallback):
         added: dict[str, float] = {}
         elapsed = now - self._last_time
         if elapsed > 0:
-            added["tokens_per_second"] = round((tokens - self._last_tokens) / elapsed, 2)
+            added[INTERVAL_THROUGHPUT_KEY] = round((tokens - self._last_tokens) / elapsed, 2)
         if torch.cuda.is_available():
             added["gpu_max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
         self._last_time = now
@@ -127,3 +138,79 @@ class LossCurveCallback(TrainerCallback):
                 state.global_step,
                 path,
             )
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A signal repeated within this many seconds counts as the same request: Ctrl-C reaches torchrun and its workers
+# both, and torchrun then forwards it to the workers once more.
+REPEAT_WINDOW_S = 2.0
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Turns the first SIGINT/SIGTERM into "finish this optimizer step, save a checkpoint, stop"; a second signal
+    (more than REPEAT_WINDOW_S later) ends the process at once with the usual 128 + signal number.
+
+    With several processes the request is shared (all-reduced) at every step end, so all ranks stop at the same step
+    and write the checkpoint together. `install()` sets the handlers, `uninstall()` restores the previous ones.
+    """
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._received_at = 0.0
+        self._previous: dict[signal.Signals, object] = {}
+
+    @property
+    def stopped(self) -> bool:
+        """True when training stopped because of a signal."""
+        return self.received is not None
+
+    @property
+    def exit_code(self) -> int:
+        """The exit status of a process ended by the received signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(self.received or 0)
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM in this process; does nothing outside the main thread (Python's rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for stop_signal in STOP_SIGNALS:
+            self._previous[stop_signal] = signal.signal(stop_signal, self._handle)
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were in place before `install()`."""
+        for stop_signal, handler in self._previous.items():
+            signal.signal(stop_signal, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        """Record the first signal; on a later one, exit at once."""
+        now = time.monotonic()
+        if self.received is None:
+            self.received = signal.Signals(signum)
+            self._received_at = now
+            logger.warning(
+                "%s received: finishing the current optimizer step, then saving a checkpoint (send it again to quit "
+                "at once, without saving)",
+                self.received.name,
+            )
+            return
+        if now - self._received_at < REPEAT_WINDOW_S:
+            return
+        logger.warning("%s received again: quitting without saving", signal.Signals(signum).name)
+        os._exit(128 + signum)
+
+    def _any_rank_received(self, args: TrainingArguments) -> bool:
+        """True when this or any other process has received a stop signal."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.received is not None
+        flag = torch.tensor([int(self.received or 0)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = signal.Signals(int(flag.item()))
+        return bool(flag.item())
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """After a requested stop: save a checkpoint at this step and end training."""
+        if self._any_rank_received(args):
+            control.should_save = True
+            control.should_training_stop = True

@@ -20,7 +20,13 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizer
 
-from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_files
+from finetune.model.checkpoint_files import (
+    CheckpointError,
+    check_chatglm_folder,
+    check_weight_file,
+    read_json_file,
+    weight_files,
+)
 from finetune.model.prefix_checkpoint import PREFIX_KEY_PREFIX, find_prefix_weights, load_prefix_checkpoint
 
 TRAINING_RECORD = "training_record.json"
@@ -118,6 +124,38 @@ def detect_checkpoint_kind(path: str | Path) -> CheckpointKind:
         f"{folder}: not a checkpoint: expected {ADAPTER_CONFIG} (LoRA), prefix weights with config.json (P-Tuning v2) "
         "or config.json with model weights (a whole model)"
     )
+
+
+def check_tokenizer_folder(path: str | Path, knob: str) -> None:
+    """Raise CheckpointError when a local folder the tokenizer is read from lacks tokenizer.model."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / TOKENIZER_FILE).is_file():
+        raise CheckpointError(
+            f"{folder}: {TOKENIZER_FILE} is missing (the SentencePiece tokenizer); copy it from the chatglm3-6b folder "
+            f"the model came from, or pass a folder that has it with {knob}"
+        )
+
+
+def check_base_model_folder(path: str | Path, knob: str = "--model_name_or_path") -> None:
+    """Raise CheckpointError unless `path` is a whole ChatGLM3 model with its tokenizer (the official chatglm3-6b, an
+    export, or a full fine-tune): not a LoRA or P-Tuning v2 checkpoint, not another architecture, nothing missing.
+
+    The one check of a base-model folder before anything is loaded (training, evaluation, inference, export, server).
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        record = read_training_record(folder)
+        adapter = (folder / ADAPTER_CONFIG).is_file()
+        method = record["method"] if record else "lora" if adapter else None
+        if adapter or (method is not None and method != "full") or holds_only_prefix_weights(folder):
+            trained_on = f" ({record['base_model']})" if record and record.get("base_model") else ""
+            raise CheckpointError(
+                f"{folder}: is a {method or 'ptuning'} fine-tuning checkpoint, not a base model; pass the base model it "
+                f"was trained on{trained_on} as {knob} (to continue training it, use --resume_from_checkpoint with its "
+                "run's --output_dir)"
+            )
+    check_chatglm_folder(folder)
+    check_tokenizer_folder(folder, knob)
 
 
 def resolve_base(path: str | Path, override: str | None = None) -> str:
@@ -264,10 +302,14 @@ def load_for_inference(
     if kind in (CheckpointKind.PREFIX, CheckpointKind.LORA):
         base_path = resolve_base(folder, base)
         tokenizer_fallback = base_path
+        if Path(base_path).is_dir():
+            check_base_model_folder(base_path, knob="--base")
     else:
         base_path = str(folder)
         record = read_training_record(folder) or {}
         tokenizer_fallback = base or record.get("base_model") or base_path
+        check_chatglm_folder(folder)
+    check_tokenizer_folder(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer), knob="--tokenizer")
     if kind is CheckpointKind.PREFIX:
         pre_seq_len, prefix_projection = prefix_settings(folder)
         model = AutoModelForCausalLM.from_pretrained(

@@ -11,6 +11,6 @@ if __name__ == "__main__":
     SCRIPT_DIR = Path(__file__).resolve().parent
     sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != SCRIPT_DIR]
     sys.path.insert(0, str(SCRIPT_DIR.parent))
-    from finetune.train import main
+    from finetune.train import cli
 
-    main()
+    cli()

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 from packaging.version import Version
@@ -135,7 +136,12 @@ def apply_method(model: PreTrainedModel, model_args: ModelArguments) -> nn.Modul
     if method == METHOD_PTUNING:
         freeze_all_but_prefix_encoder(model)
     elif method in (METHOD_LORA, METHOD_QLORA):
-        model = get_peft_model(model, lora_config(model_args))
+        with warnings.catch_warnings():
+            # peft probes the model's deprecated `is_gradient_checkpointing` alias, which warns on every LoRA run.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            model = get_peft_model(model, lora_config(model_args))
     elif method == METHOD_FULL:
         model.requires_grad_(True)
     upcast_trainable_parameters(model)

@@ -7,7 +7,9 @@ method, then train (saving checkpoints and the final model in the agreed format)
 """
 
 import logging
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,19 +25,19 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import SaveStrategy, set_seed
 
 from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
-from finetune.callbacks import LossCurveCallback, ThroughputCallback
+from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
+from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
-from finetune.data.validation import print_token_labels
+from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, check_quantization_available
-from finetune.model.checkpoint_files import check_chatglm_folder
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
 from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
@@ -43,6 +45,18 @@ from finetune.trainer import FinetuneTrainer
 logger = logging.getLogger("finetune.train")  # named, so `python -m finetune.train` logs too
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACEBACK_ENV = "FINETUNE_TRACEBACK"
+# Exit status of a run stopped by a known error (bad argument, data or checkpoint): the message says what to fix.
+KNOWN_ERROR_EXIT_CODE = 2
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the process should exit with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -100,8 +114,52 @@ def check_run_settings(
             f"--gradient_checkpointing recomputes whole layers but --recompute {model_args.recompute} asks for less; "
             "pass only one of them"
         )
+    if training_args.ddp_find_unused_parameters is None:
+        # Every trainable parameter (prefix encoder, LoRA adapters, or all weights) takes part in each forward pass,
+        # so DDP need not search the graph for unused ones (it warns every run when asked to and finds none).
+        training_args.ddp_find_unused_parameters = False
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"
+
+
+def log_effective_settings(
+    model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments
+) -> None:
+    """Log the settings a run actually uses, in one block, before any heavy work."""
+    rows_per_step = (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+    steps = (
+        f"{training_args.max_steps} steps"
+        if training_args.max_steps > 0
+        else f"{training_args.num_train_epochs} epochs"
+    )
+    saving = (
+        f"checkpoint every {training_args.save_steps} steps"
+        if training_args.save_strategy == SaveStrategy.STEPS
+        else f"save strategy {SaveStrategy(training_args.save_strategy).value}"
+    )
+    files = {"train": data_args.train_file, "eval": data_args.validation_file, "test": data_args.test_file}
+    logger.info(
+        "effective settings:\n  method %s, model %s\n  %s, learning rate %g, %s\n"
+        "  batch %d per device x %d accumulation x %d process(es) = %d rows per optimizer step%s\n"
+        "  lengths: source %d, target %d tokens (input_output), %d per row (conversations)\n  data: %s\n  output: %s",
+        model_args.method,
+        model_args.model_name_or_path,
+        steps,
+        training_args.learning_rate,
+        saving,
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+        training_args.world_size,
+        rows_per_step,
+        " (packed rows)" if data_args.packing else "",
+        data_args.max_source_length,
+        data_args.max_target_length,
+        data_args.max_seq_length,
+        ", ".join(f"{split} {path}" for split, path in files.items() if path),
+        Path(training_args.output_dir).resolve(),
+    )
 
 
 def check_output_dir(training_args: Seq2SeqTrainingArguments, resuming: bool) -> None:
@@ -292,17 +350,22 @@ def run(
 ) -> TrainingRun:
     """Train, evaluate and predict as the arguments say; `extra_callbacks` are added to the Trainer."""
     check_run_settings(model_args, data_args, training_args)
+    if training_args.should_log:
+        log_effective_settings(model_args, data_args, training_args)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         check_checkpoint_matches(resume, model_args)
     check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
     set_seed(training_args.seed)
 
-    check_chatglm_folder(model_args.model_name_or_path)
+    check_base_model_folder(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     splits = load_data(data_args, training_args, tokenizer)
-    if "train" in splits and data_args.print_first_example and training_args.should_log:
-        print_token_labels(splits["train"].dataset[0], tokenizer)
+    if "train" in splits and training_args.should_log:
+        if data_args.print_first_example:
+            print_learned_spans(splits["train"].dataset[0], tokenizer)
+        if data_args.print_token_table:
+            print_token_labels(splits["train"].dataset[0], tokenizer)
 
     model_config = AutoConfig.from_pretrained(
         model_args.model_name_or_path,
@@ -327,8 +390,9 @@ def run(
     if not training_args.gradient_checkpointing:
         apply_recompute_plan(model, estimate.setup.recompute)
         logger.info("activation recomputation: %s", estimate.setup.recompute.describe(model_config.num_layers))
+    stop = StopOnSignalCallback()
     trainer = build_trainer(
-        model, tokenizer, splits, train_dataset, model_args, data_args, training_args, extra_callbacks
+        model, tokenizer, splits, train_dataset, model_args, data_args, training_args, (*extra_callbacks, stop)
     )
     outcome = TrainingRun(trainer)
 
@@ -337,7 +401,7 @@ def run(
         trainer.load_checkpoint_weights(resume)
         trainer.save_final_model()
     elif training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        result = train_until_done_or_signalled(trainer, resume, stop)
         trainer.save_final_model()
         outcome.metrics["train"] = result.metrics
         save_metrics(trainer, "train", result.metrics)
@@ -351,6 +415,29 @@ def run(
     return outcome
 
 
+def train_until_done_or_signalled(
+    trainer: FinetuneTrainer, resume: Path | None, stop: StopOnSignalCallback
+) -> transformers.trainer_utils.TrainOutput:
+    """trainer.train() with SIGINT/SIGTERM turned into "save a checkpoint and stop" (then TrainingInterrupted)."""
+    if trainer.args.save_strategy != "no":
+        trainer.check_free_space()
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    finally:
+        stop.uninstall()
+    if stop.stopped:
+        output_dir = Path(trainer.args.output_dir).resolve()
+        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+        raise TrainingInterrupted(
+            f"training stopped by {stop.received.name} at step {trainer.state.global_step}: checkpoint saved to "
+            f"{checkpoint}, loss curve in {output_dir}; continue with --resume_from_checkpoint auto and the same "
+            f"--output_dir (launchers: AUTORESUME_FROM_CHECKPOINT=1 OUTPUT_DIR={output_dir})",
+            stop.exit_code,
+        )
+    return result
+
+
 def already_finished(resume: Path | None, training_args: Seq2SeqTrainingArguments) -> bool:
     """True when the checkpoint to resume from is at or past --max_steps (Trainer would run one step too many)."""
     if resume is None or training_args.max_steps <= 0:
@@ -360,11 +447,35 @@ def already_finished(resume: Path | None, training_args: Seq2SeqTrainingArgument
 
 
 def main(argv: list[str] | None = None) -> TrainingRun:
-    """Command-line entry point: parse arguments (or one config file) and run."""
+    """Parse arguments (or one config file) and run; errors propagate (see `cli` for the command line)."""
     model_args, data_args, training_args = parse_arguments(argv)
     configure_logging(training_args)
     return run(model_args, data_args, training_args)
 
 
+def is_known_error(error: BaseException) -> bool:
+    """True for an error one of the project's own checks raised: its message says what to fix."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PROJECT_ROOT / "finetune")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry point: known errors end the run with one line and exit status 2 (set FINETUNE_TRACEBACK=1
+    for the traceback); a run stopped by a signal exits with 128 + the signal number after saving."""
+    try:
+        main(argv)
+    except TrainingInterrupted as stopped:
+        if os.environ.get("RANK", "0") == "0":  # every process stopped at the same step; one says so
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
+    except (ValueError, TypeError, OSError) as error:
+        if not is_known_error(error) or os.environ.get(TRACEBACK_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{where}error: {error}", file=sys.stderr, flush=True)
+        sys.exit(KNOWN_ERROR_EXIT_CODE)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -13,10 +13,11 @@ and in every folder training_record.json. A checkpoint is written into `tmp-chec
 import contextlib
 import copy
 import dataclasses
+import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,43 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STAGING_PREFIX = "tmp-"
 FINAL_STAGING_NAME = STAGING_PREFIX + "final"
+GIB = 1024**3
+# Below this many free bytes a failed write is taken for a full disk, whatever the writer's own message says
+# (torch.save reports "basic_ios::clear: iostream error", safetensors an "os error 28").
+NEARLY_FULL_BYTES = 1024**2
+ADAM_STATE_BYTES_PER_PARAMETER = 8  # two fp32 moments
+MASTER_WEIGHT_BYTES_PER_PARAMETER = 4  # DeepSpeed's fp32 copy of the trained weights
+
+
+class DiskFullError(OSError):
+    """A checkpoint did not fit on the output folder's disk (the partial folder has been removed)."""
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes in the files under `folder`."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def checkpoint_size_estimate(model: nn.Module, method: str, deepspeed: bool) -> int:
+    """About how many bytes one checkpoint takes: the saved weights plus the Adam state of the trained ones."""
+    saved = trained = 0
+    for parameter in model.parameters():
+        count = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 partitions hold no local elements
+        if parameter.requires_grad:
+            trained += count
+        if parameter.requires_grad or method == METHOD_FULL:
+            saved += count * parameter.element_size()
+    per_trained = ADAM_STATE_BYTES_PER_PARAMETER + (MASTER_WEIGHT_BYTES_PER_PARAMETER if deepspeed else 0)
+    return saved + trained * per_trained
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """True when a failed write ran out of disk space in `folder`."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "no space left" in str(error).lower() or "os error 28" in str(error).lower():
+        return True
+    return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
 def base_model_reference(model_name_or_path: str) -> str:
@@ -161,6 +199,51 @@ class FinetuneTrainer(Seq2SeqTrainer):
         record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
         write_json_atomically(folder / TRAINING_RECORD, record)
 
+    def checkpoint_bytes(self, run_dir: Path) -> int:
+        """About how many bytes the next checkpoint takes: the newest complete one's size, else an estimate."""
+        existing = sorted(
+            (int(child.name.rsplit("-", 1)[1]), child)
+            for child in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if child.is_dir() and child.name.rsplit("-", 1)[1].isdigit()
+        )
+        if existing:
+            return folder_size(existing[-1][1])
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return checkpoint_size_estimate(model, self.model_args.method, self.is_deepspeed_enabled)
+
+    def check_free_space(self, run_dir: Path | None = None) -> None:
+        """Raise DiskFullError when the output folder's disk has less free space than a checkpoint needs."""
+        run_dir = Path(run_dir or self.args.output_dir)
+        if not self.args.should_save:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        needed = self.checkpoint_bytes(run_dir)
+        free = shutil.disk_usage(run_dir).free
+        if free < needed:
+            raise DiskFullError(self._disk_full_message(run_dir, needed, free))
+
+    def _disk_full_message(self, run_dir: Path, needed: int, free: int) -> str:
+        """The one-line explanation of a full disk under `run_dir`."""
+        return (
+            f"no space left on {run_dir} (needs about {needed / GIB:.3g} GiB for a checkpoint, {free / GIB:.3g} GiB "
+            "free): free some space, lower --save_total_limit, or pass an --output_dir (OUTPUT_DIR) on a larger disk"
+        )
+
+    @contextlib.contextmanager
+    def _disk_full_guard(self, staging: Path, run_dir: Path) -> Iterator[None]:
+        """Turn a save that runs out of disk space into a DiskFullError, deleting its staging folder (other
+        failures leave the folder as it is; resume never uses it)."""
+        try:
+            yield
+        except Exception as error:
+            if not (self.args.should_save and is_disk_full(error, run_dir)):
+                raise
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            needed = self.checkpoint_bytes(run_dir)
+            message = self._disk_full_message(run_dir, needed, shutil.disk_usage(run_dir).free)
+            raise DiskFullError(f"{message}; the partial {staging.name} was removed") from error
+
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         """Write checkpoint-N as Trainer does, but into tmp-checkpoint-N, renamed to checkpoint-N when complete.
 
@@ -173,22 +256,24 @@ class FinetuneTrainer(Seq2SeqTrainer):
         staging = run_dir / f"{STAGING_PREFIX}{name}"
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
+        self.check_free_space(run_dir)
         self.accelerator.wait_for_everyone()
 
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
-        self.save_model(str(staging), _internal_call=True)
-        best_step = self.state.best_global_step
-        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
-            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
-            if best_step == self.state.global_step or best.exists():
-                self.state.best_model_checkpoint = str(best)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(staging))
-            self._save_scaler(str(staging))
-            self._save_rng_state(str(staging))
-        if self.args.should_save:
-            self._save_trainer_state(staging)
+        with self._disk_full_guard(staging, run_dir):
+            self.save_model(str(staging), _internal_call=True)
+            best_step = self.state.best_global_step
+            if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
+                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+                if best_step == self.state.global_step or best.exists():
+                    self.state.best_model_checkpoint = str(best)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(staging))
+                self._save_scaler(str(staging))
+                self._save_rng_state(str(staging))
+            if self.args.should_save:
+                self._save_trainer_state(staging)
 
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -223,7 +308,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.accelerator.wait_for_everyone()
-        self.save_model(str(staging), _internal_call=True)
+        with self._disk_full_guard(staging, output_dir):
+            self.save_model(str(staging), _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             move_files_into(staging, output_dir, last=TRAINING_RECORD)
@@ -243,6 +329,28 @@ class FinetuneTrainer(Seq2SeqTrainer):
             load_prefix_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
+        schedule: the saved state holds the rate the checkpoint's own schedule reached (0 at its last step when the
+        run was planned with a smaller --max_steps), which the first resumed step would otherwise use."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        saved_rate = self.lr_scheduler.get_last_lr()[0]
+        # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
+        self.lr_scheduler.last_epoch -= 1
+        self.lr_scheduler.step()
+        resumed_rate = self.lr_scheduler.get_last_lr()[0]
+        if resumed_rate != saved_rate:
+            logger.info(
+                "resumed learning rate at step %d: %.3g from this run's schedule (max_steps=%d) instead of the saved "
+                "%.3g",
+                self.lr_scheduler.last_epoch,
+                resumed_rate,
+                self.args.max_steps,
+                saved_rate,
+            )
 
     def _load_best_model(self) -> None:
         """Load the best checkpoint at the end of training; a prefix checkpoint loads into the prefix encoder."""

@@ -4,7 +4,8 @@
     python inference/inference.py --model CKPT --prompt "..."                     # one reply
     python inference/inference.py --model CKPT --input_file in.jsonl --output_file out.jsonl
 
-Interactive chat streams the reply; `/clear` forgets the history, `/exit` (or end of input) quits.
+Interactive chat streams the reply; `/clear` forgets the history, `exit`, `quit`, `/exit` or `/quit` (or end of
+input) quits. From the repository root, `python inference.py ...` runs this same script.
 Batch mode reads input-output records ({"prompt"}: encoded as in training, `[gMASK] sop` + prompt) or
 conversation records ({"conversations"}: ChatGLM3 chat turns, the reply follows them) and writes one
 {"prompt" or "conversations", "response"} line per record.
@@ -41,7 +42,7 @@ from finetune.prediction_log import (  # noqa: E402
 )
 
 CLEAR_COMMAND = "/clear"
-EXIT_COMMAND = "/exit"
+EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
 
 
 def chat_generation_kwargs(args: argparse.Namespace) -> dict:
@@ -79,7 +80,7 @@ def stream_reply(model, tokenizer, query: str, history: list[dict], generation_k
 
 def chat_loop(model, tokenizer, generation_kwargs: dict) -> None:
     """Interactive multi-turn chat on stdin/stdout until /exit or end of input."""
-    print(f"Chat with the model. {CLEAR_COMMAND} clears the history, {EXIT_COMMAND} quits.", flush=True)
+    print(f"Chat with the model. {CLEAR_COMMAND} clears the history, exit or quit ends the chat.", flush=True)
     history: list[dict] = []
     while True:
         try:
@@ -89,7 +90,7 @@ def chat_loop(model, tokenizer, generation_kwargs: dict) -> None:
             return
         if not query:
             continue
-        if query == EXIT_COMMAND:
+        if query.lower() in EXIT_COMMANDS:
             return
         if query == CLEAR_COMMAND:
             history = []
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input_file and --output_file go together")
     if args.prompt is not None and args.input_file:
         parser.error("use either --prompt or --input_file, not both")
+    for name in ("max_new_tokens", "batch_size", "max_source_length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
     try:
         records = check_batch_files(args) if args.input_file else None
         model, tokenizer, _ = load_from_arguments(args, merge_lora=args.merge_lora)

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by the finetune_*.sh launchers: reads the shared environment-variable knobs, checks the inputs and starts
-# finetune/finetune.py through torchrun, teeing its output into OUTPUT_DIR/train.log.
+# finetune/finetune.py (through torchrun for several processes), teeing its output into OUTPUT_DIR/train.log.
 #
 # Knobs every launcher reads (defaults in brackets; each launcher sets its own for LR, lengths, RUN_NAME, DATASET_PATH):
 #   NUM_GPUS [1; "all" = every visible GPU]  processes per node (CUDA devices; without CUDA, CPU processes on gloo)
@@ -8,14 +8,19 @@
 #   GRAD_ACCUMULATION_STEPS [16]  (the official misspelling GRAD_ACCUMULARION_STEPS is accepted too)
 #   MAX_STEP [1000]  SAVE_INTERVAL [500]  LR
 #   MAX_SOURCE_LEN  MAX_TARGET_LEN  MAX_SEQ_LEN   length bounds (input-output data / whole multi-turn rows)
-#   BASE_MODEL_PATH [output/tiny-chatglm3]  DATASET_PATH  RUN_NAME
+#   BASE_MODEL_PATH (required)  a ChatGLM3 model folder (the quickstart and the tests set it to the tiny test model)
+#   DATASET_PATH  RUN_NAME
 #   OUTPUT_DIR [output/RUN_NAME-DATE-TAG, or output/RUN_NAME-TAG with AUTORESUME_FROM_CHECKPOINT]
 #   AUTORESUME_FROM_CHECKPOINT [0]  1/true: continue from the newest checkpoint in OUTPUT_DIR if there is one
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]   multi-node rendezvous
 #   REPORT_TO [tensorboard when installed, else none]  where the Trainer reports metrics (none, tensorboard, wandb...)
 #   PACKING [1]             1: several examples per training row (segment masks; much faster on short examples; each
 #                           optimizer step then sees more examples, which the log states); 0: one example per row
-# Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs.
+#   STOP_TIMEOUT [600]      seconds torchrun gives its workers, after Ctrl-C / SIGTERM, to save a checkpoint and exit
+# Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs;
+# `--help` prints this list. An environment variable whose name is close to a knob's
+# (MAX_STEPS for MAX_STEP) gets a warning, since the launcher ignores it. One process on one node runs finetune.py
+# directly; several processes (or DeepSpeed) run it under torchrun.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -44,6 +49,39 @@ require_positive_integer() {
     [[ "$value" =~ ^[1-9][0-9]*$ ]] || launcher_error "$name must be a positive integer, got '$value'"
 }
 
+# Every environment variable the launchers read (scripts/evaluate.sh and scripts/quickstart.sh included).
+LAUNCHER_KNOBS=(
+    NUM_GPUS DEV_BATCH_SIZE GRAD_ACCUMULATION_STEPS GRAD_ACCUMULARION_STEPS MAX_STEP SAVE_INTERVAL LR MAX_SOURCE_LEN
+    MAX_TARGET_LEN MAX_SEQ_LEN BASE_MODEL_PATH DATASET_PATH RUN_NAME OUTPUT_DIR AUTORESUME_FROM_CHECKPOINT NNODES
+    NODE_RANK MASTER_ADDR MASTER_PORT REPORT_TO PACKING STOP_TIMEOUT PRE_SEQ_LEN QUANTIZATION_BIT LORA_RANK LORA_ALPHA
+    LORA_DROPOUT LORA_TARGET DS_CONFIG CHECKPOINT BATCH_SIZE MAX_NEW_TOKENS EVAL_SAMPLES EVAL_BATCH_SIZE PROMPT
+    TINY_MODEL_DIR QUICKSTART_DIR QUICKSTART_INSTALL ADVERTISE_GEN_DIR
+)
+
+# Warns on stderr about environment variables whose names are close to a knob's but not one (e.g. MAX_STEPS).
+warn_misspelled_knobs() {
+    python - "${LAUNCHER_KNOBS[@]}" <<'PY'
+import difflib
+import os
+import sys
+
+knobs = sys.argv[1:]
+for name in sorted(os.environ):
+    close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
+    if name not in knobs and close:
+        print(f"warning: {name} is not a launcher knob and is ignored; did you mean {close[0]}?", file=sys.stderr)
+PY
+}
+
+# Prints the launcher's header comment (its knobs) and the shared knobs.
+print_launcher_help() {
+    sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+    echo
+    sed -n '2,/^_LAUNCHER_REPO_ROOT=/p' "$_LAUNCHER_REPO_ROOT/scripts/_common.sh" | grep '^#' | sed 's/^# \{0,1\}//'
+    echo
+    echo "The flags finetune.py takes after the launcher's name: python -m finetune.train --help"
+}
+
 # Prints "cpu", "bf16" or "fp16" (the mixed precision the first GPU supports), then the number of CUDA devices.
 detect_accelerator() {
     python -c 'import torch
@@ -64,6 +102,14 @@ run_finetune() {
         shift
     done
     [ "$#" -gt 0 ] && shift
+    local argument
+    for argument in "$@"; do
+        if [ "$argument" = "--help" ] || [ "$argument" = "-h" ]; then
+            print_launcher_help
+            exit 0
+        fi
+    done
+    warn_misspelled_knobs
 
     if [ -n "${GRAD_ACCUMULARION_STEPS:-}" ] && [ -n "${GRAD_ACCUMULATION_STEPS:-}" ] \
         && [ "$GRAD_ACCUMULARION_STEPS" != "$GRAD_ACCUMULATION_STEPS" ]; then
@@ -86,17 +132,6 @@ run_finetune() {
     local packing_flags=()
     is_true PACKING "${PACKING:-1}" && packing_flags=(--packing)
 
-    local base_model="${BASE_MODEL_PATH:-$_LAUNCHER_REPO_ROOT/output/tiny-chatglm3}"
-    if [ ! -f "$base_model/config.json" ]; then
-        launcher_error "no model at BASE_MODEL_PATH=$base_model (config.json missing). Set BASE_MODEL_PATH to a \
-ChatGLM3 folder (e.g. a local copy of chatglm3-6b), or build the tiny test model first: \
-python -m finetune.tiny_model --output_dir $_LAUNCHER_REPO_ROOT/output/tiny-chatglm3"
-    fi
-    if [ ! -f "$DATASET_PATH" ]; then
-        launcher_error "no training data at DATASET_PATH=$DATASET_PATH. Convert a data set first (python -m \
-data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or set DATASET_PATH to a JSONL file"
-    fi
-
     local accelerator gpu_count
     read -r accelerator gpu_count < <(detect_accelerator) || true
     [ -n "${accelerator:-}" ] || launcher_error "could not import torch with $(command -v python); activate the \
@@ -109,6 +144,12 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
         cpu)
             device_note="No CUDA device: training on CPU (fp32, gloo backend) with $num_gpus process(es) per node."
             precision_flags=(--use_cpu)
+            local cores
+            cores="$(nproc)"
+            if ((num_gpus > cores)); then
+                echo "warning: NUM_GPUS=$num_gpus but there is no CUDA device and only $cores CPU core(s): $num_gpus \
+CPU processes will share them and run slower than one; set NUM_GPUS=1 (or at most $cores)" >&2
+            fi
             ;;
         *)
             ((num_gpus <= gpu_count)) || launcher_error "NUM_GPUS=$num_gpus but only $gpu_count CUDA device(s) are visible"
@@ -116,6 +157,21 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
             precision_flags=("--$accelerator")
             ;;
     esac
+
+    local base_model="${BASE_MODEL_PATH:-}"
+    if [ -z "$base_model" ]; then
+        launcher_error "BASE_MODEL_PATH is not set: set it to your ChatGLM3 model folder, e.g. \
+BASE_MODEL_PATH=/path/to/chatglm3-6b bash $0 (to try the pipeline without a download: bash scripts/quickstart.sh)"
+    fi
+    if [ ! -f "$base_model/config.json" ]; then
+        launcher_error "no model at BASE_MODEL_PATH=$base_model (config.json missing). Set BASE_MODEL_PATH to a \
+ChatGLM3 folder (e.g. a local copy of chatglm3-6b), or build the tiny test model first: \
+python -m finetune.tiny_model --output_dir $_LAUNCHER_REPO_ROOT/output/tiny-chatglm3"
+    fi
+    if [ ! -f "$DATASET_PATH" ]; then
+        launcher_error "no training data at DATASET_PATH=$DATASET_PATH. Convert a data set first (python -m \
+data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or set DATASET_PATH to a JSONL file"
+    fi
 
     # TensorBoard logs (OUTPUT_DIR/runs) whenever tensorboard is installed; REPORT_TO overrides (e.g. none, wandb).
     local report_to="${REPORT_TO:-}"
@@ -134,6 +190,8 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
     fi
     mkdir -p "$output_dir"
 
+    local stop_timeout="${STOP_TIMEOUT:-600}"
+    require_positive_integer STOP_TIMEOUT "$stop_timeout"
     local rendezvous
     if ((nnodes > 1)) || [ -n "${MASTER_PORT:-}" ] || [ -n "${MASTER_ADDR:-}" ]; then
         rendezvous=(--nnodes "$nnodes" --node_rank "$node_rank"
@@ -141,9 +199,13 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
     else
         rendezvous=(--standalone --nnodes 1)
     fi
+    local starter=(env "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$stop_timeout"
+        python -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$num_gpus")
+    if ((num_gpus == 1 && nnodes == 1)) && [[ " ${method_flags[*]} $* " != *" --deepspeed "* ]]; then
+        starter=(python)
+    fi
 
-    local command=(python -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node "$num_gpus"
-        -m finetune.finetune
+    local command=("${starter[@]}" -m finetune.finetune
         --model_name_or_path "$base_model"
         --train_file "$DATASET_PATH"
         --output_dir "$output_dir"
@@ -167,7 +229,18 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
         printf '%q ' "${command[@]}"
         echo
     } | tee -a "$log_file"
-    "${command[@]}" 2>&1 | tee -a "$log_file"
+    local status=0 log_start
+    log_start=$(($(wc -l <"$log_file") + 1))
+    # tee ignores SIGINT/SIGTERM, so that it keeps logging while training saves its checkpoint after Ctrl-C.
+    "${command[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$log_file") || status=$?
+    if ((status != 0)); then
+        # The one useful line can sit above torchrun's report of the failed process: repeat it last.
+        local reason
+        reason="$(tail -n "+$log_start" "$log_file" | grep -m 1 -E '^(\[rank [0-9]+\] )?(error|stopped): ' || true)"
+        [ -n "$reason" ] && echo "$reason" >&2
+        echo "training exited with status $status; full log: $log_file" >&2
+        exit "$status"
+    fi
 }
 
 # Appends "--FLAG VALUE" to the array named $1 when VALUE is not empty.

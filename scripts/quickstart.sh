@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# The whole pipeline in one command: install, (build a tiny model,) convert data, P-Tuning v2, evaluate, answer a prompt.
+# The whole pipeline in one command, showing that fine-tuning works: install, (build a tiny model,) convert data, score
+# the untrained model, fine-tune, score again, print the before/after table, answer a prompt.
 #
-#   bash scripts/quickstart.sh                                          # tiny random model, 1-2 minutes on 2 CPU cores
+#   bash scripts/quickstart.sh                                          # tiny model, about 2 minutes on 2 CPU cores
 #   BASE_MODEL_PATH=/path/to/chatglm3-6b bash scripts/quickstart.sh     # the real model (a GPU is strongly advised)
 #
+# With the tiny model (random weights, its tokenizer trained on ADVERTISE_GEN_DIR/train.json) it trains twice:
+# P-Tuning v2, which cannot teach a random model much through a prefix alone, and full fine-tuning of its 0.2 M
+# weights, which learns the style of the training answers within a minute. With BASE_MODEL_PATH it runs P-Tuning v2.
 # Arguments after the script name go to finetune.py through scripts/finetune_pt.sh, e.g. --gradient_checkpointing.
 # Knobs (environment variables; defaults for the tiny model / for BASE_MODEL_PATH in brackets; relative paths are taken
 # from the current folder, the defaults from the repository root):
 #   BASE_MODEL_PATH     a ChatGLM3 folder; unset = build and use the tiny random model in TINY_MODEL_DIR
-#   TINY_MODEL_DIR      [output/tiny-chatglm3] where the tiny model is built (kept and reused when present)
+#   TINY_MODEL_DIR      [output/tiny-chatglm3-quickstart] where the tiny model is built (kept and reused when present)
 #   QUICKSTART_DIR      [output/quickstart-tiny / output/quickstart-<model folder name>] where everything else goes
 #   ADVERTISE_GEN_DIR   [data/advertise_gen_sample] folder with AdvertiseGen-format train.json and dev.json
 #   QUICKSTART_INSTALL  [1] 0: use the Python environment as it is instead of installing requirements.txt into .venv
 #   PRE_SEQ_LEN [8 / 128]  LR [2e-2]  DEV_BATCH_SIZE [4 / 4]  GRAD_ACCUMULATION_STEPS [1 / 4]  MAX_STEP [20 / 100]
-#   SAVE_INTERVAL [MAX_STEP / 50]  MAX_SOURCE_LEN [64 / 128]  MAX_TARGET_LEN [192 / 256]   training (finetune_pt.sh)
+#   SAVE_INTERVAL [MAX_STEP / 50]  MAX_SOURCE_LEN [64 / 128]  MAX_TARGET_LEN [192 / 256]   P-Tuning v2 (finetune_pt.sh)
 #   NUM_GPUS, QUANTIZATION_BIT, REPORT_TO  passed on to finetune_pt.sh (see scripts/_common.sh)
+#   FULL_MAX_STEP [80]  FULL_LR [5e-3]  FULL_BATCH_SIZE [8]   full fine-tuning of the tiny model (packed rows)
 #   EVAL_SAMPLES [all]  EVAL_BATCH_SIZE [8]  MAX_NEW_TOKENS [64 / 256]   evaluation and the answer
 #   PROMPT [类型#裙*颜色#红色*风格#简约*图案#条纹]   the message answered at the end
-# A second run reuses what is there: the tiny model, and a training run that already reached MAX_STEP (delete
-# QUICKSTART_DIR/run to train again); an interrupted training run continues from its newest checkpoint.
+# A second run reuses what is there: the tiny model, and training runs that already reached their last step (delete
+# QUICKSTART_DIR/run or QUICKSTART_DIR/run-full to train again); an interrupted run continues from its newest checkpoint.
 set -euo pipefail
+
+if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
+    sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
 
 CALLER_DIR="$PWD"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +38,7 @@ STARTED_AT=$SECONDS
 
 step() {
     echo
-    echo "==> [$1/7] $2"
+    echo "==> [$1/$STEPS] $2"
 }
 
 fail() {
@@ -63,7 +73,7 @@ the ChatGLM3 folder must hold its SentencePiece tokenizer"
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-256}"
 else
     TINY=1
-    TINY_MODEL_DIR="$(absolute_path "${TINY_MODEL_DIR:-$REPO_ROOT/output/tiny-chatglm3}")"
+    TINY_MODEL_DIR="$(absolute_path "${TINY_MODEL_DIR:-$REPO_ROOT/output/tiny-chatglm3-quickstart}")"
     BASE_MODEL_PATH="$TINY_MODEL_DIR"
     QUICKSTART_DIR="$(absolute_path "${QUICKSTART_DIR:-$REPO_ROOT/output/quickstart-tiny}")"
     PRE_SEQ_LEN="${PRE_SEQ_LEN:-8}"
@@ -76,11 +86,15 @@ else
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-64}"
 fi
 LR="${LR:-2e-2}"
+FULL_MAX_STEP="${FULL_MAX_STEP:-80}"
+FULL_LR="${FULL_LR:-5e-3}"
+FULL_BATCH_SIZE="${FULL_BATCH_SIZE:-8}"
+STEPS=$((TINY == 1 ? 9 : 8))
 EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-8}"
 PROMPT="${PROMPT:-类型#裙*颜色#红色*风格#简约*图案#条纹}"
 ADVERTISE_GEN_DIR="$(absolute_path "${ADVERTISE_GEN_DIR:-$REPO_ROOT/data/advertise_gen_sample}")"
 for name in PRE_SEQ_LEN DEV_BATCH_SIZE GRAD_ACCUMULATION_STEPS MAX_STEP SAVE_INTERVAL MAX_SOURCE_LEN MAX_TARGET_LEN \
-    MAX_NEW_TOKENS EVAL_BATCH_SIZE ${EVAL_SAMPLES:+EVAL_SAMPLES}; do
+    MAX_NEW_TOKENS EVAL_BATCH_SIZE FULL_MAX_STEP FULL_BATCH_SIZE ${EVAL_SAMPLES:+EVAL_SAMPLES}; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name must be a positive integer, got '${!name}'"
 done
 for split in train dev; do
@@ -92,6 +106,7 @@ DATA_DIR="$QUICKSTART_DIR/data"
 TRAIN_FILE="$DATA_DIR/advertise_gen.jsonl"
 DEV_FILE="$DATA_DIR/advertise_gen_dev.jsonl"
 RUN_DIR="$QUICKSTART_DIR/run"
+FULL_RUN_DIR="$QUICKSTART_DIR/run-full"
 EVAL_DIR="$QUICKSTART_DIR/evaluation"
 ANSWER_FILE="$QUICKSTART_DIR/answer.txt"
 mkdir -p "$QUICKSTART_DIR"
@@ -125,7 +140,7 @@ if [ "$TINY" = 1 ]; then
     if [ -f "$TINY_MODEL_DIR/config.json" ] && [ -f "$TINY_MODEL_DIR/tokenizer.model" ]; then
         echo "already built; reusing it (delete the folder to rebuild)"
     else
-        python -m finetune.tiny_model --output_dir "$TINY_MODEL_DIR"
+        python -m finetune.tiny_model --output_dir "$TINY_MODEL_DIR" --text_file "$ADVERTISE_GEN_DIR/train.json"
     fi
 else
     step 2 "Base model $BASE_MODEL_PATH"
@@ -138,13 +153,39 @@ python -m data_tools.format_advertise_gen \
     --train_file "$ADVERTISE_GEN_DIR/train.json" --dev_file "$ADVERTISE_GEN_DIR/dev.json" \
     --output "$TRAIN_FILE" --dev_output "$DEV_FILE"
 
-# ---- 4. training ------------------------------------------------------------------------------------------------
-step 4 "P-Tuning v2: $MAX_STEP steps, pre_seq_len $PRE_SEQ_LEN, batch $DEV_BATCH_SIZE x $GRAD_ACCUMULATION_STEPS, into $RUN_DIR"
-finished_step=0
-if [ -f "$RUN_DIR/training_record.json" ]; then
-    finished_step="$(python -c 'import json, sys
-print(json.load(open(sys.argv[1], encoding="utf-8"))["global_step"])' "$RUN_DIR/training_record.json")"
-fi
+# Usage: trained_step RUN_DIR: the global_step of the run's final save (0 when there is none).
+trained_step() {
+    if [ -f "$1/training_record.json" ]; then
+        python -c 'import json, sys
+print(json.load(open(sys.argv[1], encoding="utf-8"))["global_step"])' "$1/training_record.json"
+    else
+        echo 0
+    fi
+}
+
+# Usage: newest_checkpoint RUN_DIR: the checkpoint-N folder with the highest N.
+newest_checkpoint() {
+    local newest
+    newest="$(find "$1" -mindepth 1 -maxdepth 1 -type d -name 'checkpoint-*' -printf '%f\n' | sort -t- -k2,2n | tail -n 1)"
+    [ -n "$newest" ] || fail "training finished but $1 holds no checkpoint-N folder; see $1/train.log"
+    echo "$1/$newest"
+}
+
+# Usage: score NAME CHECKPOINT: ROUGE/BLEU of CHECKPOINT on the dev data into EVAL_DIR/NAME.
+eval_flags=(--max_source_length "$MAX_SOURCE_LEN")
+[ -n "${EVAL_SAMPLES:-}" ] && eval_flags+=(--max_samples "$EVAL_SAMPLES")
+score() {
+    env CHECKPOINT="$2" DATASET_PATH="$DEV_FILE" OUTPUT_DIR="$EVAL_DIR/$1" BATCH_SIZE="$EVAL_BATCH_SIZE" \
+        MAX_NEW_TOKENS="$MAX_NEW_TOKENS" BASE_MODEL_PATH="$BASE_MODEL_PATH" bash scripts/evaluate.sh "${eval_flags[@]}"
+}
+
+# ---- 4. the untrained model -------------------------------------------------------------------------------------
+step 4 "ROUGE/BLEU of the untrained base model on $DEV_FILE"
+score base "$BASE_MODEL_PATH"
+
+# ---- 5. P-Tuning v2 ---------------------------------------------------------------------------------------------
+step 5 "P-Tuning v2: $MAX_STEP steps, pre_seq_len $PRE_SEQ_LEN, batch $DEV_BATCH_SIZE x $GRAD_ACCUMULATION_STEPS, into $RUN_DIR"
+finished_step="$(trained_step "$RUN_DIR")"
 if ((finished_step >= MAX_STEP)); then
     echo "already trained to step $finished_step (MAX_STEP=$MAX_STEP); skipping training (delete $RUN_DIR to train again)"
 else
@@ -155,32 +196,75 @@ else
         bash scripts/finetune_pt.sh --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
         --disable_tqdm True "$@"
 fi
-newest="$(find "$RUN_DIR" -mindepth 1 -maxdepth 1 -type d -name 'checkpoint-*' -printf '%f\n' | sort -t- -k2,2n | tail -n 1)"
-CHECKPOINT="$RUN_DIR/$newest"
-[ -n "$newest" ] || fail "training finished but $RUN_DIR holds no checkpoint-N folder; see $RUN_DIR/train.log"
+CHECKPOINT="$(newest_checkpoint "$RUN_DIR")"
+runs=(base ptuning)
+run_dirs=("" "$RUN_DIR")
+ANSWER_CHECKPOINT="$CHECKPOINT"
 
-# ---- 5. evaluation ----------------------------------------------------------------------------------------------
-step 5 "ROUGE/BLEU of $CHECKPOINT on $DEV_FILE"
-eval_flags=(--max_source_length "$MAX_SOURCE_LEN")
-[ -n "${EVAL_SAMPLES:-}" ] && eval_flags+=(--max_samples "$EVAL_SAMPLES")
-env CHECKPOINT="$CHECKPOINT" DATASET_PATH="$DEV_FILE" OUTPUT_DIR="$EVAL_DIR" BATCH_SIZE="$EVAL_BATCH_SIZE" \
-    MAX_NEW_TOKENS="$MAX_NEW_TOKENS" BASE_MODEL_PATH="$BASE_MODEL_PATH" bash scripts/evaluate.sh "${eval_flags[@]}"
+# ---- 6. full fine-tuning of the tiny model ----------------------------------------------------------------------
+if [ "$TINY" = 1 ]; then
+    step 6 "Full fine-tuning of the tiny model: $FULL_MAX_STEP steps of $FULL_BATCH_SIZE packed rows, lr $FULL_LR, into $FULL_RUN_DIR"
+    finished_step="$(trained_step "$FULL_RUN_DIR")"
+    if ((finished_step >= FULL_MAX_STEP)); then
+        echo "already trained to step $finished_step (FULL_MAX_STEP=$FULL_MAX_STEP); skipping training (delete \
+$FULL_RUN_DIR to train again)"
+    else
+        mkdir -p "$FULL_RUN_DIR"
+        python finetune/finetune.py --model_name_or_path "$BASE_MODEL_PATH" --train_file "$TRAIN_FILE" \
+            --output_dir "$FULL_RUN_DIR" --resume_from_checkpoint auto --max_steps "$FULL_MAX_STEP" \
+            --save_steps "$FULL_MAX_STEP" --learning_rate "$FULL_LR" --per_device_train_batch_size "$FULL_BATCH_SIZE" \
+            --packing True --max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN" \
+            --logging_steps 5 --report_to none --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
+            --disable_tqdm True 2>&1 | (trap '' INT TERM && exec tee -a "$FULL_RUN_DIR/train.log")
+    fi
+    FULL_CHECKPOINT="$(newest_checkpoint "$FULL_RUN_DIR")"
+    runs+=(full)
+    run_dirs+=("$FULL_RUN_DIR")
+    ANSWER_CHECKPOINT="$FULL_CHECKPOINT"
+fi
 
-# ---- 6. inference -----------------------------------------------------------------------------------------------
-step 6 "Answer a prompt with $CHECKPOINT"
+# ---- 7. the trained models --------------------------------------------------------------------------------------
+step $((STEPS - 2)) "ROUGE/BLEU of the trained checkpoints on $DEV_FILE"
+score ptuning "$CHECKPOINT"
+[ "$TINY" = 1 ] && score full "$FULL_CHECKPOINT"
+echo
+echo "Before and after fine-tuning (dev set, $EVAL_DIR/*/metrics.json; loss: first and last logged training loss):"
+python - "$EVAL_DIR" "${runs[@]}" -- "${run_dirs[@]}" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+eval_dir = Path(sys.argv[1])
+separator = sys.argv.index("--")
+names, run_dirs = sys.argv[2:separator], sys.argv[separator + 1 :]
+labels = {"base": "untrained base", "ptuning": "P-Tuning v2", "full": "full fine-tuning"}
+metric_names = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+print(f"  {'model':<18}" + "".join(f"{name:>9}" for name in metric_names) + f"{'loss':>16}")
+for name, run_dir in zip(names, run_dirs):
+    metrics = json.loads((eval_dir / name / "metrics.json").read_text(encoding="utf-8"))
+    loss = ""
+    if run_dir:
+        state_files = sorted(Path(run_dir).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
+        history = json.loads(state_files[-1].read_text(encoding="utf-8"))["log_history"]
+        losses = [entry["loss"] for entry in history if "loss" in entry]
+        loss = f"{losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
+    print(f"  {labels[name]:<18}" + "".join(f"{metrics[key]:>9.2f}" for key in metric_names) + f"{loss:>16}")
+PY
+
+# ---- 8. inference -----------------------------------------------------------------------------------------------
+step $((STEPS - 1)) "Answer a prompt with $ANSWER_CHECKPOINT"
 echo "User: $PROMPT"
 answer_staging="$(mktemp "$QUICKSTART_DIR/.answer.XXXXXX")"
-if ! python inference/inference.py --model "$CHECKPOINT" --prompt "$PROMPT" --max_new_tokens "$MAX_NEW_TOKENS" \
+if ! python inference.py --model "$ANSWER_CHECKPOINT" --prompt "$PROMPT" --max_new_tokens "$MAX_NEW_TOKENS" \
     >"$answer_staging"; then
     rm -f "$answer_staging"
-    fail "inference/inference.py could not answer; see the messages above"
+    fail "inference.py could not answer; see the messages above"
 fi
 mv "$answer_staging" "$ANSWER_FILE"
 echo "ChatGLM: $(cat "$ANSWER_FILE")"
-[ "$TINY" = 1 ] && echo "(the tiny model has random weights, so its answer is gibberish; the pipeline is what is shown)"
 
-# ---- 7. summary -------------------------------------------------------------------------------------------------
-step 7 "Done in $((SECONDS - STARTED_AT)) s. Where everything went:"
+# ---- 9. summary -------------------------------------------------------------------------------------------------
+step "$STEPS" "Done in $((SECONDS - STARTED_AT)) s. Where everything went:"
 echo "  base model:      $BASE_MODEL_PATH"
 echo "  training data:   $TRAIN_FILE"
 echo "  dev data:        $DEV_FILE"
@@ -188,8 +272,14 @@ echo "  checkpoint:      $CHECKPOINT"
 echo "  final model:     $RUN_DIR"
 echo "  training log:    $RUN_DIR/train.log"
 echo "  loss curve:      $RUN_DIR/loss_curve.png"
-echo "  metrics:         $EVAL_DIR/metrics.json"
-echo "  predictions:     $EVAL_DIR/generated_predictions.jsonl"
+if [ "$TINY" = 1 ]; then
+    echo "  full checkpoint: $FULL_CHECKPOINT"
+    echo "  full loss curve: $FULL_RUN_DIR/loss_curve.png"
+    echo "  full metrics:    $EVAL_DIR/full/metrics.json"
+fi
+echo "  metrics:         $EVAL_DIR/ptuning/metrics.json"
+echo "  predictions:     $EVAL_DIR/ptuning/generated_predictions.jsonl"
+echo "  base metrics:    $EVAL_DIR/base/metrics.json"
 echo "  answer:          $ANSWER_FILE"
 echo
-echo "Chat with the trained model:  python inference/inference.py --model $CHECKPOINT"
+echo "Chat with the trained model:  python inference.py --model $ANSWER_CHECKPOINT"

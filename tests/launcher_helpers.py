@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.resume import checkpoint_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_TIMEOUT_S = 600
@@ -20,7 +22,7 @@ LAUNCHER_KNOBS = (
     "PRE_SEQ_LEN", "LR", "NUM_GPUS", "MAX_SOURCE_LEN", "MAX_TARGET_LEN", "MAX_SEQ_LEN", "DEV_BATCH_SIZE",
     "GRAD_ACCUMULARION_STEPS", "GRAD_ACCUMULATION_STEPS", "MAX_STEP", "SAVE_INTERVAL", "AUTORESUME_FROM_CHECKPOINT",
     "RUN_NAME", "BASE_MODEL_PATH", "DATASET_PATH", "OUTPUT_DIR", "LORA_RANK", "LORA_ALPHA", "LORA_DROPOUT",
-    "LORA_TARGET", "QUANTIZATION_BIT", "DS_CONFIG", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "LORA_TARGET", "QUANTIZATION_BIT", "DS_CONFIG", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "STOP_TIMEOUT",
 )  # fmt: skip
 
 INPUT_OUTPUT_RECORDS = [
@@ -127,3 +129,45 @@ def changed_parameters(trained: torch.nn.Module, base: torch.nn.Module) -> list[
         if name in base_parameters
         and not torch.equal(parameter.detach().float(), base_parameters[name].detach().float())
     ]
+
+
+LOSS_LOGS_BEFORE_SIGNAL = 3
+
+
+def run_until_logging_then_signal(command: list[str], env: dict[str, str], stop_signal: signal.Signals) -> tuple:
+    """Start `command` in its own process group, send `stop_signal` to the group (as Ctrl-C does to a terminal's
+    foreground job) after a few loss logs; returns (exit status, combined output)."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env={**env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if sum("'loss'" in seen for seen in lines) >= LOSS_LOGS_BEFORE_SIGNAL:
+                os.killpg(process.pid, stop_signal)
+                break
+        lines += process.stdout.readlines()
+        return process.wait(timeout=300), "".join(lines)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def stopped_checkpoint_step(output: str, output_dir: Path) -> int:
+    """The step of the checkpoint the 'stopped:' line names (checked to be complete)."""
+    line = next(line for line in output.splitlines() if line.startswith("stopped: training stopped by"))
+    step = int(line.split(" at step ")[1].split(":")[0])
+    checkpoint = output_dir / f"checkpoint-{step}"
+    assert f"checkpoint saved to {checkpoint}" in line and "--resume_from_checkpoint auto" in line
+    assert checkpoint_problem(checkpoint) is None
+    assert (output_dir / "loss_curve.png").is_file()
+    assert not list(output_dir.glob("tmp-*"))
+    return step

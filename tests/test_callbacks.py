@@ -76,11 +76,11 @@ def test_trainer_run_logs_throughput_and_writes_loss_curve(tmp_path):
     training_logs = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in training_logs] == [1, 2, 3]
     for entry in training_logs:
-        assert entry["tokens_per_second"] > 0
+        assert entry["interval_tokens_per_second"] > 0
         assert ("gpu_max_memory_allocated_gib" in entry) == torch.cuda.is_available()
     # 3 steps x 2 rows: all six rows seen once, counted without their padding.
     assert trainer.state.num_input_tokens_seen == sum(lengths)
-    assert all("tokens_per_second" not in entry for entry in history if "eval_loss" in entry)
+    assert all("interval_tokens_per_second" not in entry for entry in history if "eval_loss" in entry)
 
     curve = tmp_path / LOSS_CURVE_FILE
     with Image.open(curve) as image:
@@ -112,8 +112,8 @@ def test_throughput_window_uses_tokens_since_previous_log(tmp_path):
     logs = {"loss": 1.0}
     time.sleep(0.05)
     callback.on_log(arguments, state, control, logs=logs)
-    assert 0 < logs["tokens_per_second"] <= 600 / 0.05
-    assert state.log_history[-1]["tokens_per_second"] == logs["tokens_per_second"]
+    assert 0 < logs["interval_tokens_per_second"] <= 600 / 0.05
+    assert state.log_history[-1]["interval_tokens_per_second"] == logs["interval_tokens_per_second"]
 
     eval_logs = {"eval_loss": 2.0}
     callback.on_log(arguments, state, control, logs=eval_logs)

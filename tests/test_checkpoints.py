@@ -20,6 +20,7 @@ from peft import PeftModel
 from finetune.checkpoints import (
     CheckpointKind,
     ModelLoadError,
+    check_base_model_folder,
     choose_tokenizer_source,
     detect_checkpoint_kind,
     load_for_inference,
@@ -217,3 +218,30 @@ def test_lora_for_a_different_base_is_explained(
     other = make_other_base(reference_model_dir, tmp_path / "other", **overrides)
     with pytest.raises(CheckpointError, match="different"):
         load_for_inference(checkpoints["lora"], base=str(other), device="cpu")
+
+
+def test_base_model_check_names_a_checkpoint_passed_as_base(checkpoints: dict, reference_model_dir: Path):
+    for kind in ("lora", "prefix"):
+        with pytest.raises(
+            CheckpointError, match=f"is a {kind if kind == 'lora' else 'ptuning'} fine-tuning checkpoint"
+        ):
+            check_base_model_folder(checkpoints[kind])
+    with pytest.raises(CheckpointError, match=f"pass the base model it was trained on \\({reference_model_dir}"):
+        check_base_model_folder(checkpoints["lora"])
+    check_base_model_folder(reference_model_dir)
+    check_base_model_folder(checkpoints["full"])  # a full fine-tune is a whole model with its tokenizer
+
+
+def test_base_model_without_tokenizer_or_of_another_architecture_is_refused(
+    checkpoints: dict, reference_model_dir: Path, tmp_path: Path
+):
+    with pytest.raises(CheckpointError, match="tokenizer.model is missing"):
+        check_base_model_folder(checkpoints["exported"])  # save_pretrained of the model alone
+    llama = copy_checkpoint(checkpoints["full"], tmp_path / "llama")
+    config = json.loads((llama / "config.json").read_text(encoding="utf-8"))
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}), encoding="utf-8")
+    for check in (check_base_model_folder, load_for_inference):
+        with pytest.raises(CheckpointError, match="model_type is 'llama', not 'chatglm'"):
+            check(llama)
+    with pytest.raises(CheckpointError, match="is a lora fine-tuning checkpoint, not a base model; .* as --base"):
+        load_for_inference(checkpoints["prefix"], base=str(checkpoints["lora"]), device="cpu")

@@ -5,6 +5,8 @@ DeepSpeed's CPU accelerator JIT-compiles its shared-memory communication op with
 ~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR); the module fixture builds it once so the runs are timed alone.
 """
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -14,12 +16,15 @@ from deepspeed.accelerator import get_accelerator
 from launcher_helpers import (
     CONVERSATION_RECORDS,
     INPUT_OUTPUT_RECORDS,
+    LAUNCHER_KNOBS,
     REPO_ROOT,
     changed_parameters,
     load_trained_model,
     quick_run_flags,
     read_record,
     run_launcher,
+    run_until_logging_then_signal,
+    stopped_checkpoint_step,
     write_jsonl,
 )
 from transformers import AutoModelForCausalLM
@@ -85,3 +90,19 @@ def test_two_process_zero_run_leaves_loadable_checkpoints(stage, shm_op_build_se
         assert len(changed) > len(dict(base.named_parameters())) // 2, f"{folder}: only {changed} changed"
     log = (output_dir / "train.log").read_text(encoding="utf-8")
     assert f"--deepspeed {knobs['DS_CONFIG']}" in log and "--nproc_per_node 2" in log
+
+
+def test_sigterm_saves_a_zero2_checkpoint_from_both_processes(shm_op_build_seconds, tiny_model_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
+    env.update(
+        BASE_MODEL_PATH=str(tiny_model_dir), OUTPUT_DIR=str(output_dir), NUM_GPUS="2", MAX_STEP="100000",
+        DATASET_PATH=str(write_jsonl(tmp_path / "train.jsonl", INPUT_OUTPUT_RECORDS, repeat=4)),
+        SAVE_INTERVAL="100000", DEV_BATCH_SIZE="1", GRAD_ACCUMULATION_STEPS="1", MAX_SOURCE_LEN="32",
+        MAX_TARGET_LEN="16", DS_CONFIG=str(REPO_ROOT / "ds_configs" / "zero2.json"), CUDA_VISIBLE_DEVICES="",
+    )  # fmt: skip
+    command = ["bash", "scripts/finetune_ds.sh", *quick_run_flags(tmp_path / "cache")]
+    status, output = run_until_logging_then_signal(command, env, signal.SIGTERM)
+    assert status != 0, output[-3000:]
+    step = stopped_checkpoint_step(output, output_dir)
+    assert (output_dir / f"checkpoint-{step}" / "latest").is_file()  # DeepSpeed's engine state, from both ranks

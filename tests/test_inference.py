@@ -170,3 +170,27 @@ def test_truncated_adapter_exits_non_zero(reference_model_dir: Path, tmp_path: P
     truncate_file(folder / "adapter_model.safetensors", keep_fraction=0.9)
     assert main(["--model", str(folder), "--prompt", "hi"]) == 1
     assert "adapter_model.safetensors: truncated safetensors file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("word", ["exit", "quit", "/exit", "QUIT"])
+def test_exit_words_end_the_chat(word: str, checkpoints: dict, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{word}\nnot read\n"))
+    status = main(["--model", str(checkpoints["prefix"]), "--max_new_tokens", str(MAX_NEW_TOKENS), "--device", "cpu"])
+    assert status == 0 and replies_in(capsys.readouterr().out) == []
+
+
+def test_zero_new_tokens_is_refused_before_loading(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "/nonexistent", "--max_new_tokens", "0"])
+    assert exited.value.code == 2
+    assert "--max_new_tokens must be a positive number, got 0" in capsys.readouterr().err
+
+
+def test_the_documented_command_works_from_the_repository_root(checkpoints: dict):
+    result = subprocess.run(
+        [sys.executable, "inference.py", "--model", str(checkpoints["prefix"]), "--prompt", "你好", "--max_new_tokens",
+         str(MAX_NEW_TOKENS), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "loaded ptuning checkpoint" in result.stderr

@@ -2,6 +2,7 @@
 tests/test_deepspeed.py), and their knob checks fail with clear messages."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -136,12 +137,34 @@ def test_missing_base_model_names_the_knob(tmp_path):
     assert "python -m finetune.tiny_model" in run.output
 
 
-def test_default_base_model_is_the_quickstart_tiny_model(tmp_path):
-    default = Path(__file__).resolve().parents[1] / "output" / "tiny-chatglm3"
-    if (default / "config.json").is_file():
-        pytest.skip(f"{default} exists, so the default does not fail")
+def test_unset_base_model_is_refused_with_how_to_set_it(tmp_path):
     run = run_launcher("finetune_pt.sh", {"DATASET_PATH": str(tmp_path / "data.jsonl")})
-    assert run.returncode == 2 and f"BASE_MODEL_PATH={default}" in run.output
+    assert run.returncode == 2
+    assert "error: BASE_MODEL_PATH is not set: set it to your ChatGLM3 model folder" in run.output
+
+
+def test_misspelled_knob_and_too_many_cpu_processes_are_warned_about(tmp_path):
+    cores = os.cpu_count() or 1
+    run = run_launcher("finetune_lora.sh", {"MAX_STEPS": "2", "LORA_RANKS": "4", "NUM_GPUS": str(cores + 1)})
+    assert "warning: MAX_STEPS is not a launcher knob and is ignored; did you mean MAX_STEP?" in run.output
+    assert "warning: LORA_RANKS is not a launcher knob and is ignored; did you mean LORA_RANK?" in run.output
+    assert f"warning: NUM_GPUS={cores + 1} but there is no CUDA device" in run.output
+    assert run.returncode == 2 and "BASE_MODEL_PATH is not set" in run.output
+
+
+@pytest.mark.slow
+def test_a_data_error_ends_a_launcher_run_with_one_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "response": "ok"}\n{"prompt": "hi"}\n', encoding="utf-8")
+    output_dir = tmp_path / "run"
+    run = run_launcher("finetune_pt.sh", _knobs(tiny_model_dir, data, output_dir), *quick_run_flags(tmp_path / "c"))
+    assert run.returncode == 2
+    lines = run.output.strip().splitlines()
+    assert lines[-2] == f"error: a problem in the data: {data}:2 field 'response': is missing"
+    assert lines[-1] == f"training exited with status 2; full log: {output_dir / 'train.log'}"
+    assert "Traceback" not in run.output and "torch.distributed.run" not in run.output  # one process: no torchrun
+    assert "effective settings:\n  method ptuning, model " in run.output
+    assert "batch 2 per device x 1 accumulation x 1 process(es) = 2 rows per optimizer step (packed rows)" in run.output
 
 
 def test_missing_dataset_and_bad_knobs(tmp_path):

@@ -169,3 +169,19 @@ def test_resuming_a_finished_run_trains_no_extra_step(finished_run, tiny_model_d
     )
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (output_dir / "model.safetensors").is_file()
+
+
+def test_resuming_with_a_larger_max_steps_continues_on_the_new_schedule(finished_run, tiny_model_dir, train_file, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(finished_run, output_dir)
+    learning_rate = 1e-2  # run_arguments' linear schedule without warm-up: rate(step) = 1e-2 * (1 - step / max_steps)
+    resumed = main(
+        run_arguments(
+            tiny_model_dir, train_file, output_dir, tmp_path / "cache", pre_seq_len=4, max_steps=4,
+            resume_from_checkpoint="auto",
+        )
+    )  # fmt: skip
+    rates = {entry["step"]: entry["learning_rate"] for entry in resumed.trainer.state.log_history if "loss" in entry}
+    # The old schedule ended at 0 at step 2; the first resumed step (3) uses the new schedule's rate at step 2.
+    assert rates[3] == pytest.approx(learning_rate * (1 - 2 / 4))
+    assert rates[4] == pytest.approx(learning_rate * (1 - 3 / 4))

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_helpers import write_jsonl
 
 from finetune.data.encoding import encode_input_output
 from finetune.data.loading import EncodingLimits, load_training_data
-from finetune.data.validation import DataValidationError, print_token_labels
+from finetune.data.validation import SKIP_INVALID_ADVICE, DataValidationError, print_learned_spans, print_token_labels
 from finetune.model.tokenization import ChatGLMTokenizer
 
 MALFORMED_DIR = Path(__file__).parent / "data" / "malformed"
@@ -93,7 +94,8 @@ def test_every_problem_is_reported_with_line_and_field(name: str, tokenizer: Cha
         assert (problem.file, problem.line, problem.field) == (str(path), line, field)
         assert message in problem.message
         assert str(problem) in str(raised.value)
-    assert "--skip_invalid" in str(raised.value)
+    # --skip_invalid is suggested where it would help: when some records, not the whole file, are bad
+    assert ("--skip_invalid" in str(raised.value)) == any(line is not None for line, _, _ in expected)
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED_CASES))
@@ -193,3 +195,47 @@ def test_sanity_check_prints_token_id_and_label(tokenizer: ChatGLMTokenizer):
     assert len(lines) == 1 + len(example["input_ids"])
     assert lines[1].split() == ["'[gMASK]'", "901", "-100"]
     assert lines[-1].split() == ["'</s>'", str(tokenizer.eos_token_id), str(tokenizer.eos_token_id)]
+
+
+def test_a_long_problem_list_is_capped_with_a_count_per_kind(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    records = [{"prompt": "p"}] * 30 + [{"prompt": "p", "response": 3}] * 5 + [{"prompt": "p", "response": "r"}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(DataValidationError) as raised:
+        load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+    message = str(raised.value)
+    lines = message.splitlines()
+    assert len(raised.value.problems) == 35
+    assert lines[0].startswith(f"35 problems in the data (first: {path}:1 field 'response': ")
+    assert sum(line.startswith(f"  {path}:") for line in lines) == 20
+    assert lines[-2] == (
+        "  ... and 15 more: 10 x field 'response': is missing; 5 x field 'response': must be a string, got number"
+    )
+    assert lines[-1] == SKIP_INVALID_ADVICE
+
+
+def test_file_problems_and_skip_invalid_runs_do_not_suggest_skip_invalid(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    with pytest.raises(DataValidationError) as missing:
+        load_training_data(tmp_path / "absent.jsonl", tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+    assert str(missing.value) == f"a problem in the data: {tmp_path / 'absent.jsonl'}: file does not exist"
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, {"prompt": "q"}])
+    with pytest.raises(DataValidationError) as skipped:
+        load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, skip_invalid=True, cache_dir=None)
+    assert "--skip_invalid (where" not in str(skipped.value)
+    assert str(skipped.value).endswith(
+        "No valid example is left even with --skip_invalid: fix the records listed above."
+    )
+
+
+def test_raw_advertise_gen_data_is_sent_to_the_converter(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    path = write_jsonl(tmp_path / "train.json", [{"content": "类型#裙", "summary": "好看的裙子"}] * 2)  # as downloaded
+    with pytest.raises(ValueError, match="convert it first: python -m data_tools.format_advertise_gen --train_file"):
+        load_training_data(path, tokenizer, INPUT_OUTPUT_LIMITS, cache_dir=None)
+
+
+def test_first_example_is_shown_as_text_with_the_learned_span_marked(tokenizer: ChatGLMTokenizer):
+    example = encode_input_output({"prompt": "类型#裙", "response": "红色"}, tokenizer, 8, 8)
+    stream = io.StringIO()
+    print_learned_spans(example, tokenizer, stream)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "--print_token_table True" in lines[0]
+    assert lines[1].endswith(">>>红色</s><<<") and "类型#裙" in lines[1].split(">>>")[0]

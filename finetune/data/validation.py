@@ -6,8 +6,10 @@ AdvertiseGen's own `train.json`, one object per line). Checking: every record ag
 truncation. Also here: the data summary and the token/label sanity-check printout.
 """
 
+import itertools
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 from finetune.data.encoding import (
     CONVERSATIONS,
     DATA_FORMATS,
+    IGNORE_INDEX,
     INPUT_OUTPUT,
     MESSAGE_ROLES,
     ROLES_WITHOUT_LOSS,
@@ -41,6 +44,11 @@ class DataProblem:
     field: str | None
     message: str
 
+    @property
+    def kind(self) -> str:
+        """The problem without its place, for counting problems of the same kind."""
+        return f"field {self.field!r}: {self.message}" if self.field is not None else self.message
+
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         if self.record_index is not None and self.file.endswith(".json"):
@@ -50,16 +58,39 @@ class DataProblem:
         return f"{where}: {self.message}"
 
 
-class DataValidationError(ValueError):
-    """Training data with problems; `problems` lists every one of them."""
+MAX_LISTED_PROBLEMS = 20
+SKIP_INVALID_ADVICE = (
+    "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
+)
 
-    def __init__(self, problems: Sequence[DataProblem]):
+
+def describe_problems(problems: Sequence[DataProblem], skip_invalid_given: bool = False) -> str:
+    """The message of a DataValidationError: a first line that stands alone, the first MAX_LISTED_PROBLEMS problems,
+    a count per kind of the rest, and what to do (--skip_invalid only where it would help and was not given)."""
+    if len(problems) == 1:
+        lines = [f"a problem in the data: {problems[0]}"]
+    else:
+        lines = [f"{len(problems)} problems in the data (first: {problems[0]}):"]
+        lines += [f"  {problem}" for problem in problems[:MAX_LISTED_PROBLEMS]]
+    rest = problems[MAX_LISTED_PROBLEMS:]
+    if rest:
+        kinds = Counter(problem.kind for problem in rest)
+        counts = "; ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
+        lines.append(f"  ... and {len(rest)} more: {counts}")
+    if any(problem.line is not None for problem in problems):
+        if skip_invalid_given:
+            lines.append("No valid example is left even with --skip_invalid: fix the records listed above.")
+        else:
+            lines.append(SKIP_INVALID_ADVICE)
+    return "\n".join(lines)
+
+
+class DataValidationError(ValueError):
+    """Training data with problems; `problems` lists every one of them (the message shows the first ones)."""
+
+    def __init__(self, problems: Sequence[DataProblem], skip_invalid_given: bool = False):
         self.problems = list(problems)
-        listing = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(
-            f"{len(self.problems)} problem(s) in the data:\n{listing}\n"
-            "Fix the records listed above, or pass --skip_invalid (where the command has it) to leave them out."
-        )
+        super().__init__(describe_problems(self.problems, skip_invalid_given))
 
 
 class SourceRecord(NamedTuple):
@@ -273,7 +304,7 @@ def _check_conversation(record: dict) -> list[tuple[str, str]]:
         message_opts_in(message) if message["role"] in ROLES_WITHOUT_LOSS else message.get("loss", True) is not False
         for message in conversation
     ):
-        return [("conversations", "no message carries loss: add an assistant or tool message without \"loss\": false")]
+        return [("conversations", 'no message carries loss: add an assistant or tool message without "loss": false')]
     return []
 
 
@@ -359,3 +390,24 @@ def print_token_labels(example: dict, tokenizer: ChatGLMTokenizer, stream: TextI
         # eos and bos decode to nothing (as officially); show their token names instead.
         text = tokenizer.decode([token_id]) or tokenizer.convert_ids_to_tokens(token_id)
         print(f"{text!r:>24} {token_id:>7} {label:>7}", file=stream)
+
+
+LEARNED_START = ">>>"
+LEARNED_END = "<<<"
+
+
+def print_learned_spans(example: dict, tokenizer: ChatGLMTokenizer, stream: TextIO | None = None) -> None:
+    """Print an encoded example as text with the learned spans (labels other than -100) between >>> and <<<."""
+    stream = stream or sys.stdout
+    pieces = []
+    for learned, group in itertools.groupby(
+        zip(example["input_ids"], example["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX
+    ):
+        text = tokenizer.decode([token_id for token_id, _ in group])
+        pieces.append(f"{LEARNED_START}{text}{LEARNED_END}" if learned else text)
+    print(
+        f"first training example, {len(example['input_ids'])} tokens; the model learns the text between "
+        f"{LEARNED_START} and {LEARNED_END} (--print_token_table True lists every token and label):",
+        file=stream,
+    )
+    print("".join(pieces), file=stream)
