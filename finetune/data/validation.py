@@ -387,9 +387,21 @@ def print_token_labels(example: dict, tokenizer: ChatGLMTokenizer, stream: TextI
     stream = stream or sys.stdout
     print(f"{'token':>24} {'id':>7} {'label':>7}", file=stream)
     for token_id, label in zip(example["input_ids"], example["labels"]):
-        # eos and bos decode to nothing (as officially); show their token names instead.
-        text = tokenizer.decode([token_id]) or tokenizer.convert_ids_to_tokens(token_id)
-        print(f"{text!r:>24} {token_id:>7} {label:>7}", file=stream)
+        print(f"{readable_text([token_id], tokenizer)!r:>24} {token_id:>7} {label:>7}", file=stream)
+
+
+def readable_text(ids: list[int], tokenizer: ChatGLMTokenizer) -> str:
+    """Decoded text of `ids` in which special tokens show their names (eos and bos decode to nothing, as officially)."""
+    special_ids = set(tokenizer.all_special_ids)
+    parts: list[str] = []
+    run: list[int] = []
+    for token_id in ids:
+        if token_id not in special_ids:
+            run.append(token_id)
+            continue
+        parts += [tokenizer.decode(run), tokenizer.convert_ids_to_tokens(token_id)]
+        run = []
+    return "".join(parts) + tokenizer.decode(run)
 
 
 LEARNED_START = ">>>"
@@ -403,7 +415,7 @@ def print_learned_spans(example: dict, tokenizer: ChatGLMTokenizer, stream: Text
     for learned, group in itertools.groupby(
         zip(example["input_ids"], example["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX
     ):
-        text = tokenizer.decode([token_id for token_id, _ in group])
+        text = readable_text([token_id for token_id, _ in group], tokenizer)
         pieces.append(f"{LEARNED_START}{text}{LEARNED_END}" if learned else text)
     print(
         f"first training example, {len(example['input_ids'])} tokens; the model learns the text between "
