@@ -8,11 +8,12 @@ Endpoints: GET /v1/models, POST /v1/chat/completions (streaming as server-sent e
 chat page at /. Binds 127.0.0.1 unless --host says otherwise. With --api_key (or CHATGLM_API_KEY), /v1/* requests
 need `Authorization: Bearer KEY`. At most --max_concurrency requests decode together; --max_queue more wait; beyond
 that the server answers 429. SIGTERM stops accepting connections and lets running requests finish within
---grace_period seconds.
+--grace_period seconds; the process then ends by SIGTERM's default action, as uvicorn does (exit status 143).
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -190,13 +191,12 @@ class ChatService:
                     completion.finish_reason = value
                     break
                 completion.generated.append(value)
-                text = served.tokenizer.decode(completion.generated)
-                if text.endswith(REPLACEMENT_CHARACTER):
-                    continue
-                completion.text, stopped = cut_at_stop(text, request.stop)
+                completion.text, stopped = cut_at_stop(served.tokenizer.decode(completion.generated), request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
                     break
+                if completion.text.endswith(REPLACEMENT_CHARACTER):
+                    continue
                 content = streamable_content(completion.text, request.tools)
                 if content is None:
                     continue
@@ -267,36 +267,53 @@ class ChatService:
             pass
 
 
-def check_api_key(request: Request, api_key: str | None) -> JSONResponse | None:
-    """None when the request may pass, else the 401 response."""
-    if api_key is None or not request.url.path.startswith("/v1/"):
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        return None
-    error = RequestError(
-        "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the server's --api_key",
-        status=401,
-        kind="invalid_api_key",
-    )
-    return error_response(error)
+class ApiKeyMiddleware:
+    """ASGI middleware: /v1/* requests need `Authorization: Bearer KEY` (a plain ASGI layer, so that handlers still
+    see a client disconnect)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    def allows(self, scope: dict) -> bool:
+        """True when the request may pass."""
+        if self.api_key is None or scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Answer 401 to a request without the key, else pass it on."""
+        if self.allows(scope):
+            await self.app(scope, receive, send)
+            return
+        error = RequestError(
+            "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the server's --api_key",
+            status=401,
+            kind="invalid_api_key",
+        )
+        await error_response(error)(scope, receive, send)
 
 
 def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> FastAPI:
     """The FastAPI application serving `models`."""
     service = ChatService(models, settings)
-    app = FastAPI(title="ChatGLM3 fine-tuned models", docs_url=None, redoc_url=None)
+    engines = list({id(served.engine): served.engine for served in models.values()}.values())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for engine in engines:
+            engine.stop()
+
+    app = FastAPI(title="ChatGLM3 fine-tuned models", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        refused = check_api_key(request, settings.api_key)
-        return refused if refused is not None else await call_next(request)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
 
     @app.get("/health")
     async def health() -> dict:
-        engines = {id(served.engine): served.engine for served in models.values()}.values()
         return {
             "status": "ok",
             "models": list(models),
@@ -372,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=args.grace_period,
     )
     uvicorn.Server(config).run()
-    for engine in {id(served.engine): served.engine for served in models.values()}.values():
-        engine.stop(timeout=args.grace_period)
     return 0
 
 

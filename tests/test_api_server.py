@@ -1,0 +1,255 @@
+"""inference/api_server.py: a real uvicorn process on loopback, driven with the official openai client.
+
+One server serves a base, two LoRA adapters and two P-Tuning prefixes (different lengths) on one copy of the base;
+greedy replies must equal inference.py's for the same checkpoint, alone and in a full mixed batch.
+"""
+
+import json
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from api_server_helpers import RunningServer, wait_for
+from checkpoint_builders import make_lora_checkpoint, make_prefix_checkpoint
+
+from finetune.checkpoints import load_for_inference
+from inference.inference import main as inference_main
+from inference.inference import reply_text
+
+API_KEY = "test-key"
+MAX_TOKENS = 12
+PROMPTS = ["类型#裙*颜色#红色", "hello", "类型#上衣*版型#宽松*风格#简约*图案#条纹*衣样式#衬衫", "你好"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
+    """The tiny base, two LoRA adapters and two P-Tuning prefixes (3 and 5 prefix tokens) on it."""
+    root = tmp_path_factory.mktemp("served")
+    make_lora_checkpoint(tiny_model_dir, root / "lora", seed=1)
+    make_lora_checkpoint(tiny_model_dir, root / "lora2", seed=2)
+    make_prefix_checkpoint(tiny_model_dir, root / "prefix", pre_seq_len=3, seed=3)
+    make_prefix_checkpoint(tiny_model_dir, root / "prefix5", pre_seq_len=5, prefix_projection=True, seed=4)
+    paths = {name: root / name for name in ("lora", "lora2", "prefix", "prefix5")}
+    return {"base": tiny_model_dir, **paths}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints: dict[str, Path]):
+    """One server for all of them, with an API key and a batch of 8."""
+    models = [f"{name}={path}" for name, path in checkpoints.items()]
+    running = RunningServer(models, "--max_concurrency", "8", "--max_queue", "64", api_key=API_KEY)
+    yield running
+    assert running.stop() == -signal.SIGTERM
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints: dict[str, Path]) -> dict[tuple[str, str], str]:
+    """Greedy chat replies of every (model, prompt), each checkpoint loaded on its own."""
+    replies = {}
+    for name, path in checkpoints.items():
+        model, tokenizer, _ = load_for_inference(path, device="cpu")
+        for prompt in PROMPTS:
+            reply, _ = model.chat(tokenizer, prompt, max_new_tokens=MAX_TOKENS, do_sample=False, max_length=None)
+            replies[name, prompt] = reply_text(reply)
+    return replies
+
+
+def greedy(client: openai.OpenAI, model: str, prompt: str, **kwargs):
+    """A greedy non-streamed completion."""
+    options = {"temperature": 0, "max_tokens": MAX_TOKENS, **kwargs}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **options)
+
+
+def test_models_health_and_api_key(server: RunningServer):
+    assert [model.id for model in server.client().models.list()] == ["base", "lora", "lora2", "prefix", "prefix5"]
+    assert server.health()["status"] == "ok"
+    with pytest.raises(openai.AuthenticationError) as refused:
+        server.client(api_key="wrong").models.list()
+    assert refused.value.status_code == 401 and "Authorization: Bearer" in refused.value.message
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("name", ["lora", "prefix"])
+def test_greedy_reply_equals_inference_cli(server, checkpoints, name, capsys):
+    prompt = PROMPTS[0]
+    assert inference_main(["--model", str(checkpoints[name]), "--prompt", prompt, "--max_new_tokens", str(MAX_TOKENS)]) == 0
+    printed = capsys.readouterr().out
+    reply = greedy(server.client(), name, prompt)
+    assert reply.choices[0].message.content + "\n" == printed
+    assert reply.choices[0].message.content.strip()
+
+
+def test_full_mixed_batch_equals_each_alone(server, expected):
+    client = server.client()
+    jobs = [(name, prompt) for name in ("base", "lora", "lora2", "prefix", "prefix5") for prompt in PROMPTS[:2]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda job: greedy(client, *job), jobs))
+    assert [reply.choices[0].message.content for reply in replies] == [expected[job] for job in jobs]
+    assert len({expected[job] for job in jobs}) == len(jobs)
+
+
+def test_stream_equals_non_stream_with_usage(server, checkpoints, expected):
+    client = server.client()
+    whole = greedy(client, "prefix5", PROMPTS[2])
+    chunks = list(greedy(client, "prefix5", PROMPTS[2], stream=True, stream_options={"include_usage": True}))
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole.choices[0].message.content == expected["prefix5", PROMPTS[2]]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    _, tokenizer, _ = load_for_inference(checkpoints["base"], device="cpu")
+    prompt_tokens = len(tokenizer.build_chat_input(PROMPTS[2])["input_ids"][0])
+    assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == prompt_tokens
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens > 0
+    assert whole.usage.total_tokens == prompt_tokens + whole.usage.completion_tokens
+
+
+def test_max_tokens_stop_and_seed(server, expected):
+    client = server.client()
+    short = greedy(client, "lora", PROMPTS[0], max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    full = expected["lora", PROMPTS[0]]
+    stop = full[4:6]
+    stopped = greedy(client, "lora", PROMPTS[0], stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == full[: full.index(stop)].strip()
+    streamed = greedy(client, "lora", PROMPTS[0], stop=stop, stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == full[: full.index(stop)].strip()
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+
+    def sampled(seed: int) -> str:
+        reply = client.chat.completions.create(
+            model="base", messages=messages, temperature=1.5, top_p=1.0, seed=seed, max_tokens=MAX_TOKENS
+        )
+        return reply.choices[0].message.content
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(seed) for seed in range(4)}) > 1
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": "lora", "messages": []}, "messages"),
+        ({"model": "lora", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+         "messages[1]"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},
+                                        {"role": "user", "content": "hi"}]}, "messages[1]"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
+         "messages[1]"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "类型#裙 " * 400}]}, "messages"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, "max_tokens"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "top_p": 2}, "top_p"),
+        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
+    ],
+)
+def test_bad_requests_get_400_naming_the_field(server, body, param):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers(), timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_malformed_json_gets_400_and_the_server_keeps_serving(server, expected):
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b'{"model": "lora", "messages": [', headers=server.headers()
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    assert greedy(server.client(), "lora", PROMPTS[1]).choices[0].message.content == expected["lora", PROMPTS[1]]
+
+
+def test_client_disconnect_frees_the_slot(server):
+    body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+    body["temperature"] = 0
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=server.headers()) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.health()["running"] == 1
+    wait_for(lambda: server.health()["running"] == 0 and server.health()["in_flight"] == 0, 5, "the slot to free")
+    with httpx.Client(timeout=0.5) as short_lived:
+        body["stream"] = False
+        with pytest.raises(httpx.ReadTimeout):
+            short_lived.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers())
+    wait_for(lambda: server.health()["in_flight"] == 0, 5, "the non-streamed request to be dropped")
+
+
+def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpoints):
+    running = RunningServer([str(checkpoints["lora"])], "--max_concurrency", "1", "--max_queue", "1")
+    client = running.client()
+    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "temperature": 0}
+    streams = [client.chat.completions.create(**body, stream=True) for _ in range(2)]
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(**body)
+    assert refused.value.status_code == 429 and "--max_queue" in refused.value.message
+    finished = []
+    readers = [threading.Thread(target=lambda s=s: finished.append(list(s)[-1].choices[0].finish_reason))
+               for s in streams]
+    for reader in readers:
+        reader.start()
+    running.process.send_signal(signal.SIGTERM)
+    for reader in readers:
+        reader.join(60)
+    assert finished == ["length", "length"]
+    assert running.process.wait(60) == -signal.SIGTERM
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{running.url}/health", timeout=2)
+
+
+def test_load_200_requests_from_16_clients(server, expected):
+    """Streaming and not, some malformed, some cancelled midway: right answers, right errors, nothing hangs."""
+    client = server.client(timeout=60)
+    models = ["base", "lora", "prefix", "prefix5"]
+
+    def one(index: int) -> str:
+        name, prompt = models[index % len(models)], PROMPTS[index % 3]
+        if index % 10 == 3:
+            response = httpx.post(
+                f"{server.url}/v1/chat/completions", content=b"{oops", headers=server.headers(), timeout=60
+            )
+            return "error" if response.status_code == 400 else f"bad status {response.status_code}"
+        if index % 10 == 7:
+            with greedy(client, name, prompt, stream=True) as stream:
+                next(iter(stream))
+            return "cancelled"
+        if index % 2:
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in greedy(client, name, prompt, stream=True))
+        else:
+            text = greedy(client, name, prompt).choices[0].message.content
+        return "ok" if text == expected[name, prompt] else f"wrong reply for {name}: {text!r}"
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(one, range(200), timeout=120))
+    assert sorted(set(outcomes)) == ["cancelled", "error", "ok"], [o for o in outcomes if o not in ("ok", "error")]
+    wait_for(lambda: server.health()["in_flight"] == 0, 10, "every request to leave")
+    assert greedy(client, "lora", PROMPTS[1]).choices[0].message.content == expected["lora", PROMPTS[1]]
+
+
+def test_tools_prompt_and_tool_messages(server, checkpoints):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"city": "string"}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}
+    messages = [
+        {"role": "user", "content": "北京天气怎么样？"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp": 20})},
+    ]
+    reply = server.client().chat.completions.create(
+        model="lora", messages=messages, tools=tools, temperature=0, max_tokens=4
+    )
+    _, tokenizer, _ = load_for_inference(checkpoints["base"], device="cpu")
+    history = [
+        {"role": "system", "content": "", "tools": [tools[0]["function"]]},
+        {"role": "user", "content": "北京天气怎么样？"},
+        {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"},
+    ]
+    history[0]["content"] = "Answer the following questions as best as you can. You have access to the following tools:"
+    prompt = tokenizer.build_chat_input('{"temp": 20}', history=history, role="observation")
+    assert reply.usage.prompt_tokens == len(prompt["input_ids"][0])
