@@ -13,15 +13,27 @@ from pathlib import Path
 import httpx2 as httpx
 import openai
 import pytest
+import torch
 from api_server_helpers import RunningServer, wait_for
-from checkpoint_builders import make_lora_checkpoint, make_prefix_checkpoint
+from checkpoint_builders import load_base, make_lora_checkpoint, make_prefix_checkpoint, write_training_record
+from transformers import AutoTokenizer
 
 from finetune.checkpoints import load_for_inference
+from finetune.data.encoding import TOOLS_SYSTEM_PROMPT, encode_conversation, format_tool_call
 from inference.inference import main as inference_main
 from inference.inference import reply_text
 
 API_KEY = "test-key"
 MAX_TOKENS = 12
+TOOL = {"name": "get_weather", "description": "Weather of a city", "parameters": {"city": "string"}}
+TOOL_EXAMPLE = {
+    "tools": [TOOL],
+    "conversations": [
+        {"role": "user", "content": "北京天气怎么样？"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 20}},
+        {"role": "assistant", "content": "北京现在 20 度。"},
+    ],
+}
 PROMPTS = ["类型#裙*颜色#红色", "hello", "类型#上衣*版型#宽松*风格#简约*图案#条纹*衣样式#衬衫", "你好"]
 
 
@@ -33,8 +45,26 @@ def checkpoints(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
     make_lora_checkpoint(tiny_model_dir, root / "lora2", seed=2)
     make_prefix_checkpoint(tiny_model_dir, root / "prefix", pre_seq_len=3, seed=3)
     make_prefix_checkpoint(tiny_model_dir, root / "prefix5", pre_seq_len=5, prefix_projection=True, seed=4)
-    paths = {name: root / name for name in ("lora", "lora2", "prefix", "prefix5")}
+    fine_tune_tool_caller(tiny_model_dir, root / "tools")
+    paths = {name: root / name for name in ("lora", "lora2", "prefix", "prefix5", "tools")}
     return {"base": tiny_model_dir, **paths}
+
+
+def fine_tune_tool_caller(base_dir: Path, folder: Path, steps: int = 120) -> None:
+    """A full fine-tune of the tiny base on TOOL_EXAMPLE (it learns to call the tool, then to answer)."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    encoded = encode_conversation(TOOL_EXAMPLE, tokenizer, None)
+    model = load_base(base_dir).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    input_ids, labels = torch.tensor([encoded["input_ids"]]), torch.tensor([encoded["labels"]])
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_training_record(folder, "full", base_dir)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +95,7 @@ def greedy(client: openai.OpenAI, model: str, prompt: str, **kwargs):
 
 
 def test_models_health_and_api_key(server: RunningServer):
-    assert [model.id for model in server.client().models.list()] == ["base", "lora", "lora2", "prefix", "prefix5"]
+    assert [model.id for model in server.client().models.list()] == ["base", "lora", "lora2", "prefix", "prefix5", "tools"]
     assert server.health()["status"] == "ok"
     with pytest.raises(openai.AuthenticationError) as refused:
         server.client(api_key="wrong").models.list()
@@ -232,24 +262,37 @@ def test_load_200_requests_from_16_clients(server, expected):
     assert greedy(client, "lora", PROMPTS[1]).choices[0].message.content == expected["lora", PROMPTS[1]]
 
 
-def test_tools_prompt_and_tool_messages(server, checkpoints):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                                "parameters": {"city": "string"}}}]
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}
-    messages = [
-        {"role": "user", "content": "北京天气怎么样？"},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temp": 20})},
+def test_tool_call_then_observation_with_a_fine_tuned_checkpoint(server, checkpoints):
+    client = server.client()
+    tools = [{"type": "function", "function": TOOL}]
+    messages = [{"role": "user", "content": "北京天气怎么样？"}]
+    options = {"model": "tools", "tools": tools, "temperature": 0, "max_tokens": 40}
+    reply = client.chat.completions.create(messages=messages, **options)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **options))
+    assert not any(chunk.choices[0].delta.content for chunk in chunks)
+    [streamed_call] = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+    assert streamed_call.function.name == "get_weather" and streamed_call.function.arguments == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp": 20})},
     ]
-    reply = server.client().chat.completions.create(
-        model="lora", messages=messages, tools=tools, temperature=0, max_tokens=4
-    )
-    _, tokenizer, _ = load_for_inference(checkpoints["base"], device="cpu")
-    history = [
-        {"role": "system", "content": "", "tools": [tools[0]["function"]]},
+    answer = client.chat.completions.create(messages=messages, **options)
+    model, tokenizer, _ = load_for_inference(checkpoints["tools"], device="cpu")
+    history = [  # the conversation as training encodes it
+        {"role": "system", "content": TOOLS_SYSTEM_PROMPT.rstrip("\n"), "tools": [TOOL]},
         {"role": "user", "content": "北京天气怎么样？"},
-        {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"},
+        {"role": "assistant", "metadata": "get_weather", "content": format_tool_call({"city": "北京"})},
     ]
-    history[0]["content"] = "Answer the following questions as best as you can. You have access to the following tools:"
+    expected, _ = model.chat(tokenizer, '{"temp": 20}', history=history, role="observation", do_sample=False,
+                             max_new_tokens=40)
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == expected == "北京现在 20 度。"
     prompt = tokenizer.build_chat_input('{"temp": 20}', history=history, role="observation")
-    assert reply.usage.prompt_tokens == len(prompt["input_ids"][0])
+    assert answer.usage.prompt_tokens == len(prompt["input_ids"][0])
