@@ -5,6 +5,7 @@ greedy replies must equal inference.py's for the same checkpoint, alone and in a
 """
 
 import json
+import shutil
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -214,7 +215,7 @@ def test_client_disconnect_frees_the_slot(server):
 def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpoints):
     running = RunningServer([str(checkpoints["lora"])], "--max_concurrency", "1", "--max_queue", "1")
     client = running.client()
-    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "temperature": 0}
+    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 0}
     streams = [client.chat.completions.create(**body, stream=True) for _ in range(2)]
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(**body)
@@ -296,3 +297,86 @@ def test_tool_call_then_observation_with_a_fine_tuned_checkpoint(server, checkpo
     assert answer.choices[0].message.content == expected == "北京现在 20 度。"
     prompt = tokenizer.build_chat_input('{"temp": 20}', history=history, role="observation")
     assert answer.usage.prompt_tokens == len(prompt["input_ids"][0])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium driven by Selenium (skipped where no browser is installed)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.skip("no browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,760"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_web_chat_page(server, browser, expected):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    wait = WebDriverWait(browser, 30)
+
+    def field(element_id: str, text: str) -> None:
+        element = browser.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(text)
+
+    def say(text: str) -> tuple[str, str]:
+        """Send a message; the finished assistant reply's text and finish reason."""
+        count = len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+        field("input", text)
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")) > count)
+        reply = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
+        return reply.find_element(By.CLASS_NAME, "text").get_attribute("textContent"), reply.get_attribute("data-finish")
+
+    browser.get(f"{server.url}/")
+    field("api_key", API_KEY + "\t")
+    wait.until(lambda _: len(Select(browser.find_element(By.ID, "model")).options) == 6)
+    Select(browser.find_element(By.ID, "model")).select_by_value("lora")
+    field("temperature", "0")
+    field("max_tokens", str(MAX_TOKENS))
+    assert say(PROMPTS[0]) == (expected["lora", PROMPTS[0]], "length")
+
+    field("system", "Be brief.")
+    second, _ = say(PROMPTS[1])
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": expected["lora", PROMPTS[0]]},
+        {"role": "user", "content": PROMPTS[1]},
+    ]
+    reference = server.client().chat.completions.create(
+        model="lora", messages=messages, temperature=0, max_tokens=MAX_TOKENS
+    )
+    assert second == reference.choices[0].message.content.strip()
+
+    browser.find_element(By.ID, "clear").click()
+    field("max_tokens", "1000")
+    error, finish = say("hi")
+    assert finish == "error" and "exceed the model's context" in error and error.endswith("[max_tokens]")
+    field("max_tokens", "400")
+    field("input", "hi")
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].text)
+    browser.find_element(By.ID, "stop").click()
+    wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish='stopped']"))
+    wait_for(lambda: server.health()["in_flight"] == 0, 5, "the stopped request to leave")
+
+    browser.find_element(By.ID, "clear").click()
+    Select(browser.find_element(By.ID, "model")).select_by_value("tools")
+    browser.find_element(By.ID, "system").clear()
+    field("max_tokens", "40")
+    field("tools", json.dumps([{"type": "function", "function": TOOL}]))
+    _, finish = say("北京天气怎么样？")
+    call = browser.find_elements(By.CLASS_NAME, "tool-call")[-1].text
+    assert finish == "tool_calls" and "get_weather" in call and "北京" in call
+    assert browser.find_element(By.ID, "as_tool").is_selected()
+    assert say(json.dumps({"temp": 20})) == ("北京现在 20 度。", "stop")
