@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse  # noqa: E402
@@ -107,6 +109,32 @@ class Completion:
         return f"data: {json.dumps(payload)}\n\n"
 
 
+class EventRelay:
+    """Carries engine callbacks (engine thread) to the requests' asyncio queues, one event-loop wake-up per step."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, tuple]] = []
+
+    def put(self, target: asyncio.Queue, event: tuple) -> None:
+        """Queue an event for `target` (called on the engine thread)."""
+        with self._lock:
+            self._pending.append((target, event))
+
+    def flush(self) -> None:
+        """Deliver the queued events on the event loop (the engines' after_step hook)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending and self.loop is not None:
+            self.loop.call_soon_threadsafe(self._deliver, pending)
+
+    @staticmethod
+    def _deliver(pending: list[tuple[asyncio.Queue, tuple]]) -> None:
+        for target, event in pending:
+            target.put_nowait(event)
+
+
 def error_response(error: RequestError) -> JSONResponse:
     """The HTTP response of a RequestError."""
     return JSONResponse(error.body(), status_code=error.status)
@@ -119,6 +147,10 @@ class ChatService:
         self.models = models
         self.settings = settings
         self.in_flight = 0
+        self.relay = EventRelay()
+        self.engines = list({id(served.engine): served.engine for served in models.values()}.values())
+        for engine in self.engines:
+            engine.after_step = self.relay.flush
 
     def prepare(self, request: ChatRequest) -> Completion:
         """Look up the model, build the prompt and check its length; RequestError when it cannot run."""
@@ -158,7 +190,6 @@ class ChatService:
 
     async def events(self, completion: Completion) -> AsyncIterator[str]:
         """Run a completion on its engine and yield content pieces as they become final (stream order)."""
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request, served = completion.request, completion.served
         stop_ids = frozenset(
@@ -172,8 +203,8 @@ class ChatService:
             prompt_ids=completion.prompt_ids,
             max_new_tokens=completion.max_new_tokens,
             stop_ids=stop_ids,
-            on_token=lambda token: loop.call_soon_threadsafe(events.put_nowait, ("token", token)),
-            on_finish=lambda reason: loop.call_soon_threadsafe(events.put_nowait, ("finish", reason)),
+            on_token=lambda token: self.relay.put(events, ("token", token)),
+            on_finish=lambda reason: self.relay.put(events, ("finish", reason)),
             variant=served.variant,
             temperature=request.temperature,
             top_p=request.top_p,
@@ -184,18 +215,20 @@ class ChatService:
         sent = ""
         try:
             while completion.finish_reason is None:
-                kind, value = await events.get()
-                if kind == "finish":
-                    if value.startswith("error") or value == "cancelled":
+                arrived = [await events.get()]
+                while not events.empty():  # under load, several steps' tokens are handled at once
+                    arrived.append(events.get_nowait())
+                for kind, value in arrived:
+                    if kind == "token":
+                        completion.generated.append(value)
+                    elif value.startswith("error") or value == "cancelled":
                         raise RuntimeError(f"generation failed: {value}")
-                    completion.finish_reason = value
-                    break
-                completion.generated.append(value)
+                    else:
+                        completion.finish_reason = value
                 completion.text, stopped = cut_at_stop(served.tokenizer.decode(completion.generated), request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
-                    break
-                if completion.text.endswith(REPLACEMENT_CHARACTER):
+                if completion.finish_reason is not None or completion.text.endswith(REPLACEMENT_CHARACTER):
                     continue
                 content = streamable_content(completion.text, request.tools)
                 if content is None:
@@ -299,12 +332,12 @@ class ApiKeyMiddleware:
 def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> FastAPI:
     """The FastAPI application serving `models`."""
     service = ChatService(models, settings)
-    engines = list({id(served.engine): served.engine for served in models.values()}.values())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.relay.loop = asyncio.get_running_loop()
         yield
-        for engine in engines:
+        for engine in service.engines:
             engine.stop()
 
     app = FastAPI(title="ChatGLM3 fine-tuned models", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -318,7 +351,7 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
             "status": "ok",
             "models": list(models),
             "in_flight": service.in_flight,
-            "running": sum(engine.running for engine in engines),
+            "running": sum(engine.running for engine in service.engines),
         }
 
     @app.get("/v1/models")
@@ -363,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot before 429")
     parser.add_argument("--grace_period", type=float, default=30.0, help="seconds running requests get on SIGTERM")
     parser.add_argument("--log_level", default="info", help="uvicorn log level")
+    parser.add_argument(
+        "--torch_threads", type=int, help="CPU threads for torch (default: torch's); 1 suits small models on few cores"
+    )
     return parser
 
 
@@ -372,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_concurrency < 1 or args.max_queue < 0:
         parser.error("--max_concurrency must be at least 1 and --max_queue at least 0")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     options = LoadOptions(args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit)
     try:
         models = load_served_models(args.model, options, args.max_concurrency)

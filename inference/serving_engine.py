@@ -146,6 +146,7 @@ class ServingEngine:
         self.groups: dict[int, Group] = {}
         self.prefix_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.steps = 0
+        self.after_step: Callable[[], None] | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
 
@@ -181,7 +182,14 @@ class ServingEngine:
                     self._decode()
                 except (RuntimeError, ValueError) as error:
                     self._fail_all(f"error: {type(error).__name__}: {error}")
+                self._notify()
         self._fail_all("cancelled")
+        self._notify()
+
+    def _notify(self) -> None:
+        """Tell the listener that this step's callbacks are done (lets it deliver them in one go)."""
+        if self.after_step is not None:
+            self.after_step()
 
     def _take_pending(self, block: bool) -> bool:
         """Move submitted requests to the waiting list; False when the engine is stopping."""
@@ -309,10 +317,13 @@ class ServingEngine:
             positions = torch.tensor([[row.position] for row in group.rows], device=self.device)
             group.mask = torch.cat((group.mask, torch.ones_like(group.mask[:, :1])), dim=1)
             logits = self._forward(group.rows, input_ids, group.mask, positions, group.cache)
+            greedy_tokens = logits.argmax(dim=-1).tolist()
             live = []
             for index, row in enumerate(group.rows):
                 request = row.request
-                token = sample_token(logits[index], request.temperature, request.top_p, row.generator)
+                token = greedy_tokens[index]
+                if request.temperature > GREEDY_TEMPERATURE:
+                    token = sample_token(logits[index], request.temperature, request.top_p, row.generator)
                 row.next_token, row.position, row.generated = token, row.position + 1, row.generated + 1
                 if self._emit(row, token):
                     live.append(index)

@@ -281,7 +281,7 @@ def test_tool_call_then_observation_with_a_fine_tuned_checkpoint(server, checkpo
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
     messages += [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        choice.message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temp": 20})},
     ]
     answer = client.chat.completions.create(messages=messages, **options)
