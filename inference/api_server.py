@@ -29,15 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
-import uvicorn  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse  # noqa: E402
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from finetune.checkpoints import ModelLoadError, add_loading_arguments  # noqa: E402
-from finetune.model.chat import REPLACEMENT_CHARACTER  # noqa: E402
-from finetune.model.checkpoint_files import CheckpointError  # noqa: E402
-from inference.openai_protocol import (  # noqa: E402
+from finetune.checkpoints import ModelLoadError, add_loading_arguments
+from finetune.model.chat import REPLACEMENT_CHARACTER
+from finetune.model.checkpoint_files import CheckpointError
+from inference.openai_protocol import (
     ChatRequest,
     RequestError,
     assistant_reply,
@@ -46,8 +46,8 @@ from inference.openai_protocol import (  # noqa: E402
     parse_chat_request,
     streamable_content,
 )
-from inference.serving_engine import GenerationRequest  # noqa: E402
-from inference.serving_models import LoadOptions, ServedModel, load_served_models  # noqa: E402
+from inference.serving_engine import GenerationRequest
+from inference.serving_models import LoadOptions, ServedModel, load_served_models
 
 API_KEY_ENV = "CHATGLM_API_KEY"
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -135,6 +135,22 @@ class EventRelay:
             target.put_nowait(event)
 
 
+class ReplyDecoder:
+    """Text of generated ids, as tokenizer.decode gives it: runs without added tokens (role tokens, <unk>, ...) go
+    straight to SentencePiece, about ten times faster, which matters when every token of every stream is decoded."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.added_ids = frozenset(tokenizer.added_tokens_decoder)
+        self.piece_count = tokenizer.sp_model.get_piece_size()
+
+    def __call__(self, ids: list[int]) -> str:
+        """The decoded text of `ids`."""
+        if ids and max(ids) < self.piece_count and self.added_ids.isdisjoint(ids):
+            return self.tokenizer.sp_model.decode(ids)
+        return self.tokenizer.decode(ids)
+
+
 def error_response(error: RequestError) -> JSONResponse:
     """The HTTP response of a RequestError."""
     return JSONResponse(error.body(), status_code=error.status)
@@ -148,6 +164,7 @@ class ChatService:
         self.settings = settings
         self.in_flight = 0
         self.relay = EventRelay()
+        self.decoders = {name: ReplyDecoder(served.tokenizer) for name, served in models.items()}
         self.engines = list({id(served.engine): served.engine for served in models.values()}.values())
         for engine in self.engines:
             engine.after_step = self.relay.flush
@@ -211,6 +228,7 @@ class ChatService:
             seed=request.seed,
         )
         served.engine.submit(job)
+        decode = self.decoders[served.name]
         hold_back = max((len(sequence) for sequence in request.stop), default=1) - 1
         sent = ""
         try:
@@ -225,7 +243,7 @@ class ChatService:
                         raise RuntimeError(f"generation failed: {value}")
                     else:
                         completion.finish_reason = value
-                completion.text, stopped = cut_at_stop(served.tokenizer.decode(completion.generated), request.stop)
+                completion.text, stopped = cut_at_stop(decode(completion.generated), request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
                 if completion.finish_reason is not None or completion.text.endswith(REPLACEMENT_CHARACTER):

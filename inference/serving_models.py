@@ -62,7 +62,9 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
         if not name or not path:
             raise CheckpointError(f"--model {spec!r}: expected CKPT or NAME=CKPT")
         if name in (existing for existing, _ in parsed):
-            raise CheckpointError(f"--model {spec!r}: the name {name!r} is used twice; give each NAME=CKPT its own name")
+            raise CheckpointError(
+                f"--model {spec!r}: the name {name!r} is used twice; give each NAME=CKPT its own name"
+            )
         parsed.append((name, path))
     return parsed
 
@@ -98,8 +100,9 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
     served: dict[str, ServedModel] = {}
     if len(parsed) == 1:
         name, path = parsed[0]
-        model, tokenizer, kind = load_for_inference(path, base=options.base, tokenizer=options.tokenizer,
-                                                    **_load_options(options))
+        model, tokenizer, kind = load_for_inference(
+            path, base=options.base, tokenizer=options.tokenizer, **_load_options(options)
+        )
         engine = ServingEngine(model, max_batch_size).start()
         seq_length = int(model.config.seq_length)
         served[name] = ServedModel(name, path, kind, engine, tokenizer, _variant_of(model, kind), seq_length)
@@ -133,6 +136,7 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
         model.eval()
         engine = ServingEngine(model, max_batch_size).start()
         for name, path in members:
-            served[name] = ServedModel(name, path, kinds[name], engine, tokenizer, variants[name],
-                                       int(config.seq_length))
+            served[name] = ServedModel(
+                name, path, kinds[name], engine, tokenizer, variants[name], int(config.seq_length)
+            )
     return {name: served[name] for name, _ in parsed}

@@ -26,10 +26,15 @@ import httpx2 as httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from finetune.tiny_model import build_tiny_model  # noqa: E402
+from finetune.tiny_model import build_tiny_model
 
 SERVER_SCRIPT = REPO_ROOT / "inference" / "api_server.py"
-PROMPTS = ["类型#裙*颜色#红色*风格#简约", "类型#上衣*版型#宽松*图案#条纹", "hello, how are you?", "你好，请介绍一下你自己"]
+PROMPTS = [
+    "类型#裙*颜色#红色*风格#简约",
+    "类型#上衣*版型#宽松*图案#条纹",
+    "hello, how are you?",
+    "你好，请介绍一下你自己",
+]
 STARTUP_SECONDS = 300
 
 
@@ -167,8 +172,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {row['mode']} | {row['clients']} | {row['requests']} | {row['tokens_per_s']} | {row['ttft_p50_s']} | "
             f"{row['ttft_p95_s']} | {row['per_token_ms_p50']} |"
         )
-    print(f"\nspeed-up of continuous batching over one request at a time ({args.clients} clients): "
-          f"{concurrent['speedup']}x")
+    print(
+        f"\nspeed-up of continuous batching over one request at a time ({args.clients} clients): "
+        f"{concurrent['speedup']}x"
+    )
     return rows
 
 

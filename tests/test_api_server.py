@@ -96,7 +96,14 @@ def greedy(client: openai.OpenAI, model: str, prompt: str, **kwargs):
 
 
 def test_models_health_and_api_key(server: RunningServer):
-    assert [model.id for model in server.client().models.list()] == ["base", "lora", "lora2", "prefix", "prefix5", "tools"]
+    assert [model.id for model in server.client().models.list()] == [
+        "base",
+        "lora",
+        "lora2",
+        "prefix",
+        "prefix5",
+        "tools",
+    ]
     assert server.health()["status"] == "ok"
     with pytest.raises(openai.AuthenticationError) as refused:
         server.client(api_key="wrong").models.list()
@@ -107,7 +114,10 @@ def test_models_health_and_api_key(server: RunningServer):
 @pytest.mark.parametrize("name", ["lora", "prefix"])
 def test_greedy_reply_equals_inference_cli(server, checkpoints, name, capsys):
     prompt = PROMPTS[0]
-    assert inference_main(["--model", str(checkpoints[name]), "--prompt", prompt, "--max_new_tokens", str(MAX_TOKENS)]) == 0
+    assert (
+        inference_main(["--model", str(checkpoints[name]), "--prompt", prompt, "--max_new_tokens", str(MAX_TOKENS)])
+        == 0
+    )
     printed = capsys.readouterr().out
     reply = greedy(server.client(), name, prompt)
     assert reply.choices[0].message.content + "\n" == printed
@@ -169,12 +179,25 @@ def test_max_tokens_stop_and_seed(server, expected):
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, "model"),
         ({"model": "lora", "messages": []}, "messages"),
         ({"model": "lora", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
-         "messages[1]"),
-        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},
-                                        {"role": "user", "content": "hi"}]}, "messages[1]"),
-        ({"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
-         "messages[1]"),
+        (
+            {"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            "messages[1]",
+        ),
+        (
+            {
+                "model": "lora",
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "system", "content": "x"},
+                    {"role": "user", "content": "hi"},
+                ],
+            },
+            "messages[1]",
+        ),
+        (
+            {"model": "lora", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
+            "messages[1]",
+        ),
         ({"model": "lora", "messages": [{"role": "user", "content": "类型#裙 " * 400}]}, "messages"),
         ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, "max_tokens"),
         ({"model": "lora", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
@@ -221,8 +244,9 @@ def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpo
         client.chat.completions.create(**body)
     assert refused.value.status_code == 429 and "--max_queue" in refused.value.message
     finished = []
-    readers = [threading.Thread(target=lambda s=s: finished.append(list(s)[-1].choices[0].finish_reason))
-               for s in streams]
+    readers = [
+        threading.Thread(target=lambda s=s: finished.append(list(s)[-1].choices[0].finish_reason)) for s in streams
+    ]
     for reader in readers:
         reader.start()
     running.process.send_signal(signal.SIGTERM)
@@ -291,8 +315,9 @@ def test_tool_call_then_observation_with_a_fine_tuned_checkpoint(server, checkpo
         {"role": "user", "content": "北京天气怎么样？"},
         {"role": "assistant", "metadata": "get_weather", "content": format_tool_call({"city": "北京"})},
     ]
-    expected, _ = model.chat(tokenizer, '{"temp": 20}', history=history, role="observation", do_sample=False,
-                             max_new_tokens=40)
+    expected, _ = model.chat(
+        tokenizer, '{"temp": 20}', history=history, role="observation", do_sample=False, max_new_tokens=40
+    )
     assert answer.choices[0].finish_reason == "stop"
     assert answer.choices[0].message.content == expected == "北京现在 20 度。"
     prompt = tokenizer.build_chat_input('{"temp": 20}', history=history, role="observation")
@@ -304,7 +329,9 @@ def browser():
     """Headless Debian chromium driven by Selenium (skipped where no browser is installed)."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not chromedriver:
-        pytest.skip("no browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "no browser: install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -335,7 +362,9 @@ def test_web_chat_page(server, browser, expected):
         browser.find_element(By.ID, "send").click()
         wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-finish]")) > count)
         reply = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
-        return reply.find_element(By.CLASS_NAME, "text").get_attribute("textContent"), reply.get_attribute("data-finish")
+        return reply.find_element(By.CLASS_NAME, "text").get_attribute("textContent"), reply.get_attribute(
+            "data-finish"
+        )
 
     browser.get(f"{server.url}/")
     field("api_key", API_KEY + "\t")
