@@ -33,6 +33,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments
 from finetune.model.chat import REPLACEMENT_CHARACTER
@@ -78,6 +79,7 @@ class Completion:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    released: bool = False
 
     def usage(self) -> dict:
         """OpenAI usage counts."""
@@ -205,6 +207,12 @@ class ChatService:
             )
         self.in_flight += 1
 
+    def release(self, completion: Completion) -> None:
+        """Count a request out (once, whichever path ends it first)."""
+        if not completion.released:
+            completion.released = True
+            self.in_flight -= 1
+
     async def events(self, completion: Completion) -> AsyncIterator[str]:
         """Run a completion on its engine and yield content pieces as they become final (stream order)."""
         events: asyncio.Queue = asyncio.Queue()
@@ -296,7 +304,7 @@ class ChatService:
                 yield completion.usage_chunk()
             yield "data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
+            self.release(completion)
 
     async def complete(self, completion: Completion, http_request: Request) -> dict | None:
         """Run a non-streamed completion; None when the client disconnected (its batch slot is freed at once)."""
@@ -311,7 +319,7 @@ class ChatService:
                     task.cancel()
                     return None
         finally:
-            self.in_flight -= 1
+            self.release(completion)
 
     async def _drain(self, completion: Completion) -> None:
         async for _ in self.events(completion):
@@ -394,7 +402,12 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
         except RequestError as error:
             return error_response(error)
         if request.stream:
-            return StreamingResponse(service.stream(completion), media_type="text/event-stream")
+            # The background task also counts the request out when the client left before the stream started.
+            return StreamingResponse(
+                service.stream(completion),
+                media_type="text/event-stream",
+                background=BackgroundTask(service.release, completion),
+            )
         reply = await service.complete(completion, http_request)
         if reply is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -170,7 +170,7 @@ class ServingEngine:
     @property
     def running(self) -> int:
         """Rows in the batch now."""
-        return sum(len(group.rows) for group in self.groups.values())
+        return sum(len(group.rows) for group in list(self.groups.values()))
 
     def _run(self) -> None:
         with torch.inference_mode():
