@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from finetune.checkpoints import load_for_inference
 from finetune.data.encoding import TOOLS_SYSTEM_PROMPT, encode_conversation, format_tool_call
+from inference.api_server import main as api_server_main
 from inference.inference import main as inference_main
 from inference.inference import reply_text
 
@@ -409,3 +410,11 @@ def test_web_chat_page(server, browser, expected):
     assert finish == "tool_calls" and "get_weather" in call and "北京" in call
     assert browser.find_element(By.ID, "as_tool").is_selected()
     assert say(json.dumps({"temp": 20})) == ("北京现在 20 度。", "stop")
+
+
+def test_unloadable_models_exit_with_a_message(tmp_path, checkpoints, capsys):
+    assert api_server_main(["--model", str(tmp_path / "nope")]) == 1
+    assert f"error: {tmp_path / 'nope'}: no such checkpoint folder" in capsys.readouterr().err
+    twice = ["--model", f"a={checkpoints['lora']}", "--model", f"a={checkpoints['prefix']}"]
+    assert api_server_main(twice) == 1
+    assert "the name 'a' is used twice" in capsys.readouterr().err
