@@ -22,6 +22,8 @@ Every target of the performance issue, with the official-recipe anchor at the sa
 line per run, then a Markdown table):
     python scripts/benchmark.py --suite [--anchor ../shared/bench/anchor_native_glm.py]
     python scripts/benchmark.py --suite --cpu --steps 1 --warmup 0     # the suite's plumbing on the CPU shape
+Serving (an OpenAI-compatible server with continuous batching vs one request at a time; options: bench_serving.py):
+    python scripts/benchmark.py --serving
 """
 
 import argparse
@@ -83,6 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--suite", action="store_true", help="run every performance target and the anchor")
     parser.add_argument("--anchor", default=None, help="the anchor script (default: $CHATGLM_SHARED_DIR or ../shared)")
+    parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
     return parser.parse_args()
 
 
@@ -281,6 +284,9 @@ def run_suite(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run the benchmark and print one JSON line (or, with --suite, every target)."""
     args = parse_args()
+    if args.serving:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_serving.py"))], check=True)
+        return
     if args.suite:
         run_suite(args)
         return
