@@ -248,11 +248,18 @@ def adapter_weight_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is there but no {' or '.join(ADAPTER_WEIGHT_NAMES)}")
 
 
-def load_lora_adapter(base_model: PreTrainedModel, folder: Path, base: str) -> PeftModel:
-    """Put the LoRA adapter of `folder` on `base_model`, explaining a base it was not made for."""
+def load_lora_adapter(
+    base_model: PreTrainedModel | PeftModel, folder: Path, base: str, adapter_name: str = "default"
+) -> PeftModel:
+    """Put the LoRA adapter of `folder` on `base_model` (added under `adapter_name` to a PeftModel), explaining a
+    base it was not made for."""
     weights = adapter_weight_file(folder)
     try:
-        model = PeftModel.from_pretrained(base_model, str(folder))
+        if isinstance(base_model, PeftModel):
+            base_model.load_adapter(str(folder), adapter_name=adapter_name)
+            model = base_model
+        else:
+            model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name)
     except RuntimeError as error:
         if "size mismatch" not in str(error):
             raise
@@ -262,7 +269,7 @@ def load_lora_adapter(base_model: PreTrainedModel, folder: Path, base: str) -> P
             f"(weight shapes differ: {first_mismatch}); pass the right base with --base"
         ) from error
     stored = [key for key in weight_keys(weights) if "lora_" in key]
-    created = [name for name, _ in model.named_parameters() if "lora_" in name]
+    created = [name for name, _ in model.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
     if len(stored) != len(created):
         raise CheckpointError(
             f"{weights}: this LoRA adapter holds {len(stored)} LoRA tensors but base model {base} takes "
@@ -330,9 +337,20 @@ def load_for_inference(
     return model, loaded_tokenizer, kind
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command-line options that choose and load a checkpoint (shared by evaluate and inference)."""
-    parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
+def add_loading_arguments(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """The command-line options that choose and load a checkpoint (shared by evaluate, inference and the server).
+
+    With `several_models`, --model may be repeated (a list) and takes NAME=CKPT as well as CKPT.
+    """
+    if several_models:
+        parser.add_argument(
+            "--model",
+            required=True,
+            action="append",
+            help="checkpoint folder (P-Tuning v2, LoRA, full or a base model), or NAME=CKPT; repeat to serve several",
+        )
+    else:
+        parser.add_argument("--model", required=True, help="checkpoint folder: P-Tuning v2, LoRA, full or a base model")
     parser.add_argument("--base", help="base model folder (default: from training_record.json / adapter_config.json)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")

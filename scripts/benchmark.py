@@ -24,6 +24,8 @@ line per run, then a Markdown table):
     python scripts/benchmark.py --suite --cpu --steps 1 --warmup 0     # the suite's plumbing on the CPU shape
 Evaluation speed (batched generation vs one example at a time, tiny model on the CPU; scripts/bench_evaluation.py):
     python scripts/benchmark.py --evaluation
+Serving (an OpenAI-compatible server with continuous batching vs one request at a time; options: bench_serving.py):
+    python scripts/benchmark.py --serving
 """
 
 import argparse
@@ -88,6 +90,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--evaluation", action="store_true",
                         help="instead: batched evaluation vs one example at a time (scripts/bench_evaluation.py)")
     parser.add_argument("--anchor", default=None, help="the anchor script (default: $CHATGLM_SHARED_DIR or ../shared)")
+    parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
     return parser.parse_args()
 
 
@@ -290,6 +293,11 @@ def main() -> None:
         from bench_evaluation import main as evaluation_benchmark  # scripts/ is on sys.path when run as a script
 
         evaluation_benchmark([])
+        return
+    if args.serving:
+        from bench_serving import main as serving_benchmark
+
+        serving_benchmark([])
         return
     if args.suite:
         run_suite(args)

@@ -1,0 +1,351 @@
+"""Continuous-batching generation engine: requests join the running batch at the next decoding step and leave when done.
+
+One engine owns one loaded model (a base, possibly wrapped by PEFT with several LoRA adapters) and runs a single
+worker thread. Each step it:
+  1. prefills every newly submitted request on its own (exactly what a one-request generate() does) and samples its
+     first token, then merges the request's KV cache into the running batch (rows are left-padded to a common length;
+     the 2-D attention mask marks the padding, so every row computes what it would alone);
+  2. decodes one token for every running row;
+  3. drops rows that finished or were cancelled and trims cache columns that only padding uses.
+Rows are grouped by P-Tuning prefix length (0 = no prefix): each group is one batch, and a prefix is per-row K/V put
+in front of the row's keys. LoRA adapters are routed per row with PEFT's `adapter_names`.
+"""
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+from finetune.model.prefix_encoder import PrefixEncoder
+
+BASE_ADAPTER = "__base__"
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a row runs with on the shared base: a LoRA adapter name, a P-Tuning prefix encoder, or neither."""
+
+    adapter: str | None = None
+    prefix: PrefixEncoder | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to continue. `on_token(token_id)` gets every generated id; `on_finish(reason)` ends it once.
+
+    reason: "stop" (a stop id was generated; it is not passed to on_token), "length" (max_new_tokens reached),
+    "cancelled" (cancel() was called) or "error: ..." (the worker failed).
+    """
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    on_token: Callable[[int], None]
+    on_finish: Callable[[str], None]
+    variant: Variant = Variant()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (frees the batch slot)."""
+        self.cancelled.set()
+
+
+class RowCache:
+    """A KV cache the model updates through `update` / `get_seq_length` (per layer: keys, values (B, H, L, D))."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.layers = layers or []
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Cached length (columns, padding included)."""
+        return self.layers[layer_idx][0].shape[2] if self.layers else 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values of one layer and return the whole cached keys/values."""
+        if layer_idx == len(self.layers):
+            self.layers.append((key, value))
+        else:
+            past_key, past_value = self.layers[layer_idx]
+            self.layers[layer_idx] = (torch.cat((past_key, key), dim=2), torch.cat((past_value, value), dim=2))
+        return self.layers[layer_idx]
+
+
+class RowPrefixes(nn.Module):
+    """Stands in for the model's prefix encoder during one forward: per-row prefix K/V already stacked."""
+
+    def __init__(self, key_values: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.key_values = key_values
+
+    def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The stacked per-layer (key, value), each (batch, kv_heads, pre_seq_len, head_dim)."""
+        return [(key.to(dtype), value.to(dtype)) for key, value in self.key_values]
+
+
+@dataclass
+class Row:
+    """A request in the running batch."""
+
+    request: GenerationRequest
+    generator: torch.Generator | None
+    next_token: int
+    position: int
+    generated: int = 1
+
+
+@dataclass
+class Group:
+    """Rows sharing a prefix length: one batch with one cache and one attention mask."""
+
+    rows: list[Row] = field(default_factory=list)
+    cache: RowCache = field(default_factory=RowCache)
+    mask: torch.Tensor | None = None
+
+
+def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad `tensor` at the start of `dim` up to `length`."""
+    missing = length - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat((tensor.new_zeros(shape), tensor), dim=dim)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Next token from 1-D logits: greedy at temperature ~0, else temperature + nucleus (top_p) sampling."""
+    if temperature <= GREEDY_TEMPERATURE:
+        return int(logits.argmax())
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probabilities, order = probabilities.sort(descending=True)
+        outside = sorted_probabilities.cumsum(-1) - sorted_probabilities > top_p
+        sorted_probabilities[outside] = 0.0
+        probabilities = torch.zeros_like(probabilities).scatter(0, order, sorted_probabilities)
+    return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
+
+
+class ServingEngine:
+    """Runs generation requests for one model with continuous batching on a worker thread."""
+
+    def __init__(self, model: nn.Module, max_batch_size: int = 16):
+        self.model = model
+        self.inner = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.pending: queue.Queue[GenerationRequest | None] = queue.Queue()
+        self.waiting: list[GenerationRequest] = []
+        self.groups: dict[int, Group] = {}
+        self.prefix_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.steps = 0
+        self.after_step: Callable[[], None] | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
+
+    def start(self) -> "ServingEngine":
+        """Start the worker thread."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel everything still queued or running and stop the worker thread."""
+        self._stopping = True
+        self.pending.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        if self._stopping:
+            raise RuntimeError("the serving engine is stopping; no new requests are accepted")
+        self.pending.put(request)
+
+    @property
+    def running(self) -> int:
+        """Rows in the batch now."""
+        return sum(len(group.rows) for group in list(self.groups.values()))
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                if not self._take_pending(block=self.running == 0 and not self.waiting):
+                    break
+                try:
+                    self._admit()
+                    self._decode()
+                except (RuntimeError, ValueError) as error:
+                    self._fail_all(f"error: {type(error).__name__}: {error}")
+                self._notify()
+        self._fail_all("cancelled")
+        self._notify()
+
+    def _notify(self) -> None:
+        """Tell the listener that this step's callbacks are done (lets it deliver them in one go)."""
+        if self.after_step is not None:
+            self.after_step()
+
+    def _take_pending(self, block: bool) -> bool:
+        """Move submitted requests to the waiting list; False when the engine is stopping."""
+        try:
+            item = self.pending.get(block=block)
+            while True:
+                if item is None or self._stopping:
+                    return False
+                self.waiting.append(item)
+                item = self.pending.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _fail_all(self, reason: str) -> None:
+        for request in self.waiting:
+            request.on_finish(reason)
+        self.waiting = []
+        for group in self.groups.values():
+            for row in group.rows:
+                row.request.on_finish(reason)
+        self.groups = {}
+
+    def _prefix_key_values(self, encoder: PrefixEncoder) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer prefix (key, value) of one encoder for a single row, computed once."""
+        if id(encoder) not in self.prefix_cache:
+            self.prefix_cache[id(encoder)] = [(k.contiguous(), v.contiguous()) for k, v in encoder(1, torch.float32)]
+        return self.prefix_cache[id(encoder)]
+
+    def _forward(self, rows: list[Row] | list[GenerationRequest], input_ids, attention_mask, position_ids, cache):
+        """One model forward with each row's prefix and adapter; returns the last position's logits (batch, vocab)."""
+        variants = [row.request.variant if isinstance(row, Row) else row.variant for row in rows]
+        encoders = [variant.prefix for variant in variants]
+        if encoders[0] is None:
+            self.inner.transformer.prefix_encoder = None
+            self.inner.config.pre_seq_len = None
+        else:
+            per_row = [self._prefix_key_values(encoder) for encoder in encoders]
+            stacked = [
+                (torch.cat([row[layer][0] for row in per_row]), torch.cat([row[layer][1] for row in per_row]))
+                for layer in range(len(per_row[0]))
+            ]
+            self.inner.transformer.prefix_encoder = RowPrefixes(stacked)
+            self.inner.config.pre_seq_len = encoders[0].pre_seq_len
+        kwargs = {}
+        if isinstance(self.model, PeftModel):
+            kwargs["adapter_names"] = [variant.adapter or BASE_ADAPTER for variant in variants]
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return outputs.logits[:, -1, :]
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while the batch has room, and merge them into their groups."""
+        while self.waiting and self.running < self.max_batch_size:
+            request = self.waiting.pop(0)
+            if request.cancelled.is_set():
+                request.on_finish("cancelled")
+                continue
+            length = len(request.prompt_ids)
+            input_ids = torch.tensor([request.prompt_ids], device=self.device)
+            mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+            positions = torch.arange(length, device=self.device).unsqueeze(0)
+            cache = RowCache()
+            logits = self._forward([request], input_ids, mask, positions, cache)[0]
+            generator = None
+            if request.seed is not None:
+                generator = torch.Generator().manual_seed(request.seed)
+            token = sample_token(logits, request.temperature, request.top_p, generator)
+            row = Row(request=request, generator=generator, next_token=token, position=length)
+            if self._emit(row, token):
+                self._merge(row, cache, mask)
+
+    def _emit(self, row: Row, token: int) -> bool:
+        """Hand a sampled token to its request; False when the row is finished."""
+        request = row.request
+        if token in request.stop_ids:
+            request.on_finish("stop")
+            return False
+        request.on_token(token)
+        if row.generated >= request.max_new_tokens:
+            request.on_finish("length")
+            return False
+        return True
+
+    def _merge(self, row: Row, cache: RowCache, mask: torch.Tensor) -> None:
+        """Add a prefilled row to the group of its prefix length, left-padding the shorter side."""
+        prefix = row.request.variant.prefix
+        group = self.groups.setdefault(prefix.pre_seq_len if prefix is not None else 0, Group())
+        if not group.rows:
+            group.rows, group.cache, group.mask = [row], cache, mask
+            return
+        length = max(group.mask.shape[1], mask.shape[1])
+        group.cache = RowCache(
+            [
+                (
+                    torch.cat((left_pad(old_key, length, 2), left_pad(new_key, length, 2))),
+                    torch.cat((left_pad(old_value, length, 2), left_pad(new_value, length, 2))),
+                )
+                for (old_key, old_value), (new_key, new_value) in zip(group.cache.layers, cache.layers, strict=True)
+            ]
+        )
+        group.mask = torch.cat((left_pad(group.mask, length, 1), left_pad(mask, length, 1)))
+        group.rows.append(row)
+
+    def _decode(self) -> None:
+        """One decoding step for every group; finished and cancelled rows leave their group."""
+        for key, group in list(self.groups.items()):
+            live = []
+            for index, row in enumerate(group.rows):
+                if row.request.cancelled.is_set():
+                    row.request.on_finish("cancelled")
+                else:
+                    live.append(index)
+            self._keep(group, live)
+            if not group.rows:
+                del self.groups[key]
+                continue
+            input_ids = torch.tensor([[row.next_token] for row in group.rows], device=self.device)
+            positions = torch.tensor([[row.position] for row in group.rows], device=self.device)
+            group.mask = torch.cat((group.mask, torch.ones_like(group.mask[:, :1])), dim=1)
+            logits = self._forward(group.rows, input_ids, group.mask, positions, group.cache)
+            greedy_tokens = logits.argmax(dim=-1).tolist()
+            live = []
+            for index, row in enumerate(group.rows):
+                request = row.request
+                token = greedy_tokens[index]
+                if request.temperature > GREEDY_TEMPERATURE:
+                    token = sample_token(logits[index], request.temperature, request.top_p, row.generator)
+                row.next_token, row.position, row.generated = token, row.position + 1, row.generated + 1
+                if self._emit(row, token):
+                    live.append(index)
+            self._keep(group, live)
+            if not group.rows:
+                del self.groups[key]
+        self.steps += 1
+
+    def _keep(self, group: Group, indices: list[int]) -> None:
+        """Keep only the rows at `indices`, and drop leading cache columns that are padding in every kept row."""
+        if len(indices) == len(group.rows):
+            return
+        group.rows = [group.rows[index] for index in indices]
+        if not indices:
+            return
+        select = torch.tensor(indices, device=self.device)
+        mask = group.mask.index_select(0, select)
+        start = int(mask.any(dim=0).nonzero()[0])
+        group.mask = mask[:, start:]
+        group.cache = RowCache(
+            [
+                (key.index_select(0, select)[:, :, start:], value.index_select(0, select)[:, :, start:])
+                for key, value in group.cache.layers
+            ]
+        )
