@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments
-from finetune.model.chat import REPLACEMENT_CHARACTER
 from finetune.model.checkpoint_files import CheckpointError
 from inference.openai_protocol import (
     ChatRequest,
@@ -137,6 +136,14 @@ class EventRelay:
             target.put_nowait(event)
 
 
+def ids_through_stop(ids: list[int], checked: int, decode: Callable[[list[int]], str], stop: list[str]) -> list[int]:
+    """`ids` up to the one whose text completes a stop sequence (the first `checked` ids are known to hold none)."""
+    for end in range(checked + 1, len(ids) + 1):
+        if cut_at_stop(decode(ids[:end]), stop)[1]:
+            return ids[:end]
+    return ids
+
+
 def error_response(error: RequestError) -> JSONResponse:
     """The HTTP response of a RequestError."""
     return JSONResponse(error.body(), status_code=error.status)
@@ -227,6 +234,7 @@ class ChatService:
                 arrived = [await events.get()]
                 while not events.empty():  # under load, several steps' tokens are handled at once
                     arrived.append(events.get_nowait())
+                earlier = len(completion.generated)
                 for kind, value in arrived:
                     if kind == "token":
                         completion.generated.append(value)
@@ -234,17 +242,16 @@ class ChatService:
                         raise RuntimeError(f"generation failed: {value}")
                     else:
                         completion.finish_reason = value
-                completion.text, stopped = cut_at_stop(decode(completion.generated), request.stop)
+                text = decode(completion.generated)
+                completion.text, stopped = cut_at_stop(text, request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
-                if completion.finish_reason is not None or completion.text.endswith(REPLACEMENT_CHARACTER):
+                    completion.generated = ids_through_stop(completion.generated, earlier, decode, request.stop)
+                if completion.finish_reason is not None:
                     continue
-                content = streamable_content(completion.text, request.tools)
-                if content is None:
-                    continue
-                if hold_back:
-                    content = content[: max(len(content) - hold_back, 0)]
-                if len(content) > len(sent) and content.startswith(sent):
+                # Text that may still turn out to start a stop sequence is not sent yet.
+                content = streamable_content(text[: len(text) - hold_back])
+                if len(content) > len(sent):
                     yield content[len(sent) :]
                     sent = content
             content, _ = assistant_reply(completion.text, request.tools)
