@@ -203,6 +203,10 @@ class ChatService:
             completion.released = True
             self.in_flight -= 1
 
+    async def release_after_response(self, completion: Completion) -> None:
+        """release() as a response's background task (an async one: starlette runs plain functions in a thread)."""
+        self.release(completion)
+
     async def events(self, completion: Completion) -> AsyncIterator[str]:
         """Run a completion on its engine and yield content pieces as they become final (stream order)."""
         events: asyncio.Queue = asyncio.Queue()
@@ -285,14 +289,16 @@ class ChatService:
                 yield completion.chunk({"content": piece})
             _, tool_calls = assistant_reply(completion.text, completion.request.tools)
             finish_reason = completion.finish_reason
+            closing = []  # sent in one write
             if tool_calls:
                 calls = [{"index": index, **call} for index, call in enumerate(tool_calls)]
-                yield completion.chunk({"tool_calls": calls})
+                closing.append(completion.chunk({"tool_calls": calls}))
                 finish_reason = "tool_calls"
-            yield completion.chunk({}, finish_reason)
+            closing.append(completion.chunk({}, finish_reason))
             if completion.request.stream_usage:
-                yield completion.usage_chunk()
-            yield "data: [DONE]\n\n"
+                closing.append(completion.usage_chunk())
+            closing.append("data: [DONE]\n\n")
+            yield "".join(closing)
         finally:
             self.release(completion)
 
@@ -396,7 +402,7 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
             return StreamingResponse(
                 service.stream(completion),
                 media_type="text/event-stream",
-                background=BackgroundTask(service.release, completion),
+                background=BackgroundTask(service.release_after_response, completion),
             )
         reply = await service.complete(completion, http_request)
         if reply is None:
