@@ -9,7 +9,7 @@ import json
 import random
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -134,8 +134,10 @@ def padded_vocab_size(sentencepiece_size: int) -> int:
     return -(-needed // VOCAB_PADDING_MULTIPLE) * VOCAB_PADDING_MULTIPLE
 
 
-def _write_checkpoint(folder: Path, model_proto: bytes, config_fields: dict, seed: int) -> None:
-    """Write tokenizer, config, random weights and generation config into `folder`."""
+def _write_checkpoint(
+    folder: Path, model_proto: bytes, config_fields: dict, seed: int, dtype: torch.dtype, device: str, prepare
+) -> None:
+    """Write tokenizer, config, random weights (built on `device`, saved in `dtype`) and generation config."""
     vocab_file = folder / "tokenizer.model"
     vocab_file.write_bytes(model_proto)
     tokenizer = ChatGLMTokenizer(vocab_file=str(vocab_file))
@@ -148,7 +150,10 @@ def _write_checkpoint(folder: Path, model_proto: bytes, config_fields: dict, see
         **config_fields,
     )
     torch.manual_seed(seed)
-    model = ChatGLMForConditionalGeneration(config)
+    with torch.device(device):
+        model = ChatGLMForConditionalGeneration(config).to(dtype)
+    if prepare is not None:
+        prepare(model, tokenizer)
     model.save_pretrained(folder)
 
     stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
@@ -171,11 +176,16 @@ def build_tiny_model(
     multi_query_attention: bool = True,
     seed: int = 0,
     overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    prepare: Callable[[ChatGLMForConditionalGeneration, ChatGLMTokenizer], None] | None = None,
 ) -> Path:
     """Train a tokenizer on `texts` (default: the built-in corpus) and save a random ChatGLM3 model at `output_dir`.
 
     The shape is ChatGLM3-6B's (qkv bias, multi-query attention) scaled down; `seq_length` and `rope_ratio` build the
-    long-context variants' shape (chatglm3-6b-32k: seq_length 32768, rope_ratio 50).
+    long-context variants' shape (chatglm3-6b-32k: seq_length 32768, rope_ratio 50). Large shapes (the full 6B one)
+    are best built on a GPU (`device="cuda"`) and saved in `dtype` bfloat16. `prepare(model, tokenizer)`, when given,
+    adjusts the random model before it is saved.
     """
     if num_attention_heads % multi_query_group_num:
         raise ValueError(
@@ -201,7 +211,7 @@ def build_tiny_model(
     try:
         built = workspace / target.name
         built.mkdir()
-        _write_checkpoint(built, model_proto, config_fields, seed)
+        _write_checkpoint(built, model_proto, config_fields, seed, dtype, device, prepare)
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True (--overwrite)")
         replace_folder(built, target)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments
-from finetune.model.chat import REPLACEMENT_CHARACTER
 from finetune.model.checkpoint_files import CheckpointError
 from inference.openai_protocol import (
     ChatRequest,
@@ -137,32 +136,12 @@ class EventRelay:
             target.put_nowait(event)
 
 
-class ReplyDecoder:
-    """Text of generated ids exactly as tokenizer.decode gives it, about ten times faster (every token of every
-    stream is decoded): runs of SentencePiece ids go straight to SentencePiece, added tokens (role tokens, <unk>, ...)
-    are kept as written and ids outside the vocabulary read as the unknown token, as ChatGLMTokenizer does."""
-
-    def __init__(self, tokenizer):
-        self.sp_model = tokenizer.sp_model
-        self.added = {index: token.content for index, token in tokenizer.added_tokens_decoder.items()}
-        self.unknown = str(tokenizer.unk_token)
-        self.piece_count = tokenizer.sp_model.get_piece_size()
-
-    def __call__(self, ids: list[int]) -> str:
-        """The decoded text of `ids`."""
-        parts: list[str] = []
-        run: list[int] = []
-        for index in ids:
-            if index in self.added or not 0 <= index < self.piece_count:
-                if run:
-                    parts.append(self.sp_model.decode(run))
-                    run = []
-                parts.append(self.added.get(index, self.unknown))
-            else:
-                run.append(index)
-        if run:
-            parts.append(self.sp_model.decode(run))
-        return "".join(parts)
+def ids_through_stop(ids: list[int], checked: int, decode: Callable[[list[int]], str], stop: list[str]) -> list[int]:
+    """`ids` up to the one whose text completes a stop sequence (the first `checked` ids are known to hold none)."""
+    for end in range(checked + 1, len(ids) + 1):
+        if cut_at_stop(decode(ids[:end]), stop)[1]:
+            return ids[:end]
+    return ids
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -178,7 +157,6 @@ class ChatService:
         self.settings = settings
         self.in_flight = 0
         self.relay = EventRelay()
-        self.decoders = {name: ReplyDecoder(served.tokenizer) for name, served in models.items()}
         self.engines = list({id(served.engine): served.engine for served in models.values()}.values())
         for engine in self.engines:
             engine.after_step = self.relay.flush
@@ -225,6 +203,10 @@ class ChatService:
             completion.released = True
             self.in_flight -= 1
 
+    async def release_after_response(self, completion: Completion) -> None:
+        """release() as a response's background task (an async one: starlette runs plain functions in a thread)."""
+        self.release(completion)
+
     async def events(self, completion: Completion) -> AsyncIterator[str]:
         """Run a completion on its engine and yield content pieces as they become final (stream order)."""
         events: asyncio.Queue = asyncio.Queue()
@@ -248,7 +230,7 @@ class ChatService:
             seed=request.seed,
         )
         served.engine.submit(job)
-        decode = self.decoders[served.name]
+        decode = served.tokenizer.decode_ids
         hold_back = max((len(sequence) for sequence in request.stop), default=1) - 1
         sent = ""
         try:
@@ -256,6 +238,7 @@ class ChatService:
                 arrived = [await events.get()]
                 while not events.empty():  # under load, several steps' tokens are handled at once
                     arrived.append(events.get_nowait())
+                earlier = len(completion.generated)
                 for kind, value in arrived:
                     if kind == "token":
                         completion.generated.append(value)
@@ -263,17 +246,16 @@ class ChatService:
                         raise RuntimeError(f"generation failed: {value}")
                     else:
                         completion.finish_reason = value
-                completion.text, stopped = cut_at_stop(decode(completion.generated), request.stop)
+                text = decode(completion.generated)
+                completion.text, stopped = cut_at_stop(text, request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
-                if completion.finish_reason is not None or completion.text.endswith(REPLACEMENT_CHARACTER):
+                    completion.generated = ids_through_stop(completion.generated, earlier, decode, request.stop)
+                if completion.finish_reason is not None:
                     continue
-                content = streamable_content(completion.text, request.tools)
-                if content is None:
-                    continue
-                if hold_back:
-                    content = content[: max(len(content) - hold_back, 0)]
-                if len(content) > len(sent) and content.startswith(sent):
+                # Text that may still turn out to start a stop sequence is not sent yet.
+                content = streamable_content(text[: len(text) - hold_back])
+                if len(content) > len(sent):
                     yield content[len(sent) :]
                     sent = content
             content, _ = assistant_reply(completion.text, request.tools)
@@ -307,14 +289,16 @@ class ChatService:
                 yield completion.chunk({"content": piece})
             _, tool_calls = assistant_reply(completion.text, completion.request.tools)
             finish_reason = completion.finish_reason
+            closing = []  # sent in one write
             if tool_calls:
                 calls = [{"index": index, **call} for index, call in enumerate(tool_calls)]
-                yield completion.chunk({"tool_calls": calls})
+                closing.append(completion.chunk({"tool_calls": calls}))
                 finish_reason = "tool_calls"
-            yield completion.chunk({}, finish_reason)
+            closing.append(completion.chunk({}, finish_reason))
             if completion.request.stream_usage:
-                yield completion.usage_chunk()
-            yield "data: [DONE]\n\n"
+                closing.append(completion.usage_chunk())
+            closing.append("data: [DONE]\n\n")
+            yield "".join(closing)
         finally:
             self.release(completion)
 
@@ -418,7 +402,7 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
             return StreamingResponse(
                 service.stream(completion),
                 media_type="text/event-stream",
-                background=BackgroundTask(service.release, completion),
+                background=BackgroundTask(service.release_after_response, completion),
             )
         reply = await service.complete(completion, http_request)
         if reply is None:

@@ -12,12 +12,13 @@ import uuid
 from dataclasses import dataclass
 
 from finetune.data.encoding import format_tool_call, tools_system_message
-from finetune.model.chat import split_response
+from finetune.model.chat import REPLACEMENT_CHARACTER, TRAINING_DATE_PLACEHOLDER, split_response
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 4
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.8
+ASSISTANT_TOKEN = "<|assistant|>"
 
 
 class RequestError(ValueError):
@@ -217,14 +218,23 @@ def assistant_reply(text: str, tools: list[dict] | None) -> tuple[str | None, li
     return json.dumps(reply, ensure_ascii=False), None
 
 
-def streamable_content(text: str, tools: list[dict] | None) -> str | None:
-    """Content that may be streamed while `text` is still growing; None while it may still become a tool call."""
-    if tools:
-        first_line, newline, _ = text.partition("\n")
-        if not newline or first_line.strip():
-            return None
-    content, _ = assistant_reply(text, None)
-    return content
+def streamable_content(text: str) -> str:
+    """The start of the reply's content that no later output can change, while `text` is still being generated.
+
+    Nothing until the reply's first line is complete and blank (a non-blank first line names a tool: the reply becomes
+    a tool call, or JSON without tools). Held back at the end: replacement characters (a multi-byte character not yet
+    complete), the start of the training-date placeholder (replaced once complete) and whitespace (stripped at the end).
+    """
+    first_line, newline, _ = text.rpartition(ASSISTANT_TOKEN)[2].partition("\n")
+    if not newline or first_line.strip():
+        return ""
+    content, _ = assistant_reply(text.rstrip(REPLACEMENT_CHARACTER), None)
+    placeholder = TRAINING_DATE_PLACEHOLDER[0]
+    for length in range(min(len(placeholder) - 1, len(content)), 0, -1):
+        if content.endswith(placeholder[:length]):
+            content = content[:-length]
+            break
+    return content.rstrip()
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

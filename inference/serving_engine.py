@@ -2,9 +2,9 @@
 
 One engine owns one loaded model (a base, possibly wrapped by PEFT with several LoRA adapters) and runs a single
 worker thread. Each step it:
-  1. prefills every newly submitted request on its own (exactly what a one-request generate() does) and samples its
-     first token, then merges the request's KV cache into the running batch (rows are left-padded to a common length;
-     the 2-D attention mask marks the padding, so every row computes what it would alone);
+  1. prefills the newly submitted requests, those of one prefix length in one left-padded batch (the 2-D attention
+     mask marks the padding, so every row computes what it would alone), samples their first tokens, then merges their
+     KV cache into the running batch (rows are left-padded to a common length);
   2. decodes one token for every running row;
   3. drops rows that finished or were cancelled and trims cache columns that only padding uses.
 Rows are grouped by P-Tuning prefix length (0 = no prefix): each group is one batch, and a prefix is per-row K/V put
@@ -248,25 +248,47 @@ class ServingEngine:
         return outputs.logits[:, -1, :]
 
     def _admit(self) -> None:
-        """Prefill waiting requests while the batch has room, and merge them into their groups."""
-        while self.waiting and self.running < self.max_batch_size:
+        """Prefill waiting requests while the batch has room, those of one prefix length together, and merge them into
+        their groups."""
+        admitted: dict[int, list[GenerationRequest]] = {}
+        room = self.max_batch_size - self.running
+        while self.waiting and room > 0:
             request = self.waiting.pop(0)
             if request.cancelled.is_set():
                 request.on_finish("cancelled")
                 continue
-            length = len(request.prompt_ids)
-            input_ids = torch.tensor([request.prompt_ids], device=self.device)
-            mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-            positions = torch.arange(length, device=self.device).unsqueeze(0)
-            cache = RowCache()
-            logits = self._forward([request], input_ids, mask, positions, cache)[0]
+            prefix = request.variant.prefix
+            admitted.setdefault(prefix.pre_seq_len if prefix is not None else 0, []).append(request)
+            room -= 1
+        for key, requests in admitted.items():
+            self._prefill(key, requests)
+
+    def _prefill(self, key: int, requests: list[GenerationRequest]) -> None:
+        """Run the prompts of `requests` in one left-padded batch, sample their first tokens, merge the live rows."""
+        length = max(len(request.prompt_ids) for request in requests)
+        padding = [length - len(request.prompt_ids) for request in requests]
+        input_ids = torch.tensor(
+            [[0] * pad + request.prompt_ids for pad, request in zip(padding, requests, strict=True)],
+            device=self.device,
+        )
+        mask = torch.tensor([[0] * pad + [1] * (length - pad) for pad in padding], device=self.device)
+        positions = torch.tensor([[0] * pad + list(range(length - pad)) for pad in padding], device=self.device)
+        cache = RowCache()
+        logits = self._forward(requests, input_ids, mask, positions, cache)
+        new = Group(cache=cache, mask=mask)
+        live = []
+        for index, request in enumerate(requests):
             generator = None
             if request.seed is not None:
                 generator = torch.Generator().manual_seed(request.seed)
-            token = sample_token(logits, request.temperature, request.top_p, generator)
-            row = Row(request=request, generator=generator, next_token=token, position=length)
+            token = sample_token(logits[index], request.temperature, request.top_p, generator)
+            row = Row(request=request, generator=generator, next_token=token, position=len(request.prompt_ids))
+            new.rows.append(row)
             if self._emit(row, token):
-                self._merge(row, cache, mask)
+                live.append(index)
+        self._keep(new, live)
+        if new.rows:
+            self._merge(key, new)
 
     def _emit(self, row: Row, token: int) -> bool:
         """Hand a sampled token to its request; False when the row is finished."""
@@ -280,25 +302,24 @@ class ServingEngine:
             return False
         return True
 
-    def _merge(self, row: Row, cache: RowCache, mask: torch.Tensor) -> None:
-        """Add a prefilled row to the group of its prefix length, left-padding the shorter side."""
-        prefix = row.request.variant.prefix
-        group = self.groups.setdefault(prefix.pre_seq_len if prefix is not None else 0, Group())
-        if not group.rows:
-            group.rows, group.cache, group.mask = [row], cache, mask
+    def _merge(self, key: int, new: Group) -> None:
+        """Add prefilled rows to the group of their prefix length, left-padding the shorter side."""
+        group = self.groups.get(key)
+        if group is None:
+            self.groups[key] = new
             return
-        length = max(group.mask.shape[1], mask.shape[1])
+        length = max(group.mask.shape[1], new.mask.shape[1])
         group.cache = RowCache(
             [
                 (
                     torch.cat((left_pad(old_key, length, 2), left_pad(new_key, length, 2))),
                     torch.cat((left_pad(old_value, length, 2), left_pad(new_value, length, 2))),
                 )
-                for (old_key, old_value), (new_key, new_value) in zip(group.cache.layers, cache.layers, strict=True)
+                for (old_key, old_value), (new_key, new_value) in zip(group.cache.layers, new.cache.layers, strict=True)
             ]
         )
-        group.mask = torch.cat((left_pad(group.mask, length, 1), left_pad(mask, length, 1)))
-        group.rows.append(row)
+        group.mask = torch.cat((left_pad(group.mask, length, 1), left_pad(new.mask, length, 1)))
+        group.rows.extend(new.rows)
 
     def _decode(self) -> None:
         """One decoding step for every group; finished and cancelled rows leave their group."""

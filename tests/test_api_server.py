@@ -22,9 +22,11 @@ from transformers import AutoTokenizer
 
 from finetune.checkpoints import load_for_inference
 from finetune.data.encoding import TOOLS_SYSTEM_PROMPT, encode_conversation, format_tool_call
+from inference.api_server import ids_through_stop
 from inference.api_server import main as api_server_main
 from inference.inference import main as inference_main
 from inference.inference import reply_text
+from inference.openai_protocol import assistant_reply, streamable_content
 
 API_KEY = "test-key"
 MAX_TOKENS = 12
@@ -140,7 +142,6 @@ def test_stream_equals_non_stream_with_usage(server, checkpoints, expected):
     whole = greedy(client, "prefix5", PROMPTS[2])
     chunks = list(greedy(client, "prefix5", PROMPTS[2], stream=True, stream_options={"include_usage": True}))
     pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
-    assert len(pieces) > 1
     assert "".join(pieces) == whole.choices[0].message.content == expected["prefix5", PROMPTS[2]]
     assert chunks[0].choices[0].delta.role == "assistant"
     finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
@@ -150,6 +151,48 @@ def test_stream_equals_non_stream_with_usage(server, checkpoints, expected):
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens == prompt_tokens
     assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens > 0
     assert whole.usage.total_tokens == prompt_tokens + whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize("name", ["base", "lora", "prefix5"])
+def test_streamed_content_always_equals_the_non_streamed_content(server, name):
+    client = server.client()
+    for prompt in PROMPTS:
+        whole = greedy(client, name, prompt, max_tokens=48)
+        chunks = greedy(client, name, prompt, max_tokens=48, stream=True)
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        assert streamed == (whole.choices[0].message.content or ""), (name, prompt)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n 今天是[[训练时间]]，你好",  # the placeholder is replaced once complete
+        "\n 你好 \n\n世界  ",  # whitespace is stripped at the end
+        "get_weather\n```python\ntool_call(city='北京')\n```",  # a first line that names a tool
+        "no newline yet, then\nmore",  # a first line that is not blank: the reply is not plain content
+        "\n 半个字: \u4f60好",
+    ],
+)
+def test_streamable_content_only_grows_into_the_final_content(text):
+    final, _ = assistant_reply(text, None)
+    sent = ""
+    for end in range(len(text) + 1):
+        partial = text[:end]
+        if partial.endswith("\u4f60") and end < len(text):
+            partial = partial[:-1] + "\ufffd\ufffd"  # decoded while the character's bytes are still arriving
+        content = streamable_content(partial)
+        assert content.startswith(sent) and final.startswith(content), (partial, content, final)
+        sent = content
+
+
+def test_usage_counts_the_tokens_up_to_the_one_that_completes_a_stop_string(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer.encode("hello world, how are you", add_special_tokens=False)
+    through = next(end for end in range(1, len(ids) + 1) if "wor" in tokenizer.decode(ids[:end]))
+    # All ids arrived in one step: those after the one that completed "wor" are not counted.
+    assert ids_through_stop(ids, 0, tokenizer.decode_ids, ["wor"]) == ids[:through]
+    assert through < len(ids)
+    assert ids_through_stop(ids, 0, tokenizer.decode_ids, ["absent"]) == ids
 
 
 def test_max_tokens_stop_and_seed(server, expected):
@@ -325,6 +368,9 @@ def test_tool_call_then_observation_with_a_fine_tuned_checkpoint(server, checkpo
     )
     assert answer.choices[0].finish_reason == "stop"
     assert answer.choices[0].message.content == expected == "北京现在 20 度。"
+    streamed = list(client.chat.completions.create(messages=messages, stream=True, **options))
+    pieces = [chunk.choices[0].delta.content for chunk in streamed if chunk.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == expected  # a reply in ChatGLM3's format streams token by token
     prompt = tokenizer.build_chat_input('{"temp": 20}', history=history, role="observation")
     assert answer.usage.prompt_tokens == len(prompt["input_ids"][0])
 

@@ -77,6 +77,30 @@ def test_requests_joining_a_running_batch_equal_generate_alone(loaded):
     assert engine.running == 0
 
 
+def test_requests_arriving_together_are_prefilled_in_one_batch_and_equal_generate_alone(loaded):
+    model, tokenizer = loaded
+    engine = ServingEngine(model, max_batch_size=8)
+    collectors = [Collector() for _ in PROMPTS]
+    one_token = Collector()
+    forwards = []
+    counting = model.register_forward_hook(
+        lambda module, args, kwargs, output: forwards.append(kwargs), with_kwargs=True
+    )
+    for prompt, collector in zip(PROMPTS, collectors, strict=True):
+        engine.submit(request_for(tokenizer, prompt, collector))
+    engine.submit(request_for(tokenizer, PROMPTS[1], one_token, max_new_tokens=1))  # leaves right after its prefill
+    engine.start()
+    try:
+        assert all(collector.done.wait(60) for collector in [*collectors, one_token])
+    finally:
+        engine.stop(timeout=30)
+        counting.remove()
+    assert forwards[0]["input_ids"].shape[0] == len(PROMPTS) + 1  # one prefill for all of them
+    assert len(forwards) == NEW_TOKENS  # then one decoding step per further token
+    assert [collector.tokens for collector in collectors] == [greedy_alone(model, tokenizer, p) for p in PROMPTS]
+    assert one_token.reason == "length" and one_token.tokens == greedy_alone(model, tokenizer, PROMPTS[1])[:1]
+
+
 def test_cancel_frees_the_slot_for_a_waiting_request(loaded):
     model, tokenizer = loaded
     engine = ServingEngine(model, max_batch_size=1).start()

@@ -186,3 +186,15 @@ def test_saved_token_ids_that_contradict_tokenizer_model_are_rejected(tokenizer,
     config_file.write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(ValueError, match=r"'\[MASK\]' has id 950, expected 900"):
         ChatGLMTokenizer.from_pretrained(tmp_path)
+
+
+def test_fast_decode_equals_the_token_by_token_path(tokenizer):
+    """decode() (decode_ids) gives exactly id -> token -> convert_tokens_to_string, on every id and mixed runs."""
+    generator = torch.Generator().manual_seed(0)
+    last = tokenizer.vocab_size + 3
+    sequences = [[index] for index in range(-1, last)]
+    sequences += [torch.randint(-1, last, (40,), generator=generator).tolist() for _ in range(300)]
+    sequences.append(tokenizer.encode("数字12345和English混合 😀 ünïcode", add_special_tokens=False))
+    for ids in sequences:
+        tokens = [tokenizer._convert_id_to_token(index) for index in ids]
+        assert tokenizer.decode_ids(ids) == tokenizer.decode(ids) == tokenizer.convert_tokens_to_string(tokens), ids
