@@ -14,14 +14,10 @@ from types import SimpleNamespace
 
 from peft import PeftModel
 
-from finetune.checkpoints import (
-    CheckpointKind,
-    detect_checkpoint_kind,
-    load_for_inference,
-    load_lora_adapter,
-    prefix_settings,
-    resolve_base,
-)
+from finetune.checkpoint_layout import CheckpointKind
+from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, resolve_base
+from finetune.methods.lora import load_lora_adapter
+from finetune.methods.ptuning import prefix_settings
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.model.prefix_encoder import PrefixEncoder

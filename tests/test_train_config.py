@@ -98,7 +98,7 @@ def test_config_file_errors_name_the_file(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"pre_seq_len": 4, "lora_rank": 8}, "select two different methods"),
+        ({"pre_seq_len": 4, "lora_rank": 8}, "select different methods"),
         ({"quantization_bit": 4}, "cannot be used with full fine-tuning"),
         ({"lora_rank": 8, "quantization_bit": 3}, "must be 4 or 8"),
         ({"prefix_projection": True}, "pass --pre_seq_len too"),

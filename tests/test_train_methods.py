@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Se
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.data.encoding import encode_input_output
 from finetune.generation_eval_batches import GenerationEvalCollator
-from finetune.methods import apply_method, check_quantization_available, load_base_model, quantization_config
+from finetune.methods import apply_method
+from finetune.methods.base import load_base_model
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.quantization import check_quantization_available, quantization_config
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
 
