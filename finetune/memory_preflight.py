@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .data.encoding import input_output_row_length
 from .methods import method_named
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
@@ -449,7 +450,7 @@ def longest_row(data_args: object, data_format: str | None = None) -> int | None
     data_format = data_format or getattr(data_args, "data_format", None)
     source = getattr(data_args, "max_source_length", None)
     target = getattr(data_args, "max_target_length", None)
-    input_output = source + target + 1 if source and target else None
+    input_output = input_output_row_length(source, target) if source and target else None
     conversations = getattr(data_args, "max_seq_length", None)
     if data_format == "input_output" and input_output:
         return input_output

@@ -33,7 +33,7 @@ from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, Throughp
 from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
-from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
+from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT, input_output_row_length
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
@@ -210,7 +210,7 @@ def packing_length(data_args: DataArguments, data_format: str) -> int:
     if data_args.packing_length:
         return data_args.packing_length
     if data_format == INPUT_OUTPUT:
-        return data_args.max_source_length + data_args.max_target_length + 1
+        return input_output_row_length(data_args.max_source_length, data_args.max_target_length)
     return data_args.max_seq_length
 
 

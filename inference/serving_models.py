@@ -14,13 +14,14 @@ from types import SimpleNamespace
 
 from peft import PeftModel
 
-from finetune.checkpoint_layout import CheckpointKind
+from finetune.checkpoint_layout import CheckpointKind, read_training_record
 from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, resolve_base
 from finetune.methods.lora import load_lora_adapter
 from finetune.methods.ptuning import prefix_settings
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.model.prefix_encoder import PrefixEncoder
+from finetune.quantization import recorded_bits
 from inference.serving_engine import ServingEngine, Variant
 
 
@@ -89,6 +90,21 @@ def _load_options(options: LoadOptions) -> dict:
     return {"device": options.device, "dtype": options.dtype, "quantization_bit": options.quantization_bit}
 
 
+def shared_base_quantization(members: list[tuple[str, str]], options: LoadOptions) -> int | None:
+    """The bits a shared base loads with: --quantization_bit, else what the members' training records agree on."""
+    if options.quantization_bit is not None:
+        return options.quantization_bit
+    records = {path: read_training_record(path) for _, path in members}
+    recorded = {path: recorded_bits(record) or 0 for path, record in records.items() if record is not None}
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{path} ({bits or 'not quantized'})" for path, bits in recorded.items())
+        raise CheckpointError(
+            f"checkpoints sharing one base were trained on differently quantized bases: {listed}; serve them on "
+            "separate bases or pass --quantization_bit"
+        )
+    return next(iter(recorded.values()), 0)
+
+
 def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: int) -> dict[str, ServedModel]:
     """Load every `--model` value, sharing bases; returns the served models by name (engines started)."""
     parsed = parse_model_specs(specs)
@@ -116,7 +132,8 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
             engine = ServingEngine(model, max_batch_size).start()
             served[name] = ServedModel(name, path, kind, engine, tokenizer, Variant(), int(model.config.seq_length))
     for base_path, members in bases.items():
-        model, tokenizer, _ = load_for_inference(base_path, tokenizer=options.tokenizer, **_load_options(options))
+        load_options = {**_load_options(options), "quantization_bit": shared_base_quantization(members, options)}
+        model, tokenizer, _ = load_for_inference(base_path, tokenizer=options.tokenizer, **load_options)
         config = model.config
         variants = {}
         for index, (name, path) in enumerate(members):
