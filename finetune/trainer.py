@@ -42,7 +42,7 @@ from finetune.generation_eval_batches import (
     blank_after_stop,
 )
 from finetune.methods import FinetuneMethod, method_of
-from finetune.methods.base import parameter_size
+from finetune.methods.base import SaveContext, parameter_size
 from finetune.quantization import quantization_record
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         folder.mkdir(parents=True, exist_ok=True)
         logger.info("Saving %s checkpoint files to %s", self.method.name, folder)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        self.method.save(model, folder, self.model_args, self.processing_class, state_dict=state_dict)
+        self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
         record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
         write_json_atomically(folder / TRAINING_RECORD, record)
 

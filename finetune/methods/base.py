@@ -7,6 +7,7 @@ Whatever the base model's dtype, every trainable parameter is kept in fp32: the 
 
 import abc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,16 @@ from finetune.quantization import (
     prepare_quantized_base,
     quantization_config,
 )
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What a method's `save` may need besides the model: the run's model arguments, its tokenizer, and the state
+    dict Trainer gathered (DeepSpeed ZeRO-3, FSDP) when the model's own weights are partitioned."""
+
+    model_args: ModelArguments
+    tokenizer: PreTrainedTokenizerBase | None = None
+    state_dict: dict | None = None
 
 
 class FinetuneMethod(abc.ABC):
@@ -76,14 +87,7 @@ class FinetuneMethod(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def save(
-        self,
-        model: nn.Module,
-        folder: Path,
-        model_args: ModelArguments,
-        tokenizer: PreTrainedTokenizerBase | None,
-        state_dict: dict | None = None,
-    ) -> None:
+    def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
         """Write this method's model files (not the record) into `folder`."""
 
     def load_trained_weights(self, model: nn.Module, folder: Path) -> bool:

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 
 from finetune.arguments import ModelArguments
 from finetune.checkpoint_layout import CheckpointKind
-from finetune.methods.base import FinetuneMethod
+from finetune.methods.base import FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import check_weight_file, weight_files
 from finetune.model.remote_code import copy_remote_code_files
 from finetune.model.shapes import base_parameter_count
@@ -30,19 +30,12 @@ class FullFinetuning(FinetuneMethod):
         model.requires_grad_(True)
         return model
 
-    def save(
-        self,
-        model: nn.Module,
-        folder: Path,
-        model_args: ModelArguments,
-        tokenizer: PreTrainedTokenizerBase | None,
-        state_dict: dict | None = None,
-    ) -> None:
+    def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
         """The whole model (safetensors), its tokenizer and the base's remote-code files."""
-        model.save_pretrained(folder, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        copy_remote_code_files(model_args.model_name_or_path, folder)
+        model.save_pretrained(folder, state_dict=context.state_dict)
+        if context.tokenizer is not None:
+            context.tokenizer.save_pretrained(folder)
+        copy_remote_code_files(context.model_args.model_name_or_path, folder)
 
     def weights_problem(self, folder: Path) -> str | None:
         """Complete model weights must be there."""

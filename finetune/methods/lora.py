@@ -5,11 +5,11 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
-from finetune.methods.base import FinetuneMethod
+from finetune.methods.base import FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import CheckpointError, check_weight_file, weight_keys
 from finetune.model.shapes import linear_shapes
 
@@ -124,16 +124,9 @@ class LoRA(FinetuneMethod):
             )
         return None
 
-    def save(
-        self,
-        model: nn.Module,
-        folder: Path,
-        model_args: ModelArguments,
-        tokenizer: PreTrainedTokenizerBase | None,
-        state_dict: dict | None = None,
-    ) -> None:
+    def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
         """The PEFT adapter: adapter_config.json + adapter_model.safetensors."""
-        model.save_pretrained(folder, state_dict=state_dict)
+        model.save_pretrained(folder, state_dict=context.state_dict)
 
     def recognises(self, folder: Path) -> bool:
         """A folder with adapter_config.json."""

@@ -4,7 +4,7 @@ import copy
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from finetune.arguments import ModelArguments
 from finetune.checkpoint_layout import (
@@ -14,7 +14,7 @@ from finetune.checkpoint_layout import (
     CheckpointKind,
     read_training_record,
 )
-from finetune.methods.base import FinetuneMethod
+from finetune.methods.base import FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import CheckpointError, read_json_file, weight_keys
 from finetune.model.prefix_checkpoint import (
     PREFIX_KEY_PREFIX,
@@ -71,21 +71,14 @@ class PTuningV2(FinetuneMethod):
         """pre_seq_len and prefix_projection."""
         return {"pre_seq_len": model_args.pre_seq_len, "prefix_projection": model_args.prefix_projection}
 
-    def save(
-        self,
-        model: nn.Module,
-        folder: Path,
-        model_args: ModelArguments,
-        tokenizer: PreTrainedTokenizerBase | None,
-        state_dict: dict | None = None,
-    ) -> None:
+    def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
         """config.json (without the quantization settings) and the prefix weights."""
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(folder)
-        save_prefix_weights(model, folder, official_bin=model_args.save_official_bin)
-        copy_remote_code_files(model_args.model_name_or_path, folder)
+        save_prefix_weights(model, folder, official_bin=context.model_args.save_official_bin)
+        copy_remote_code_files(context.model_args.model_name_or_path, folder)
 
     def load_trained_weights(self, model: nn.Module, folder: Path) -> bool:
         """Load the prefix weights into the prefix encoder."""
