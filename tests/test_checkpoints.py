@@ -36,12 +36,6 @@ from finetune.quantization import quantization_record
 
 
 @pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, reference_model_dir: Path) -> dict:
     """One checkpoint of every kind made from the reference model, and the in-memory models they came from."""
     root = tmp_path_factory.mktemp("checkpoints")
