@@ -15,13 +15,13 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from finetune.quantization import QUANTIZATION_BITS
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES
 
 BASE_MODEL_ENV = "BASE_MODEL_PATH"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 LORA_TARGET_ALL = "all"
-QUANTIZATION_BITS = (4, 8)
 METHOD_PTUNING = "ptuning"
 METHOD_LORA = "lora"
 METHOD_QLORA = "qlora"

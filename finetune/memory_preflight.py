@@ -14,6 +14,7 @@ from .methods import method_named
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
 from .model.shapes import base_parameter_count, layer_linear_weights, layer_small_parameters, linear_shapes
+from .quantization import QUANTIZATION_BITS
 from .recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, RECOMPUTE_MLP, RECOMPUTE_NONE, RecomputePlan
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class TrainingSetup:
         except ValueError as error:
             raise ValueError(f"TrainingSetup.method: {error}") from error
         method.check_setup(self)
-        if self.quantization_bit not in (None, 4, 8):
+        if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"TrainingSetup.quantization_bit is {self.quantization_bit}; use 4, 8 or None")
         if method.trains_base_weights and self.quantization_bit:
             raise ValueError(f"{self.method} fine-tuning cannot train quantized weights: drop quantization_bit")
@@ -165,7 +166,9 @@ def _size(size: int) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.1f} MiB"
 
 
-def layer_activation_bytes(config: ChatGLMConfig, setup: TrainingSetup, mode: str, trained: bool | None = None) -> float:
+def layer_activation_bytes(
+    config: ChatGLMConfig, setup: TrainingSetup, mode: str, trained: bool | None = None
+) -> float:
     """Bytes one GLM block keeps for its backward pass, per token, when it recomputes `mode` (none, mlp or full).
 
     A frozen linear layer keeps nothing (its input gradient needs only the weight); the norms keep their input and one
@@ -235,7 +238,11 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     embedding_and_final_norm = 3 * config.hidden_size * element_bytes
     activations = tokens * (per_token + backward_working_set + embedding_and_final_norm)
     prefix_keys_values = (
-        setup.batch_size * config.num_layers * 2 * config.num_key_value_groups * config.kv_channels
+        setup.batch_size
+        * config.num_layers
+        * 2
+        * config.num_key_value_groups
+        * config.kv_channels
         * (setup.pre_seq_len or 0)
     ) * element_bytes
     return int(activations) + prefix_keys_values

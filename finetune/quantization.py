@@ -10,8 +10,7 @@ import importlib.util
 
 import torch
 from packaging.version import Version
-from peft import prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig, PreTrainedModel
+from transformers import BitsAndBytesConfig
 
 QUANTIZATION_BITS = (4, 8)
 # The first bitsandbytes release whose 4/8-bit layers run (slowly) on the CPU, which is how the tests train QLoRA.
@@ -79,15 +78,3 @@ def recorded_bits(record: dict | None) -> int | None:
     if isinstance(quantization, dict) and quantization.get("bits"):
         return int(quantization["bits"])
     return record.get("quantization_bit") or None
-
-
-def prepare_quantized_base(model: PreTrainedModel) -> PreTrainedModel:
-    """Freeze a quantized base for training: non-quantized weights in fp32, the embedding and output layer in bf16.
-
-    Activation checkpointing is left to the recompute plan / --gradient_checkpointing (non-reentrant). The frozen
-    embedding and output layer go back to 16 bits: in fp32 they would take 2 GiB more for ChatGLM3-6B.
-    """
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model.get_input_embeddings().to(COMPUTE_DTYPE)
-    model.get_output_embeddings().to(COMPUTE_DTYPE)
-    return model

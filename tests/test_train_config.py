@@ -213,10 +213,10 @@ def test_check_run_settings_changes_nothing_and_implied_settings_are_applied_apa
 def test_argument_parsing_does_not_import_the_model_code():
     """arguments.py and what it imports from the project name no finetune.model module (the layering the parser
     keeps: recompute.py finds GLM blocks by their recompute switch, not by importing the class)."""
-    for module in ("arguments", "recompute"):
+    for module in ("arguments", "recompute", "quantization"):
         tree = ast.parse((Path(train.__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
         imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
         project = [name for name in imported if name and name.startswith("finetune")]
         assert all(not name.startswith("finetune.model") for name in project), (module, project)
-        assert set(project) <= {"finetune.recompute"}, (module, project)
+        assert set(project) <= {"finetune.recompute", "finetune.quantization"}, (module, project)
