@@ -11,6 +11,7 @@ import torch
 
 from .data.encoding import input_output_row_length
 from .methods import method_named
+from .methods.base import mixed_precision_dtype
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
 from .model.shapes import base_parameter_count, layer_linear_weights, layer_small_parameters, linear_shapes
@@ -483,12 +484,7 @@ def setup_from_arguments(
     """
     method = model_args.method
     seq_length = seq_length or longest_row(data_args) or config.seq_length
-    if getattr(training_args, "bf16", False):
-        weight_dtype = torch.bfloat16
-    elif getattr(training_args, "fp16", False):
-        weight_dtype = torch.float16
-    else:
-        weight_dtype = torch.float32
+    weight_dtype = mixed_precision_dtype(training_args)
     zero_stage, offload_optimizer, offload_params = _deepspeed_settings(getattr(training_args, "deepspeed", None))
     recompute_mode = getattr(model_args, "recompute", RECOMPUTE_AUTO)
     recompute = RecomputePlan()

@@ -48,12 +48,8 @@ class FinetuneMethod(abc.ABC):
     # ---- training -----------------------------------------------------------------------------------------------
 
     def base_dtype(self, training_args: TrainingArguments) -> torch.dtype:
-        """Dtype of the frozen base weights: bf16 with --bf16, fp16 with --fp16, else fp32."""
-        if training_args.bf16:
-            return torch.bfloat16
-        if training_args.fp16:
-            return torch.float16
-        return torch.float32
+        """Dtype of the frozen base weights: the run's mixed-precision dtype."""
+        return mixed_precision_dtype(training_args)
 
     @abc.abstractmethod
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
@@ -130,6 +126,15 @@ class FinetuneMethod(abc.ABC):
     def quantized_variant(self) -> "str | None":
         """The method to suggest with a 4-bit base when memory is short (None: quantization does not apply)."""
         return None
+
+
+def mixed_precision_dtype(training_args: object) -> torch.dtype:
+    """bf16 with --bf16, fp16 with --fp16, else fp32 (training arguments read duck-typed)."""
+    if getattr(training_args, "bf16", False):
+        return torch.bfloat16
+    if getattr(training_args, "fp16", False):
+        return torch.float16
+    return torch.float32
 
 
 def load_base_model(model_args: ModelArguments, dtype: torch.dtype) -> PreTrainedModel:
