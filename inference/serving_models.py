@@ -3,7 +3,8 @@
 One checkpoint loads through finetune.checkpoints.load_for_inference (every kind). With several, LoRA adapters and
 P-Tuning v2 prefixes that name the same base share one copy of it: the adapters are added to one PeftModel under
 their own names and each prefix gets its own prefix encoder; a `NAME=BASE` entry serves that base itself. Full
-fine-tunes and other whole models are loaded on their own. Each loaded model gets one ServingEngine.
+fine-tunes and other whole models are loaded on their own. A shared base is quantized as its checkpoints' training
+records say (they must agree) unless --quantization_bit is given. Each loaded model gets one ServingEngine.
 """
 
 import copy
