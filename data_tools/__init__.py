@@ -4,6 +4,7 @@ the toolkit's JSONL training formats.
 This module holds what all converters share: writing JSONL atomically and reporting skipped records.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -79,3 +80,22 @@ class ConversionReport:
             f"{self.source} -> {self.destination}: wrote {self.written} examples, skipped {len(self.skipped)}",
             file=stream,
         )
+
+
+def check_paths(
+    parser: argparse.ArgumentParser, source: Path, destination: Path, output_flag: str = "--output"
+) -> None:
+    """Stop with a usage error when the input file is missing or the output would overwrite it."""
+    if not source.is_file():
+        parser.error(f"input file {source} does not exist")
+    if destination.resolve() == source.resolve():
+        parser.error(f"output {destination} is the input file; choose another {output_flag}")
+
+
+def finish_report(report: ConversionReport, unit: str) -> int:
+    """Print the report; the exit status: 1 (saying so) when no `unit` could be converted, else 0."""
+    report.print_summary()
+    if report.written == 0:
+        print(f"error: no {unit} could be converted from {report.source}; nothing written", file=sys.stderr)
+        return 1
+    return 0

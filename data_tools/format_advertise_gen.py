@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools import ConversionReport, write_jsonl_atomically
+from data_tools import ConversionReport, check_paths, finish_report, write_jsonl_atomically
 
 OUTPUT_FORMATS = ("input_output", "conversations")
 DEFAULT_OUTPUT = Path("formatted_data/advertise_gen.jsonl")
@@ -138,20 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.dev_output is not None:
         parser.error("--dev_output needs --dev_file")
     for source, destination in jobs:
-        if not source.is_file():
-            parser.error(f"input file {source} does not exist")
-        if destination.resolve() == source.resolve():
-            parser.error(f"output {destination} is the input file; choose another --output/--dev_output")
+        check_paths(parser, source, destination, "--output/--dev_output")
     if len(jobs) == 2 and jobs[0][1].resolve() == jobs[1][1].resolve():
         parser.error(f"train and dev outputs are the same file {jobs[0][1]}; pass a distinct --dev_output")
-    status = 0
-    for source, destination in jobs:
-        report = convert_advertise_gen_file(source, destination, args.format)
-        report.print_summary()
-        if report.written == 0:
-            print(f"error: no example could be converted from {source}; nothing written", file=sys.stderr)
-            status = 1
-    return status
+    statuses = [
+        finish_report(convert_advertise_gen_file(source, destination, args.format), "example")
+        for source, destination in jobs
+    ]
+    return max(statuses)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools import ConversionReport, write_jsonl_atomically
+from data_tools import ConversionReport, check_paths, finish_report, write_jsonl_atomically
 
 DEFAULT_OUTPUT = Path("formatted_data/tool_alpaca.jsonl")
 ACTION_MARKER = "Action:"
@@ -157,9 +157,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--input", type=Path, required=True, help="ToolAlpaca train_data.json")
-    parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"output JSONL (default: {DEFAULT_OUTPUT})"
-    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"output JSONL (default: {DEFAULT_OUTPUT})")
     return parser
 
 
@@ -167,20 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the converter from the command line; return the process exit status."""
     parser = build_argument_parser()
     args = parser.parse_args(argv)
-    if not args.input.is_file():
-        parser.error(f"input file {args.input} does not exist")
-    if args.output.resolve() == args.input.resolve():
-        parser.error(f"output {args.output} is the input file; choose another --output")
+    check_paths(parser, args.input, args.output)
     try:
         report = convert_tool_alpaca_file(args.input, args.output)
     except SourceFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    report.print_summary()
-    if report.written == 0:
-        print(f"error: no instance could be converted from {args.input}; nothing written", file=sys.stderr)
-        return 1
-    return 0
+    return finish_report(report, "instance")
 
 
 if __name__ == "__main__":

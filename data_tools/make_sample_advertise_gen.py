@@ -8,11 +8,14 @@ AdvertiseGen dataset). Output: JSON lines of {"content": "类型#裙*颜色#红�
 """
 
 import argparse
-import json
-import os
 import random
-import tempfile
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_tools import write_jsonl_atomically
 
 ATTRIBUTES = {
     "类型": ["裙", "裤", "上衣", "外套", "卫衣", "衬衫", "针织衫", "连衣裙"],
@@ -42,16 +45,6 @@ def make_example(rng: random.Random) -> dict[str, str]:
     return {"content": content, "summary": summary}
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write JSON lines atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        for record in records:
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temp_name, path)
-
-
 def main() -> None:
     """Write train.json and dev.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,8 +56,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     examples = [make_example(rng) for _ in range(args.train_size + args.dev_size)]
     output_dir = Path(args.output_dir)
-    write_jsonl(output_dir / "train.json", examples[: args.train_size])
-    write_jsonl(output_dir / "dev.json", examples[args.train_size :])
+    write_jsonl_atomically(output_dir / "train.json", examples[: args.train_size])
+    write_jsonl_atomically(output_dir / "dev.json", examples[args.train_size :])
     print(f"wrote {args.train_size} training and {args.dev_size} dev examples to {output_dir}")
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, write_jsonl_atomically
+from data_tools import ConversionReport, check_paths, finish_report, write_jsonl_atomically
 
 LEARNED_ROLES = ("assistant", "tool")
 
@@ -132,17 +132,10 @@ def build_parser(prog: str, description: str, default_output: Path) -> argparse.
 def run_converter(parser: argparse.ArgumentParser, argv: list[str] | None, convert: Callable[[object], dict]) -> int:
     """Parse the command line, convert --input to --output, print the skip report; return the exit status."""
     args = parser.parse_args(argv)
-    if not args.input.is_file():
-        parser.error(f"input file {args.input} does not exist")
-    if args.output.resolve() == args.input.resolve():
-        parser.error(f"output {args.output} is the input file; choose another --output")
+    check_paths(parser, args.input, args.output)
     try:
         report = convert_file(args.input, args.output, convert)
     except SourceFileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    report.print_summary()
-    if report.written == 0:
-        print(f"error: no record could be converted from {args.input}; nothing written", file=sys.stderr)
-        return 1
-    return 0
+    return finish_report(report, "record")

@@ -15,16 +15,17 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from finetune.quantization import QUANTIZATION_BITS
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES
 
 BASE_MODEL_ENV = "BASE_MODEL_PATH"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 LORA_TARGET_ALL = "all"
-QUANTIZATION_BITS = (4, 8)
 METHOD_PTUNING = "ptuning"
 METHOD_LORA = "lora"
 METHOD_QLORA = "qlora"
+METHOD_FREEZE = "freeze"
 METHOD_FULL = "full"
 
 
@@ -59,6 +60,13 @@ class ModelArguments:
     lora_rank: int | None = field(default=None, metadata={"help": "LoRA: the adapter rank; setting it selects LoRA."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA: scaling numerator (scale = alpha / rank)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the adapter input."})
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze tuning: train only the last N GLM blocks (the rest of the model stays frozen); setting "
+            "it selects freeze tuning."
+        },
+    )
     lora_target: str = field(
         default="query_key_value",
         metadata={
@@ -110,10 +118,19 @@ class ModelArguments:
             raise ValueError(f"--pre_seq_len must be a positive number of prefix tokens, got {self.pre_seq_len}")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"--lora_rank must be a positive rank, got {self.lora_rank}")
-        if self.pre_seq_len and self.lora_rank:
-            raise ValueError(
-                "--pre_seq_len (P-Tuning v2) and --lora_rank (LoRA) select two different methods; pass only one"
+        if self.trainable_layers is not None and self.trainable_layers < 1:
+            raise ValueError(f"--trainable_layers must be a positive number of layers, got {self.trainable_layers}")
+        chosen = [
+            flag
+            for flag, value in (
+                ("--pre_seq_len (P-Tuning v2)", self.pre_seq_len),
+                ("--lora_rank (LoRA)", self.lora_rank),
+                ("--trainable_layers (freeze tuning)", self.trainable_layers),
             )
+            if value
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} select different methods; pass only one")
         if self.prefix_projection and not self.pre_seq_len:
             raise ValueError("--prefix_projection belongs to P-Tuning v2; pass --pre_seq_len too, or drop it")
         if self.save_official_bin and not self.pre_seq_len:
@@ -127,19 +144,21 @@ class ModelArguments:
             raise ValueError(f"--memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib}")
         if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
-        if self.quantization_bit and self.method == METHOD_FULL:
+        if self.quantization_bit and self.method in (METHOD_FULL, METHOD_FREEZE):
             raise ValueError(
-                f"--quantization_bit {self.quantization_bit} cannot be used with full fine-tuning (quantized weights "
-                "are not trainable); add --lora_rank N for QLoRA or --pre_seq_len N for P-Tuning v2"
+                f"--quantization_bit {self.quantization_bit} cannot be used with {self.method} fine-tuning (quantized "
+                "weights are not trainable); add --lora_rank N for QLoRA or --pre_seq_len N for P-Tuning v2"
             )
 
     @property
     def method(self) -> str:
-        """The fine-tuning method: "ptuning", "lora", "qlora" or "full"."""
+        """The method the flags select (the one place it is worked out): ptuning, lora, qlora, freeze or full."""
         if self.pre_seq_len:
             return METHOD_PTUNING
         if self.lora_rank:
             return METHOD_QLORA if self.quantization_bit else METHOD_LORA
+        if self.trainable_layers:
+            return METHOD_FREEZE
         return METHOD_FULL
 
     @property

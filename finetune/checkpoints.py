@@ -1,38 +1,29 @@
-"""Loading any checkpoint for inference: the one place where a checkpoint's kind is detected.
-
-Kinds (see the checkpoint format in the project notes):
-  LORA    a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) on top of a base model
-  PREFIX  P-Tuning v2: config.json with pre_seq_len + weights holding only `transformer.prefix_encoder.*`
-          (our model.safetensors or the official pytorch_model.bin), on top of a base model
-  FULL    a whole model saved by full fine-tuning (training_record.json says method "full")
-  BASE    any other whole model folder: the official chatglm3-6b, an exported model
+"""Loading any checkpoint for inference: the folder's method (finetune.methods) is found from its training record,
+else from its files (finetune.checkpoint_layout); a whole model without a record is a base model (the official
+chatglm3-6b, an export). The base of a quantized run is rebuilt with the quantization its record names.
 """
 
 import argparse
-import enum
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
-from finetune.model.checkpoint_files import (
-    CheckpointError,
-    check_chatglm_folder,
-    check_weight_file,
-    read_json_file,
-    weight_files,
+from finetune.checkpoint_layout import (
+    ADAPTER_CONFIG,
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    TRAINING_RECORD,
+    CheckpointKind,
+    read_training_record,
 )
-from finetune.model.prefix_checkpoint import PREFIX_KEY_PREFIX, find_prefix_weights, load_prefix_checkpoint
+from finetune.methods import FinetuneMethod, method_named, recognise_checkpoint
+from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file, weight_files
+from finetune.quantization import QUANTIZATION_BITS, check_quantization_available, quantization_config, recorded_bits
 
-TRAINING_RECORD = "training_record.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -42,16 +33,6 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
-QUANTIZATION_BITS = (4, 8)
-
-
-class CheckpointKind(enum.Enum):
-    """What a checkpoint folder holds."""
-
-    PREFIX = "ptuning"
-    LORA = "lora"
-    FULL = "full"
-    BASE = "base"
 
 
 class ModelLoadError(ValueError):
@@ -68,62 +49,34 @@ def require_checkpoint_folder(path: str | Path) -> Path:
     return folder
 
 
-def read_training_record(path: str | Path) -> dict | None:
-    """The folder's training_record.json, or None when it has none."""
-    record_path = Path(path) / TRAINING_RECORD
-    if not record_path.is_file():
-        return None
-    record = read_json_file(record_path)
-    if not isinstance(record, dict) or "method" not in record:
-        raise CheckpointError(f"{record_path}: not a training record (expected an object with a 'method' field)")
-    return record
-
-
-def weight_keys(path: Path) -> list[str]:
-    """The tensor names stored in one weight file, read without loading the whole file where possible."""
-    check_weight_file(path)
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            return list(handle.keys())
-    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-
-
-def holds_only_prefix_weights(folder: Path) -> bool:
-    """True when the folder's single weight file holds nothing but `transformer.prefix_encoder.*` tensors."""
-    if any((folder / name).is_file() for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
-        return False
-    path = find_prefix_weights(folder)
-    if path is None:
-        return False
-    keys = weight_keys(path)
-    return bool(keys) and all(key.startswith(PREFIX_KEY_PREFIX) for key in keys)
-
-
-def detect_checkpoint_kind(path: str | Path) -> CheckpointKind:
-    """Tell whether a folder is a LoRA adapter, a prefix checkpoint, a full fine-tune or a plain model."""
+def checkpoint_method(path: str | Path) -> FinetuneMethod | None:
+    """The method that wrote a checkpoint folder (its record, else its files), or None for a plain whole model."""
     folder = require_checkpoint_folder(path)
     record = read_training_record(folder)
-    method = record["method"] if record else None
-    if (folder / ADAPTER_CONFIG).is_file():
-        return CheckpointKind.LORA
-    if method in ("lora", "qlora"):
-        raise CheckpointError(
-            f"{folder / TRAINING_RECORD} says method {method!r} but {ADAPTER_CONFIG} is missing; the checkpoint is "
-            "incomplete - use another checkpoint folder or re-run the save"
-        )
-    if holds_only_prefix_weights(folder):
-        return CheckpointKind.PREFIX
-    if method == "ptuning":
-        raise CheckpointError(
-            f"{folder / TRAINING_RECORD} says method 'ptuning' but the folder has no weight file holding only "
-            f"{PREFIX_KEY_PREFIX}* tensors (model.safetensors or pytorch_model.bin); the checkpoint is incomplete"
-        )
-    if (folder / "config.json").is_file() and weight_files(folder):
-        return CheckpointKind.FULL if method == "full" else CheckpointKind.BASE
+    if record is not None:
+        method = method_named(str(record["method"]))
+        problem = method.weights_problem(folder)
+        if problem is not None:
+            raise CheckpointError(
+                f"{folder / TRAINING_RECORD} says method {method.name!r} but {problem}; the checkpoint is incomplete - "
+                "use another checkpoint folder or re-run the save"
+            )
+        return method
+    method = recognise_checkpoint(folder)
+    if method is not None:
+        return method
+    if (folder / CONFIG_FILE).is_file() and weight_files(folder):
+        return None
     raise CheckpointError(
         f"{folder}: not a checkpoint: expected {ADAPTER_CONFIG} (LoRA), prefix weights with config.json (P-Tuning v2) "
         "or config.json with model weights (a whole model)"
     )
+
+
+def detect_checkpoint_kind(path: str | Path) -> CheckpointKind:
+    """Tell whether a folder is a LoRA adapter, a prefix checkpoint, a fine-tuned whole model or a plain model."""
+    method = checkpoint_method(path)
+    return method.checkpoint_kind if method is not None else CheckpointKind.BASE
 
 
 def check_tokenizer_folder(path: str | Path, knob: str) -> None:
@@ -145,12 +98,12 @@ def check_base_model_folder(path: str | Path, knob: str = "--model_name_or_path"
     folder = Path(path)
     if folder.is_dir():
         record = read_training_record(folder)
-        adapter = (folder / ADAPTER_CONFIG).is_file()
-        method = record["method"] if record else "lora" if adapter else None
-        if adapter or (method is not None and method != "full") or holds_only_prefix_weights(folder):
+        recorded = method_named(str(record["method"])) if record else None
+        on_base = recorded if recorded is not None and recorded.needs_base else recognise_checkpoint(folder)
+        if on_base is not None:
             trained_on = f" ({record['base_model']})" if record and record.get("base_model") else ""
             raise CheckpointError(
-                f"{folder}: is a {method or 'ptuning'} fine-tuning checkpoint, not a base model; pass the base model it "
+                f"{folder}: is a {on_base.name} fine-tuning checkpoint, not a base model; pass the base model it "
                 f"was trained on{trained_on} as {knob} (to continue training it, use --resume_from_checkpoint with its "
                 "run's --output_dir)"
             )
@@ -207,75 +160,21 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def quantization_config(bits: int | None, device: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """A bitsandbytes config for 4- or 8-bit weights (never the output layer or prefix encoder), or None."""
+def inference_quantization(bits: int | None, folder: Path, device: str) -> int | None:
+    """The bits to load the base with: the asked ones (0: none), else those the checkpoint's training record names."""
     if bits is None:
+        bits = recorded_bits(read_training_record(folder))
+    if not bits:
         return None
     if bits not in QUANTIZATION_BITS:
         raise ModelLoadError(f"quantization_bit must be one of {QUANTIZATION_BITS}, got {bits}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            f"quantization_bit={bits} needs the bitsandbytes package, which is not installed; "
-            "`pip install bitsandbytes` (CUDA GPUs only) or leave out --quantization_bit"
-        )
-    if device != "cuda":
-        raise ModelLoadError(f"quantization_bit={bits} needs a CUDA GPU (device is {device}); leave it out on {device}")
-    skip = ["output_layer", "prefix_encoder"]
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip
-    )
-
-
-def prefix_settings(folder: Path) -> tuple[int, bool]:
-    """pre_seq_len and prefix_projection of a prefix checkpoint, from its config.json (else training_record.json)."""
-    config_path = folder / "config.json"
-    source = read_json_file(config_path) if config_path.is_file() else read_training_record(folder)
-    if not source or not source.get("pre_seq_len"):
-        raise CheckpointError(
-            f"{folder}: a P-Tuning v2 checkpoint needs config.json (or {TRAINING_RECORD}) with pre_seq_len set"
-        )
-    return int(source["pre_seq_len"]), bool(source.get("prefix_projection", False))
-
-
-def adapter_weight_file(folder: Path) -> Path:
-    """The adapter weight file of a LoRA folder, checked to be complete."""
-    for name in ADAPTER_WEIGHT_NAMES:
-        if (folder / name).is_file():
-            check_weight_file(folder / name)
-            return folder / name
-    raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is there but no {' or '.join(ADAPTER_WEIGHT_NAMES)}")
-
-
-def load_lora_adapter(
-    base_model: PreTrainedModel | PeftModel, folder: Path, base: str, adapter_name: str = "default"
-) -> PeftModel:
-    """Put the LoRA adapter of `folder` on `base_model` (added under `adapter_name` to a PeftModel), explaining a
-    base it was not made for."""
-    weights = adapter_weight_file(folder)
     try:
-        if isinstance(base_model, PeftModel):
-            base_model.load_adapter(str(folder), adapter_name=adapter_name)
-            model = base_model
-        else:
-            model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name)
+        check_quantization_available(bits, device)
     except RuntimeError as error:
-        if "size mismatch" not in str(error):
-            raise
-        first_mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
-        raise CheckpointError(
-            f"{weights}: this LoRA adapter was trained for a different base model than {base} "
-            f"(weight shapes differ: {first_mismatch}); pass the right base with --base"
-        ) from error
-    stored = [key for key in weight_keys(weights) if "lora_" in key]
-    created = [name for name, _ in model.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
-    if len(stored) != len(created):
-        raise CheckpointError(
-            f"{weights}: this LoRA adapter holds {len(stored)} LoRA tensors but base model {base} takes "
-            f"{len(created)}: it was trained for a base with a different number of layers; pass the right --base"
-        )
-    return model
+        raise ModelLoadError(str(error)) from error
+    if device == "mps":
+        raise ModelLoadError(f"quantization_bit={bits} does not run on mps; use --device cuda or cpu")
+    return bits
 
 
 def choose_tokenizer_source(checkpoint: Path, base: str, tokenizer: str | None) -> str:
@@ -298,15 +197,17 @@ def load_for_inference(
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizer, CheckpointKind]:
     """Load any checkpoint kind ready for generation: (model in eval mode, tokenizer, kind)."""
     folder = require_checkpoint_folder(checkpoint)
-    kind = detect_checkpoint_kind(folder)
+    method = checkpoint_method(folder)
+    kind = method.checkpoint_kind if method is not None else CheckpointKind.BASE
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    bits = inference_quantization(quantization_bit, folder, device)
     load_kwargs = {
         "dtype": torch_dtype,
         "device_map": {"": device},
-        "quantization_config": quantization_config(quantization_bit, device, torch_dtype),
+        "quantization_config": quantization_config(bits) if bits else None,
     }
-    if kind in (CheckpointKind.PREFIX, CheckpointKind.LORA):
+    if method is not None and method.needs_base:
         base_path = resolve_base(folder, base)
         tokenizer_fallback = base_path
         if Path(base_path).is_dir():
@@ -317,17 +218,8 @@ def load_for_inference(
         tokenizer_fallback = base or record.get("base_model") or base_path
         check_chatglm_folder(folder)
     check_tokenizer_folder(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer), knob="--tokenizer")
-    if kind is CheckpointKind.PREFIX:
-        pre_seq_len, prefix_projection = prefix_settings(folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection, **load_kwargs
-        )
-        model.transformer.prefix_encoder.float()
-        load_prefix_checkpoint(model, folder)
-    elif kind is CheckpointKind.LORA:
-        model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs), folder, base_path)
-        if merge_lora:
-            model = model.merge_and_unload()
+    if method is not None:
+        model = method.load_for_inference(folder, base_path, load_kwargs, merge_lora=merge_lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
         if model.transformer.prefix_encoder is not None:
@@ -355,7 +247,12 @@ def add_loading_arguments(parser: argparse.ArgumentParser, several_models: bool 
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's, else the base model's)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--quantization_bit", type=int, choices=(4, 8), help="load the base in 4/8 bit (bitsandbytes)")
+    parser.add_argument(
+        "--quantization_bit",
+        type=int,
+        choices=QUANTIZATION_BITS,
+        help="load the base in 4/8 bit (bitsandbytes; default: as the checkpoint's training_record.json says)",
+    )
 
 
 def load_from_arguments(

@@ -46,6 +46,7 @@ from finetune.data.encoding import (
 from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
 from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics
 from finetune.model.checkpoint_files import CheckpointError
+from finetune.model.tokenization import reply_stop_ids
 from finetune.prediction_log import (
     OutputNotWritableError,
     PartialWriter,
@@ -76,11 +77,6 @@ class PromptExample:
     reply_has_metadata: bool
     label_call: dict | None = None
     example_id: str = ""
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizer) -> list[int]:
-    """Ids that end a reply: eos, <|user|> and <|observation|>."""
-    return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
 
 
 def input_output_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizer, max_source_length: int) -> list[int]:
@@ -318,7 +314,7 @@ def generate_token_ids(
 
 def decode_reply(ids: list[int], tokenizer: PreTrainedTokenizer, has_metadata: bool) -> str:
     """The reply text of generated ids: cut at the first stop id; a chat reply loses its metadata line."""
-    text = tokenizer.decode(cut_at_stop(ids, stop_token_ids(tokenizer)))
+    text = tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer)))
     if has_metadata and "\n" in text:
         text = text.split("\n", 1)[1]
     return text.strip()
@@ -338,7 +334,7 @@ def build_generation_config(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         num_beams=num_beams,
-        eos_token_id=stop_token_ids(tokenizer),
+        eos_token_id=reply_stop_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
         **sampling,
@@ -386,7 +382,7 @@ def prediction_row(example: PromptExample, ids: list[int], tokenizer: PreTrained
         "prediction": decode_reply(ids, tokenizer, example.reply_has_metadata),
     }
     if example.reply_has_metadata:
-        call = read_tool_call(tokenizer.decode(cut_at_stop(ids, stop_token_ids(tokenizer))))
+        call = read_tool_call(tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer))))
         row["label_call"] = example.label_call
         row["predicted_call"] = {"name": call.name, "arguments": call.arguments} if call else None
     return row

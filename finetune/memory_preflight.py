@@ -9,14 +9,18 @@ from pathlib import Path
 
 import torch
 
+from .data.encoding import input_output_row_length
+from .methods import method_named
+from .methods.base import mixed_precision_dtype
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
+from .model.shapes import base_parameter_count, layer_linear_weights, layer_small_parameters, linear_shapes
+from .quantization import QUANTIZATION_BITS
 from .recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, RECOMPUTE_MLP, RECOMPUTE_NONE, RecomputePlan
 
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-METHODS = ("ptuning", "lora", "qlora", "full")
 # Fraction of the free device memory an estimate may use: the rest covers allocator fragmentation and workspaces.
 USABLE_FRACTION = 0.9
 # Quantized linear weights also keep one fp32 scale per block of 64 weights.
@@ -30,7 +34,6 @@ ADAPTER_BYTES = 4
 # Logits of one loss chunk: the 16-bit projection, its fp32 copy and the fp32 gradient in the backward pass.
 LOGITS_BYTES_PER_ENTRY_EXTRA = 4 + 4
 ZERO3_OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
-LORA_TARGET_ALL = "all"
 
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -49,6 +52,7 @@ class TrainingSetup:
     lora_rank: int | None = None
     lora_target: tuple[str, ...] = ("query_key_value",)
     lora_dropout: float = 0.1
+    trainable_layers: int | None = None
     gradient_checkpointing: bool = False
     recompute: RecomputePlan = dataclasses.field(default_factory=RecomputePlan)
     # Packed rows: attention's one-example-per-row layout, prefix included, holds this many times the tokens
@@ -62,16 +66,15 @@ class TrainingSetup:
     logits_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"TrainingSetup.method is {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.method == "ptuning" and not self.pre_seq_len:
-            raise ValueError("TrainingSetup.method 'ptuning' needs pre_seq_len > 0")
-        if self.method in ("lora", "qlora") and not self.lora_rank:
-            raise ValueError(f"TrainingSetup.method {self.method!r} needs lora_rank > 0")
-        if self.quantization_bit not in (None, 4, 8):
+        try:
+            method = method_named(self.method)
+        except ValueError as error:
+            raise ValueError(f"TrainingSetup.method: {error}") from error
+        method.check_setup(self)
+        if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"TrainingSetup.quantization_bit is {self.quantization_bit}; use 4, 8 or None")
-        if self.method == "full" and self.quantization_bit:
-            raise ValueError("full fine-tuning cannot train quantized weights: drop quantization_bit")
+        if method.trains_base_weights and self.quantization_bit:
+            raise ValueError(f"{self.method} fine-tuning cannot train quantized weights: drop quantization_bit")
         if self.weight_dtype not in _DTYPE_BYTES:
             raise ValueError(f"TrainingSetup.weight_dtype {self.weight_dtype} is not one of float32/bfloat16/float16")
         if self.batch_size < 1 or self.seq_length < 1 or self.num_gpus < 1:
@@ -164,68 +167,16 @@ def _size(size: int) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 1024**2:.1f} MiB"
 
 
-def _linear_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each linear layer inside one GLM block, by module name."""
-    qkv_out = (config.num_attention_heads + 2 * config.num_key_value_groups) * config.kv_channels
-    attention_width = config.num_attention_heads * config.kv_channels
-    return {
-        "query_key_value": (config.hidden_size, qkv_out),
-        "dense": (attention_width, config.hidden_size),
-        "dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
-        "dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size),
-    }
-
-
-def _layer_linear_weights(config: ChatGLMConfig) -> int:
-    """Weight-matrix parameters of one GLM block (the quantizable part)."""
-    return sum(fan_in * fan_out for fan_in, fan_out in _linear_shapes(config).values())
-
-
-def _layer_small_parameters(config: ChatGLMConfig) -> int:
-    """Biases and norm weights of one GLM block (never quantized)."""
-    shapes = _linear_shapes(config)
-    biases = shapes["query_key_value"][1] if (config.add_qkv_bias or config.add_bias_linear) else 0
-    if config.add_bias_linear:
-        biases += sum(fan_out for name, (_fan_in, fan_out) in shapes.items() if name != "query_key_value")
-    return biases + 2 * config.hidden_size
-
-
-def base_parameter_count(config: ChatGLMConfig) -> int:
-    """Parameters of the base model: embedding, GLM blocks, final norm, output layer."""
-    per_layer = _layer_linear_weights(config) + _layer_small_parameters(config)
-    final_norm = config.hidden_size if config.post_layer_norm else 0
-    return 2 * config.padded_vocab_size * config.hidden_size + config.num_layers * per_layer + final_norm
-
-
-def prefix_parameter_count(config: ChatGLMConfig, pre_seq_len: int, prefix_projection: bool) -> int:
-    """Parameters of the P-Tuning v2 prefix encoder."""
-    kv_size = config.num_layers * 2 * config.num_key_value_groups * config.kv_channels
-    count = pre_seq_len * kv_size
-    if prefix_projection:
-        count += (kv_size * config.hidden_size + config.hidden_size) + (config.hidden_size * kv_size + kv_size)
-    return count
-
-
-def lora_parameter_count(config: ChatGLMConfig, rank: int, targets: tuple[str, ...]) -> int:
-    """Parameters of LoRA adapters of `rank` on the named linear layers of every block."""
-    shapes = _linear_shapes(config)
-    names = tuple(shapes) if targets == (LORA_TARGET_ALL,) else targets
-    unknown = [name for name in names if name not in shapes]
-    if unknown:
-        raise ValueError(
-            f"LoRA target module(s) {', '.join(unknown)} are not ChatGLM3 linear layers; "
-            f"use some of {', '.join(shapes)} or {LORA_TARGET_ALL}"
-        )
-    return config.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in names)
-
-
-def layer_activation_bytes(config: ChatGLMConfig, setup: TrainingSetup, mode: str) -> float:
+def layer_activation_bytes(
+    config: ChatGLMConfig, setup: TrainingSetup, mode: str, trained: bool | None = None
+) -> float:
     """Bytes one GLM block keeps for its backward pass, per token, when it recomputes `mode` (none, mlp or full).
 
     A frozen linear layer keeps nothing (its input gradient needs only the weight); the norms keep their input and one
     fp32 scale; attention keeps query, key, value, output and the log-sum-exp (queries and keys P-Tuning's prefix
     longer; packed rows `attention_stretch` times their tokens); SwiGLU keeps the up-projection (2 x ffn_hidden_size);
-    LoRA keeps a 16-bit copy of each adapted layer's input, its dropout mask and the rank-r product.
+    LoRA keeps a 16-bit copy of each adapted layer's input, its dropout mask and the rank-r product; a block whose
+    linear weights train (`trained`; default: when the method trains every block) keeps every linear layer's input.
     tests/test_recompute.py checks these counts against the tensors autograd really saves.
     """
     element = _DTYPE_BYTES[setup.weight_dtype]
@@ -237,11 +188,10 @@ def layer_activation_bytes(config: ChatGLMConfig, setup: TrainingSetup, mode: st
     if stretch is None:
         stretch = (setup.seq_length + (setup.pre_seq_len or 0)) / setup.seq_length
     attention = stretch * (2 * heads * head_dim * element + 2 * groups * head_dim * element + heads * 4)
-    shapes = _linear_shapes(config)
-    trainable_linear = setup.method == "full"
-    adapted = set(setup.lora_target if setup.lora_target != (LORA_TARGET_ALL,) else shapes)
-    if setup.method not in ("lora", "qlora"):
-        adapted = set()
+    shapes = linear_shapes(config)
+    method = method_named(setup.method)
+    trainable_linear = method.trained_layer_count(config, setup) == config.num_layers if trained is None else trained
+    adapted = set(method.adapted_modules(config, setup))
 
     def linear_input(name: str) -> float:
         fan_in = shapes[name][0]
@@ -272,17 +222,28 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     tokens = setup.batch_size * setup.seq_length
     full_layers, mlp_layers = setup.layer_modes
     full_layers = config.num_layers if full_layers < 0 else full_layers
-    plain_layers = config.num_layers - full_layers - mlp_layers
-    per_token = (
-        full_layers * layer_activation_bytes(config, setup, RECOMPUTE_FULL)
-        + mlp_layers * layer_activation_bytes(config, setup, RECOMPUTE_MLP)
-        + plain_layers * layer_activation_bytes(config, setup, RECOMPUTE_NONE)
+    first_trained = config.num_layers - method_named(setup.method).trained_layer_count(config, setup)
+
+    def mode_of(index: int) -> str:
+        if index < full_layers:
+            return RECOMPUTE_FULL
+        return RECOMPUTE_MLP if index < full_layers + mlp_layers else RECOMPUTE_NONE
+
+    per_token = sum(
+        layer_activation_bytes(config, setup, mode_of(index), trained=index >= first_trained)
+        for index in range(config.num_layers)
     )
-    backward_working_set = 2 * layer_activation_bytes(config, setup, RECOMPUTE_NONE)
+    backward_working_set = 2 * layer_activation_bytes(
+        config, setup, RECOMPUTE_NONE, trained=first_trained < config.num_layers
+    )
     embedding_and_final_norm = 3 * config.hidden_size * element_bytes
     activations = tokens * (per_token + backward_working_set + embedding_and_final_norm)
     prefix_keys_values = (
-        setup.batch_size * config.num_layers * 2 * config.num_key_value_groups * config.kv_channels
+        setup.batch_size
+        * config.num_layers
+        * 2
+        * config.num_key_value_groups
+        * config.kv_channels
         * (setup.pre_seq_len or 0)
     ) * element_bytes
     return int(activations) + prefix_keys_values
@@ -303,7 +264,7 @@ def _base_weight_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     """
     if not setup.quantization_bit:
         return base_parameter_count(config) * _DTYPE_BYTES[setup.weight_dtype]
-    linear = config.num_layers * _layer_linear_weights(config)
+    linear = config.num_layers * layer_linear_weights(config)
     embeddings = 2 * config.padded_vocab_size * config.hidden_size
     rest = base_parameter_count(config) - linear - embeddings
     quantized = int(linear * (setup.quantization_bit / 8 + QUANTIZATION_SCALE_BYTES_PER_PARAM))
@@ -313,13 +274,11 @@ def _base_weight_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
 def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> MemoryEstimate:
     """Estimate the peak memory of one training process for a ChatGLM3-shaped `config` and a run's `setup`."""
     base_parameters = base_parameter_count(config)
-    if setup.method == "ptuning":
-        trainable = prefix_parameter_count(config, setup.pre_seq_len, setup.prefix_projection)
-    elif setup.method in ("lora", "qlora"):
-        trainable = lora_parameter_count(config, setup.lora_rank, setup.lora_target)
-    else:
-        trainable = base_parameters
-    full = setup.method == "full"
+    method = method_named(setup.method)
+    trainable = method.trainable_parameter_count(config, setup)
+    # Full fine-tuning trains the base in its own dtype; every other method adds fp32 parameters (freeze tuning's
+    # fp32 copies of its layers are counted on top of the base, a slight overestimate).
+    full = method.trains_base_weights
     total_parameters = base_parameters if full else base_parameters + trainable
 
     parameter_bytes = _DTYPE_BYTES[setup.weight_dtype] if full else ADAPTER_BYTES
@@ -332,7 +291,7 @@ def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> Mem
     gpus = setup.num_gpus
     element_bytes = _DTYPE_BYTES[setup.weight_dtype]
     # ZeRO works block by block: the gathered weights (or gradient buckets) of two blocks are on the GPU at once.
-    working_set = 2 * (_layer_linear_weights(config) + _layer_small_parameters(config)) * element_bytes
+    working_set = 2 * (layer_linear_weights(config) + layer_small_parameters(config)) * element_bytes
     cpu_offload = 0
     if setup.zero_stage >= 1:
         optimizer_states //= gpus
@@ -392,7 +351,8 @@ def recompute_budget(memory_budget_gib: float | None, device_memory: int | None)
 
 
 def memory_advice(config: ChatGLMConfig, setup: TrainingSetup, device_memory: int) -> list[str]:
-    """Concrete changes to the launcher settings that lower the estimate, each with its new estimate."""
+    """Concrete changes to the training flags that lower the estimate, each with its new estimate (the launchers
+    name their own variables for these flags; see scripts/_common.sh)."""
     usable = _usable(device_memory)
 
     def estimate(**changes) -> MemoryEstimate:
@@ -408,28 +368,30 @@ def memory_advice(config: ChatGLMConfig, setup: TrainingSetup, device_memory: in
         fitting = [size for size in range(setup.batch_size - 1, 0, -1) if estimate(batch_size=size).total <= usable]
         size = fitting[0] if fitting else 1
         advice.append(
-            f"lower DEV_BATCH_SIZE to {size} and raise GRAD_ACCUMULATION_STEPS by {setup.batch_size / size:g}x "
-            f"to keep the effective batch size ({verdict(estimate(batch_size=size))})"
+            f"lower --per_device_train_batch_size to {size} and raise --gradient_accumulation_steps by "
+            f"{setup.batch_size / size:g}x to keep the effective batch size ({verdict(estimate(batch_size=size))})"
         )
         combined["batch_size"] = size
     if not setup.gradient_checkpointing:
         advice.append(
-            "enable gradient checkpointing: pass --gradient_checkpointing after the launcher script "
+            "enable gradient checkpointing: --gradient_checkpointing "
             f"({verdict(estimate(gradient_checkpointing=True))})"
         )
         combined["gradient_checkpointing"] = True
-    if setup.method in ("ptuning", "lora") and not setup.quantization_bit:
-        quantized_method = "qlora" if setup.method == "lora" else setup.method
+    quantized_method = method_named(setup.method).quantized_variant()
+    if quantized_method and not setup.quantization_bit:
         advice.append(
-            "load the base model quantized: QUANTIZATION_BIT=4 "
+            "load the base model quantized: --quantization_bit 4 "
             f"({verdict(estimate(quantization_bit=4, method=quantized_method))})"
         )
         combined.update(quantization_bit=4, method=quantized_method)
-    if setup.method == "full" and not (setup.zero_stage == 3 and setup.offload_optimizer and setup.offload_params):
+    if method_named(setup.method).trains_base_weights and not (
+        setup.zero_stage == 3 and setup.offload_optimizer and setup.offload_params
+    ):
         offloaded = estimate(zero_stage=3, offload_optimizer=True, offload_params=True)
         advice.append(
-            f"use DeepSpeed ZeRO-3 with CPU offload of optimizer and parameters: DS_CONFIG={ZERO3_OFFLOAD_CONFIG} "
-            f"with scripts/finetune_ds.sh ({verdict(offloaded)}; needs about "
+            f"use DeepSpeed ZeRO-3 with CPU offload of optimizer and parameters: --deepspeed {ZERO3_OFFLOAD_CONFIG} "
+            f"({verdict(offloaded)}; needs about "
             f"{offloaded.cpu_offload / GIB:.0f} GiB of CPU RAM per process)"
         )
         combined.update(zero_stage=3, offload_optimizer=True, offload_params=True)
@@ -440,13 +402,13 @@ def memory_advice(config: ChatGLMConfig, setup: TrainingSetup, device_memory: in
         shorter = _longest_fitting_sequence(config, best.setup, usable)
         if shorter:
             advice.append(
-                f"{'with all of the above, also ' if combined else ''}lower MAX_SEQ_LEN (or MAX_SOURCE_LEN + "
-                f"MAX_TARGET_LEN) to at most {shorter} tokens"
+                f"{'with all of the above, also ' if combined else ''}lower --max_seq_length (or --max_source_length "
+                f"+ --max_target_length) to at most {shorter} tokens"
             )
         else:
             advice.append(
-                "even one short sequence does not fit: use a GPU with more memory, or several GPUs with "
-                f"NUM_GPUS and DS_CONFIG={ZERO3_OFFLOAD_CONFIG}"
+                "even one short sequence does not fit: use a GPU with more memory, or several GPUs (torchrun) with "
+                f"--deepspeed {ZERO3_OFFLOAD_CONFIG}"
             )
     return advice
 
@@ -484,25 +446,6 @@ def _deepspeed_settings(deepspeed: object) -> tuple[int, bool, bool]:
     return stage, offloaded("offload_optimizer"), stage == 3 and offloaded("offload_param")
 
 
-def _lora_targets(value: object) -> tuple[str, ...]:
-    """LoRA target modules from a comma-separated string or a list."""
-    if isinstance(value, str):
-        return tuple(name.strip() for name in value.split(",") if name.strip())
-    return tuple(value)
-
-
-def _method(model_args: object) -> str:
-    """The fine-tuning method of the model arguments: their `method`, or derived from the method flags."""
-    method = getattr(model_args, "method", None)
-    if method:
-        return method
-    if getattr(model_args, "pre_seq_len", None):
-        return "ptuning"
-    if getattr(model_args, "lora_rank", None):
-        return "qlora" if getattr(model_args, "quantization_bit", None) else "lora"
-    return "full"
-
-
 def longest_row(data_args: object, data_format: str | None = None) -> int | None:
     """The longest training row the data arguments allow, or None when they bound nothing.
 
@@ -515,7 +458,7 @@ def longest_row(data_args: object, data_format: str | None = None) -> int | None
     data_format = data_format or getattr(data_args, "data_format", None)
     source = getattr(data_args, "max_source_length", None)
     target = getattr(data_args, "max_target_length", None)
-    input_output = source + target + 1 if source and target else None
+    input_output = input_output_row_length(source, target) if source and target else None
     conversations = getattr(data_args, "max_seq_length", None)
     if data_format == "input_output" and input_output:
         return input_output
@@ -539,14 +482,9 @@ def setup_from_arguments(
     arguments' bound (see `longest_row`) or else the model's seq_length is used. `attention_stretch`: see
     TrainingSetup (packed rows).
     """
-    method = _method(model_args)
+    method = model_args.method
     seq_length = seq_length or longest_row(data_args) or config.seq_length
-    if getattr(training_args, "bf16", False):
-        weight_dtype = torch.bfloat16
-    elif getattr(training_args, "fp16", False):
-        weight_dtype = torch.float16
-    else:
-        weight_dtype = torch.float32
+    weight_dtype = mixed_precision_dtype(training_args)
     zero_stage, offload_optimizer, offload_params = _deepspeed_settings(getattr(training_args, "deepspeed", None))
     recompute_mode = getattr(model_args, "recompute", RECOMPUTE_AUTO)
     recompute = RecomputePlan()
@@ -561,8 +499,9 @@ def setup_from_arguments(
         pre_seq_len=getattr(model_args, "pre_seq_len", None),
         prefix_projection=bool(getattr(model_args, "prefix_projection", False)),
         lora_rank=getattr(model_args, "lora_rank", None),
-        lora_target=_lora_targets(getattr(model_args, "lora_target", "query_key_value")),
+        lora_target=tuple(getattr(model_args, "lora_target_modules", ("query_key_value",))),
         lora_dropout=float(getattr(model_args, "lora_dropout", 0.0) or 0.0),
+        trainable_layers=getattr(model_args, "trainable_layers", None),
         gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
         recompute=recompute,
         attention_stretch=attention_stretch,

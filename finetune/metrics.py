@@ -29,11 +29,12 @@ from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 from transformers import EvalPrediction, PreTrainedTokenizerBase
 
+from finetune.model.loss import IGNORE_INDEX
+
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 PTUNING = "ptuning"
 FINETUNE_DEMO = "finetune_demo"
 METRIC_CONVENTIONS = (PTUNING, FINETUNE_DEMO)
-IGNORE_INDEX = -100
 DECIMALS = 4
 
 jieba.setLogLevel(logging.WARNING)

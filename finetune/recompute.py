@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from finetune.model.modeling import GLMBlock
-
 RECOMPUTE_AUTO = "auto"
 RECOMPUTE_NONE = "none"
 RECOMPUTE_MLP = "mlp"
@@ -46,9 +44,13 @@ class RecomputePlan:
         return f"{self.full_layers} layers full, {self.mlp_layers} mlp, {rest} none"
 
 
-def glm_blocks(model: nn.Module) -> list[GLMBlock]:
-    """The GLM blocks of a model, in order (through PEFT wrappers too)."""
-    return [module for module in model.modules() if isinstance(module, GLMBlock)]
+def glm_blocks(model: nn.Module) -> list[nn.Module]:
+    """The GLM blocks of a model, in order (through PEFT wrappers too): the modules with a `recompute_mlp` switch.
+
+    Found by that switch rather than by class, so that parsing the arguments (which name the recompute choices)
+    does not import the model code.
+    """
+    return [module for module in model.modules() if hasattr(module, "recompute_mlp")]
 
 
 def apply_recompute_plan(model: nn.Module, plan: RecomputePlan) -> None:

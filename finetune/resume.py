@@ -8,13 +8,18 @@ weights (copied in part, or written by another tool) is skipped with a warning.
 
 import logging
 import os
-import re
 from pathlib import Path
 
-from finetune.arguments import METHOD_FULL, METHOD_PTUNING, ModelArguments
-from finetune.checkpoints import ADAPTER_CONFIG, TRAINING_RECORD
-from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_files
-from finetune.model.prefix_checkpoint import find_prefix_weights
+from finetune.arguments import ModelArguments
+from finetune.checkpoint_layout import (
+    INCOMPLETE_MARKER,
+    TRAINER_STATE_FILE,
+    TRAINING_RECORD,
+    checkpoint_folders,
+    deepspeed_state_folder,
+)
+from finetune.methods import method_named, method_of
+from finetune.model.checkpoint_files import CheckpointError, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +27,6 @@ AUTORESUME_ENV = "AUTORESUME_FROM_CHECKPOINT"
 AUTO = "auto"
 TRUE_VALUES = ("1", "true", "yes", "on")
 FALSE_VALUES = ("", "0", "false", "no", "off", "none")
-CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE_FILE = "trainer_state.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-DEEPSPEED_LATEST_FILE = "latest"
-# Written by transformers' just-in-time (SIGTERM) checkpointing while a save is under way.
-INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"
 
 
 def autoresume_from_environment() -> bool:
@@ -40,31 +39,15 @@ def autoresume_from_environment() -> bool:
     raise ValueError(f"environment variable {AUTORESUME_ENV}={value!r}: use True or False")
 
 
-def checkpoint_step(folder: Path) -> int | None:
-    """N of a folder named checkpoint-N, else None."""
-    match = CHECKPOINT_DIR_PATTERN.match(folder.name)
-    return int(match.group(1)) if match else None
-
-
-def _weights_problem(folder: Path, method: str) -> str | None:
-    """Why the folder's model weights for `method` are missing or broken, or None."""
-    latest = folder / DEEPSPEED_LATEST_FILE
-    if latest.is_file() and (folder / latest.read_text(encoding="utf-8").strip()).is_dir():
+def _weights_problem(folder: Path, method_name: str) -> str | None:
+    """Why the folder's model weights are missing or broken, or None (DeepSpeed's own state counts as weights)."""
+    if deepspeed_state_folder(folder) is not None:
         return None
-    if method == METHOD_PTUNING:
-        path = find_prefix_weights(folder)
-        paths = [path] if path else []
-    elif method == METHOD_FULL:
-        paths = weight_files(folder)
-    else:
-        if not (folder / ADAPTER_CONFIG).is_file():
-            return f"{ADAPTER_CONFIG} is missing"
-        paths = [folder / ADAPTER_WEIGHTS_FILE]
-    if not paths:
-        return f"no model weights for method {method!r}"
-    for path in paths:
-        check_weight_file(path)
-    return None
+    try:
+        method = method_named(method_name)
+    except ValueError as error:
+        return str(error)
+    return method.weights_problem(folder)
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -86,11 +69,7 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint-N folder with the highest N in `output_dir`, or None."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    candidates = sorted((step, child) for child in output_dir.iterdir() if (step := checkpoint_step(child)) is not None)
-    for _, folder in reversed(candidates):
+    for _, folder in reversed(checkpoint_folders(Path(output_dir))):
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
@@ -134,24 +113,12 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
 def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
     """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run."""
     record = read_json_file(folder / TRAINING_RECORD)
-    expected = {
-        "method": model_args.method,
-        "pre_seq_len": model_args.pre_seq_len,
-        "prefix_projection": model_args.prefix_projection,
-    }
-    for key, value in expected.items():
-        if record.get(key) != value:
-            raise CheckpointError(
-                f"{folder / TRAINING_RECORD}: the checkpoint has {key}={record.get(key)!r} but this run has "
-                f"{key}={value!r}; resume with the checkpoint's settings or use a new output_dir"
-            )
-    lora = record.get("lora")
-    if lora is not None and (lora.get("rank"), lora.get("target_modules")) != (
-        model_args.lora_rank,
-        model_args.lora_target_modules,
-    ):
+    method = method_of(model_args)
+    if record.get("method") != method.name:
+        problem = f"the checkpoint has method={record.get('method')!r} but this run has method={method.name!r}"
+    else:
+        problem = method.settings_mismatch(record, model_args)
+    if problem is not None:
         raise CheckpointError(
-            f"{folder / TRAINING_RECORD}: the checkpoint's LoRA rank/targets are {lora.get('rank')}/"
-            f"{lora.get('target_modules')} but this run has {model_args.lora_rank}/{model_args.lora_target_modules}; "
-            "resume with the checkpoint's settings or use a new output_dir"
+            f"{folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new output_dir"
         )

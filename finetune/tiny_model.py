@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from finetune.atomic_files import replace_folder
 from finetune.model.configuration import ChatGLMConfig
 from finetune.model.modeling import ChatGLMForConditionalGeneration
-from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer
+from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer, reply_stop_ids
 
 VOCAB_PADDING_MULTIPLE = 64
 
@@ -156,8 +156,7 @@ def _write_checkpoint(
         prepare(model, tokenizer)
     model.save_pretrained(folder)
 
-    stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-    GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    GenerationConfig(eos_token_id=reply_stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
 
 
 def build_tiny_model(

@@ -27,19 +27,21 @@ from transformers import (
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import SaveStrategy, set_seed
 
-from finetune.arguments import METHOD_PTUNING, DataArguments, ModelArguments, parse_arguments
+from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
+from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
-from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
+from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT, input_output_row_length
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
-from finetune.methods import build_model, check_quantization_available
+from finetune.methods import build_model, method_of
+from finetune.quantization import check_quantization_available
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
-from finetune.resume import check_checkpoint_matches, checkpoint_step, resolve_resume_checkpoint, resume_requested
+from finetune.resume import check_checkpoint_matches, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
 
 logger = logging.getLogger("finetune.train")  # named, so `python -m finetune.train` logs too
@@ -80,14 +82,25 @@ def configure_logging(training_args: Seq2SeqTrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(log_level)
 
 
+def apply_implied_settings(data_args: DataArguments, training_args: Seq2SeqTrainingArguments) -> None:
+    """Fill in the settings a run implies: training when only --train_file is given, no DDP search for unused
+    parameters, and input tokens counted without padding."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict) and data_args.train_file:
+        training_args.do_train = True
+    if training_args.ddp_find_unused_parameters is None:
+        # Every trainable parameter (prefix encoder, LoRA adapters, or all weights) takes part in each forward pass,
+        # so DDP need not search the graph for unused ones (it warns every run when asked to and finds none).
+        training_args.ddp_find_unused_parameters = False
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"
+
+
 def check_run_settings(
     model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments
 ) -> None:
-    """Fill in implied settings and raise ValueError for combinations that cannot work, before any heavy work."""
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        if not data_args.train_file:
-            raise ValueError("nothing to do: pass --train_file with --do_train, --do_eval or --do_predict")
-        training_args.do_train = True
+    """Raise ValueError for combinations that cannot work, before any heavy work; changes nothing."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict or data_args.train_file):
+        raise ValueError("nothing to do: pass --train_file with --do_train, --do_eval or --do_predict")
     stages = (
         ("do_train", "train_file"),
         ("do_eval", "validation_file"),
@@ -102,11 +115,9 @@ def check_run_settings(
         raise ValueError("--do_predict writes generated answers: pass --predict_with_generate too")
     if data_args.data_format not in (None, INPUT_OUTPUT, CONVERSATIONS):
         raise ValueError(f"--data_format must be {INPUT_OUTPUT} or {CONVERSATIONS}, got {data_args.data_format!r}")
-    if model_args.method == METHOD_PTUNING and is_deepspeed_zero3_enabled():
-        raise ValueError(
-            "P-Tuning v2 trains only the small prefix encoder and is saved from the model itself, which ZeRO-3 "
-            "partitions; use a ZeRO-2 DeepSpeed config (ds_configs/zero2.json) or none"
-        )
+    method = method_of(model_args)
+    if method.zero3_problem and is_deepspeed_zero3_enabled():
+        raise ValueError(method.zero3_problem)
     if model_args.quantization_bit:
         check_quantization_available(model_args.quantization_bit)
     if training_args.gradient_checkpointing and model_args.recompute not in (RECOMPUTE_AUTO, RECOMPUTE_FULL):
@@ -114,12 +125,6 @@ def check_run_settings(
             f"--gradient_checkpointing recomputes whole layers but --recompute {model_args.recompute} asks for less; "
             "pass only one of them"
         )
-    if training_args.ddp_find_unused_parameters is None:
-        # Every trainable parameter (prefix encoder, LoRA adapters, or all weights) takes part in each forward pass,
-        # so DDP need not search the graph for unused ones (it warns every run when asked to and finds none).
-        training_args.ddp_find_unused_parameters = False
-    if training_args.include_num_input_tokens_seen == "no":
-        training_args.include_num_input_tokens_seen = "non_padding"
 
 
 def log_effective_settings(
@@ -167,7 +172,7 @@ def check_output_dir(training_args: Seq2SeqTrainingArguments, resuming: bool) ->
     output_dir = Path(training_args.output_dir)
     if not training_args.do_train or resuming or not output_dir.is_dir():
         return
-    existing = sorted(child.name for child in output_dir.iterdir() if checkpoint_step(child) is not None)
+    existing = [folder.name for _, folder in checkpoint_folders(output_dir)]
     if existing:
         raise ValueError(
             f"{output_dir} already holds checkpoints ({', '.join(existing)}); continue that run with "
@@ -205,7 +210,7 @@ def packing_length(data_args: DataArguments, data_format: str) -> int:
     if data_args.packing_length:
         return data_args.packing_length
     if data_format == INPUT_OUTPUT:
-        return data_args.max_source_length + data_args.max_target_length + 1
+        return input_output_row_length(data_args.max_source_length, data_args.max_target_length)
     return data_args.max_seq_length
 
 
@@ -350,6 +355,7 @@ def run(
 ) -> TrainingRun:
     """Train, evaluate and predict as the arguments say; `extra_callbacks` are added to the Trainer."""
     check_run_settings(model_args, data_args, training_args)
+    apply_implied_settings(data_args, training_args)
     if training_args.should_log:
         log_effective_settings(model_args, data_args, training_args)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -428,7 +434,7 @@ def train_until_done_or_signalled(
         stop.uninstall()
     if stop.stopped:
         output_dir = Path(trainer.args.output_dir).resolve()
-        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+        checkpoint = output_dir / checkpoint_folder_name(trainer.state.global_step)
         raise TrainingInterrupted(
             f"training stopped by {stop.received.name} at step {trainer.state.global_step}: checkpoint saved to "
             f"{checkpoint}, loss curve in {output_dir}; continue with --resume_from_checkpoint auto and the same "

@@ -1,17 +1,11 @@
-"""The toolkit's Trainer: Seq2SeqTrainer with per-method checkpoint files, training_record.json, atomic checkpoint
-saving and generation-based evaluation for a decoder-only model.
+"""The toolkit's Trainer: Seq2SeqTrainer that saves the method's checkpoint files (finetune.methods) with
+training_record.json in the layout of finetune.checkpoint_layout, atomically, and evaluates by generating answers.
 
-Checkpoint layout (the format the inference side reads):
-  ptuning     config.json (with pre_seq_len/prefix_projection) + model.safetensors holding only
-              transformer.prefix_encoder.* (+ the official pytorch_model.bin with --save_official_bin)
-  lora/qlora  the PEFT adapter: adapter_config.json + adapter_model.safetensors
-  full        the whole model (save_pretrained, safetensors) + tokenizer files
-and in every folder training_record.json. A checkpoint is written into `tmp-checkpoint-N` and renamed to
-`checkpoint-N` only once every file is in place, so a crash mid-save never leaves a folder that resume would use.
+A checkpoint is written into `tmp-checkpoint-N` and renamed to `checkpoint-N` only once every file is in place, so a
+crash mid-save never leaves a folder that resume would use.
 """
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import logging
@@ -21,17 +15,25 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import Seq2SeqTrainer
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
-from finetune.arguments import METHOD_FULL, METHOD_PTUNING, DataArguments, ModelArguments
+from finetune.arguments import DataArguments, ModelArguments
 from finetune.atomic_files import replace_folder, write_json_atomically
-from finetune.checkpoints import TRAINING_RECORD
+from finetune.checkpoint_layout import (
+    FINAL_STAGING_NAME,
+    FORMAT_VERSION,
+    STAGING_PREFIX,
+    TRAINER_STATE_FILE,
+    TRAINING_RECORD,
+    checkpoint_folder_name,
+    checkpoint_folders,
+)
 from finetune.generation_eval_batches import (
     GENERATION_KEYS,
     PROMPT_ATTENTION_MASK,
@@ -39,14 +41,12 @@ from finetune.generation_eval_batches import (
     REFERENCE_IDS,
     blank_after_stop,
 )
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix_weights
-from finetune.model.remote_code import copy_remote_code_files
+from finetune.methods import FinetuneMethod, method_of
+from finetune.methods.base import SaveContext, parameter_size
+from finetune.quantization import quantization_record
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-STAGING_PREFIX = "tmp-"
-FINAL_STAGING_NAME = STAGING_PREFIX + "final"
 GIB = 1024**3
 # Below this many free bytes a failed write is taken for a full disk, whatever the writer's own message says
 # (torch.save reports "basic_ios::clear: iostream error", safetensors an "os error 28").
@@ -64,14 +64,14 @@ def folder_size(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def checkpoint_size_estimate(model: nn.Module, method: str, deepspeed: bool) -> int:
+def checkpoint_size_estimate(model: nn.Module, method: FinetuneMethod, deepspeed: bool) -> int:
     """About how many bytes one checkpoint takes: the saved weights plus the Adam state of the trained ones."""
     saved = trained = 0
     for parameter in model.parameters():
-        count = getattr(parameter, "ds_numel", parameter.numel())  # ZeRO-3 partitions hold no local elements
+        count = parameter_size(parameter)
         if parameter.requires_grad:
             trained += count
-        if parameter.requires_grad or method == METHOD_FULL:
+        if parameter.requires_grad or method.trains_base_weights:
             saved += count * parameter.element_size()
     per_trained = ADAM_STATE_BYTES_PER_PARAMETER + (MASTER_WEIGHT_BYTES_PER_PARAMETER if deepspeed else 0)
     return saved + trained * per_trained
@@ -96,22 +96,17 @@ def training_record(
     model_args: ModelArguments, data_args: DataArguments, training_args_dict: dict, global_step: int
 ) -> dict:
     """The content of training_record.json for a checkpoint saved at `global_step`."""
-    is_lora = model_args.method not in (METHOD_PTUNING, METHOD_FULL)
+    method = method_of(model_args)
     return {
         "format_version": FORMAT_VERSION,
-        "method": model_args.method,
+        "method": method.name,
         "base_model": base_model_reference(model_args.model_name_or_path),
         "pre_seq_len": model_args.pre_seq_len,
         "prefix_projection": model_args.prefix_projection,
         "quantization_bit": model_args.quantization_bit,
-        "lora": {
-            "rank": model_args.lora_rank,
-            "alpha": model_args.lora_alpha,
-            "dropout": model_args.lora_dropout,
-            "target_modules": model_args.lora_target_modules,
-        }
-        if is_lora
-        else None,
+        "quantization": quantization_record(model_args.quantization_bit),
+        "lora": None,
+        **method.record_fields(model_args),
         "model_args": dataclasses.asdict(model_args),
         "data_args": dataclasses.asdict(data_args),
         "training_args": training_args_dict,
@@ -143,6 +138,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         **kwargs,
     ):
         self.model_args = model_args
+        self.method = method_of(model_args)
         self.data_args = data_args
         self.eval_data_collator = eval_data_collator
         self.max_new_tokens = max_new_tokens
@@ -160,12 +156,14 @@ class FinetuneTrainer(Seq2SeqTrainer):
         Trainer refuses a quantized model without PEFT adapters because such a model has nothing trainable; with
         P-Tuning v2 the prefix encoder (never quantized) is trainable, which is checked here instead.
         """
-        if not (self.model_args.method == METHOD_PTUNING and getattr(model, "is_quantized", False)):
+        if not getattr(model, "is_quantized", False) or isinstance(model, PeftModel):
             yield
             return
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         if not trainable or any(parameter.dtype != torch.float32 for parameter in trainable):
-            raise ValueError("a quantized P-Tuning v2 model must have a trainable fp32 prefix encoder")
+            raise ValueError(
+                "a quantized model trained without PEFT adapters needs a trainable fp32 prefix encoder (P-Tuning v2)"
+            )
         model.is_quantized = False
         try:
             yield
@@ -180,36 +178,19 @@ class FinetuneTrainer(Seq2SeqTrainer):
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        logger.info("Saving %s checkpoint files to %s", self.model_args.method, folder)
+        logger.info("Saving %s checkpoint files to %s", self.method.name, folder)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if self.model_args.method == METHOD_PTUNING:
-            config = copy.deepcopy(model.config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.save_pretrained(folder)
-            save_prefix_weights(model, folder, official_bin=self.model_args.save_official_bin)
-            copy_remote_code_files(self.model_args.model_name_or_path, folder)
-        elif self.model_args.method == METHOD_FULL:
-            model.save_pretrained(folder, state_dict=state_dict)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(folder)
-            copy_remote_code_files(self.model_args.model_name_or_path, folder)
-        else:
-            model.save_pretrained(folder, state_dict=state_dict)
+        self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
         record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
         write_json_atomically(folder / TRAINING_RECORD, record)
 
     def checkpoint_bytes(self, run_dir: Path) -> int:
         """About how many bytes the next checkpoint takes: the newest complete one's size, else an estimate."""
-        existing = sorted(
-            (int(child.name.rsplit("-", 1)[1]), child)
-            for child in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-            if child.is_dir() and child.name.rsplit("-", 1)[1].isdigit()
-        )
+        existing = checkpoint_folders(run_dir)
         if existing:
             return folder_size(existing[-1][1])
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        return checkpoint_size_estimate(model, self.model_args.method, self.is_deepspeed_enabled)
+        return checkpoint_size_estimate(model, self.method, self.is_deepspeed_enabled)
 
     def check_free_space(self, run_dir: Path | None = None) -> None:
         """Raise DiskFullError when the output folder's disk has less free space than a checkpoint needs."""
@@ -250,7 +231,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         Mirrors Trainer._save_checkpoint (transformers 5.24): model files, optimizer/scheduler/scaler/RNG state,
         trainer state, then rotation of old checkpoints, which only ever sees complete `checkpoint-N` folders.
         """
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        name = checkpoint_folder_name(self.state.global_step)
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / name
         staging = run_dir / f"{STAGING_PREFIX}{name}"
@@ -265,7 +246,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             self.save_model(str(staging), _internal_call=True)
             best_step = self.state.best_global_step
             if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best_step:
-                best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+                best = run_dir / checkpoint_folder_name(best_step)
                 if best_step == self.state.global_step or best.exists():
                     self.state.best_model_checkpoint = str(best)
             if not self.args.save_only_model:
@@ -299,7 +280,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
                 self.state.stateful_callbacks[callback_name].append(callback.state())
             else:
                 self.state.stateful_callbacks[callback_name] = callback.state()
-        self.state.save_to_json(str(folder / TRAINER_STATE_NAME))
+        self.state.save_to_json(str(folder / TRAINER_STATE_FILE))
 
     def save_final_model(self) -> None:
         """Save the trained model into output_dir: staged in tmp-final, moved in file by file, the record last."""
@@ -324,9 +305,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
         self._load_from_checkpoint(str(folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Load a checkpoint's weights; a prefix checkpoint loads into the prefix encoder only."""
-        if self.model_args.method == METHOD_PTUNING:
-            load_prefix_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+        """Load a checkpoint's weights: by the method when it loads them itself (a prefix into the prefix encoder)."""
+        if self.method.load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint)):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -353,9 +333,10 @@ class FinetuneTrainer(Seq2SeqTrainer):
             )
 
     def _load_best_model(self) -> None:
-        """Load the best checkpoint at the end of training; a prefix checkpoint loads into the prefix encoder."""
-        if self.model_args.method == METHOD_PTUNING and not self.is_deepspeed_enabled:
-            load_prefix_checkpoint(self.model, self.state.best_model_checkpoint)
+        """Load the best checkpoint at the end of training, by the method when it loads its weights itself."""
+        if not self.is_deepspeed_enabled and self.method.load_trained_weights(
+            self.model, Path(self.state.best_model_checkpoint)
+        ):
             return
         super()._load_best_model()
 

@@ -19,17 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from finetune.atomic_files import replace_folder  # noqa: E402
-from finetune.checkpoints import (  # noqa: E402
+from finetune.atomic_files import replace_folder
+from finetune.checkpoints import (
     DTYPES,
     CheckpointKind,
     ModelLoadError,
-    detect_checkpoint_kind,
+    checkpoint_method,
     load_for_inference,
     resolve_base,
 )
-from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file  # noqa: E402
-from finetune.model.remote_code import copy_remote_code_files  # noqa: E402
+from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file
+from finetune.model.remote_code import copy_remote_code_files
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -66,16 +66,18 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> CheckpointKind:
     """Write `checkpoint` (with its base for LoRA/prefix) as a standalone model folder; return its kind."""
-    kind = detect_checkpoint_kind(checkpoint)
-    base_path = resolve_base(checkpoint, base) if kind in (CheckpointKind.PREFIX, CheckpointKind.LORA) else checkpoint
+    method = checkpoint_method(checkpoint)
+    on_base = method is not None and method.needs_base
+    base_path = resolve_base(checkpoint, base) if on_base else checkpoint
     target = Path(output_dir)
     check_output_dir(target, [Path(checkpoint), Path(base_path)], overwrite)
     model, loaded_tokenizer, kind = load_for_inference(
         checkpoint,
-        base=base_path if kind in (CheckpointKind.PREFIX, CheckpointKind.LORA) else None,
+        base=base_path if on_base else None,
         tokenizer=tokenizer,
         device="cpu",
         dtype=dtype or stored_dtype(base_path),
+        quantization_bit=0,
         merge_lora=True,
     )
     target.parent.mkdir(parents=True, exist_ok=True)

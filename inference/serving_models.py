@@ -3,7 +3,8 @@
 One checkpoint loads through finetune.checkpoints.load_for_inference (every kind). With several, LoRA adapters and
 P-Tuning v2 prefixes that name the same base share one copy of it: the adapters are added to one PeftModel under
 their own names and each prefix gets its own prefix encoder; a `NAME=BASE` entry serves that base itself. Full
-fine-tunes and other whole models are loaded on their own. Each loaded model gets one ServingEngine.
+fine-tunes and other whole models are loaded on their own. A shared base is quantized as its checkpoints' training
+records say (they must agree) unless --quantization_bit is given. Each loaded model gets one ServingEngine.
 """
 
 import copy
@@ -14,17 +15,14 @@ from types import SimpleNamespace
 
 from peft import PeftModel
 
-from finetune.checkpoints import (
-    CheckpointKind,
-    detect_checkpoint_kind,
-    load_for_inference,
-    load_lora_adapter,
-    prefix_settings,
-    resolve_base,
-)
+from finetune.checkpoint_layout import CheckpointKind, read_training_record
+from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, resolve_base
+from finetune.methods.lora import load_lora_adapter
+from finetune.methods.ptuning import prefix_settings
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.model.prefix_encoder import PrefixEncoder
+from finetune.quantization import recorded_bits
 from inference.serving_engine import ServingEngine, Variant
 
 
@@ -93,6 +91,21 @@ def _load_options(options: LoadOptions) -> dict:
     return {"device": options.device, "dtype": options.dtype, "quantization_bit": options.quantization_bit}
 
 
+def shared_base_quantization(members: list[tuple[str, str]], options: LoadOptions) -> int | None:
+    """The bits a shared base loads with: --quantization_bit, else what the members' training records agree on."""
+    if options.quantization_bit is not None:
+        return options.quantization_bit
+    records = {path: read_training_record(path) for _, path in members}
+    recorded = {path: recorded_bits(record) or 0 for path, record in records.items() if record is not None}
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{path} ({bits or 'not quantized'})" for path, bits in recorded.items())
+        raise CheckpointError(
+            f"checkpoints sharing one base were trained on differently quantized bases: {listed}; serve them on "
+            "separate bases or pass --quantization_bit"
+        )
+    return next(iter(recorded.values()), 0)
+
+
 def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: int) -> dict[str, ServedModel]:
     """Load every `--model` value, sharing bases; returns the served models by name (engines started)."""
     parsed = parse_model_specs(specs)
@@ -120,7 +133,8 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
             engine = ServingEngine(model, max_batch_size).start()
             served[name] = ServedModel(name, path, kind, engine, tokenizer, Variant(), int(model.config.seq_length))
     for base_path, members in bases.items():
-        model, tokenizer, _ = load_for_inference(base_path, tokenizer=options.tokenizer, **_load_options(options))
+        load_options = {**_load_options(options), "quantization_bit": shared_base_quantization(members, options)}
+        model, tokenizer, _ = load_for_inference(base_path, tokenizer=options.tokenizer, **load_options)
         config = model.config
         variants = {}
         for index, (name, path) in enumerate(members):

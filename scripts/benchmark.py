@@ -55,7 +55,8 @@ from finetune.memory_preflight import (  # noqa: E402
     plan_recompute,
     recompute_budget,
 )
-from finetune.methods import apply_method, load_base_model  # noqa: E402
+from finetune.methods import apply_method  # noqa: E402
+from finetune.methods.base import load_base_model  # noqa: E402
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 from finetune.model.configuration import CHATGLM3_6B_FIELDS  # noqa: E402
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan  # noqa: E402

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.model.tokenization import ChatGLMTokenizer
 from finetune.tiny_model import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,13 @@ def reference(reference_dir: Path) -> dict:
 def reference_model_dir(reference_dir: Path) -> Path:
     """The official-layout tiny checkpoint folder."""
     return reference_dir / "model"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
+    """The ChatGLM3 tokenizer of the official-layout reference checkpoint (one per test module: tests may set its
+    padding side or other attributes)."""
+    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Checkpoint-kind detection, base resolution and loading for inference, on real checkpoints in the agreed format."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from checkpoint_builders import (
 )
 from peft import PeftModel
 
+from finetune.checkpoint_layout import read_training_record
 from finetune.checkpoints import (
     CheckpointKind,
     ModelLoadError,
@@ -24,19 +26,13 @@ from finetune.checkpoints import (
     choose_tokenizer_source,
     detect_checkpoint_kind,
     load_for_inference,
-    read_training_record,
     resolve_base,
     resolve_device,
     resolve_dtype,
 )
 from finetune.model import ChatGLMTokenizer
 from finetune.model.checkpoint_files import CheckpointError
-
-
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
+from finetune.quantization import quantization_record
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +172,20 @@ def test_device_and_dtype_resolution_without_gpu():
         resolve_dtype("float8", "cpu")
 
 
-def test_quantization_without_bitsandbytes_or_gpu_is_explained(checkpoints: dict):
-    with pytest.raises(ModelLoadError, match="bitsandbytes|CUDA GPU"):
-        load_for_inference(checkpoints["full"], device="cpu", quantization_bit=4)
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_inference_rebuilds_the_base_quantized_as_the_record_says(checkpoints: dict, tmp_path: Path):
+    import bitsandbytes
+
+    folder = tmp_path / "qlora"
+    shutil.copytree(checkpoints["lora"], folder)
+    record = read_training_record(folder)
+    record.update(method="qlora", quantization_bit=4, quantization=quantization_record(4))
+    (folder / "training_record.json").write_text(json.dumps(record))
+    model, _, kind = load_for_inference(folder, device="cpu")
+    assert kind is CheckpointKind.LORA
+    assert any(isinstance(module, bitsandbytes.nn.Linear4bit) for module in model.modules())
+    plain, _, _ = load_for_inference(folder, device="cpu", quantization_bit=0)
+    assert not any(isinstance(module, bitsandbytes.nn.Linear4bit) for module in plain.modules())
 
 
 def test_missing_checkpoint_folder(tmp_path: Path):

@@ -18,12 +18,6 @@ from finetune.data.encoding import (
 from finetune.model.tokenization import ChatGLMTokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny ChatGLM3 tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
-
 def test_text_ids_equal_the_tokenizer_encode(reference: dict, shared_dir: Path, tokenizer: ChatGLMTokenizer):
     advertise_gen = shared_dir / "data" / "advertise_gen" / "expected_advertise_gen.jsonl"
     texts = [item["text"] for item in reference["tokenizer"]["encode"]]

@@ -50,11 +50,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, reference_model_dir: Path) -> dict[str, Path]:

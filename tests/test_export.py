@@ -11,18 +11,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from finetune.checkpoints import CheckpointKind, detect_checkpoint_kind, load_for_inference
-from finetune.model import ChatGLMTokenizer
 from finetune.model.prefix_checkpoint import PREFIX_KEY_PREFIX
 from inference.export import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference" / "export.py"
 
-
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
 
 
 @pytest.fixture(scope="module")

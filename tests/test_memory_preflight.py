@@ -11,22 +11,23 @@ import torch
 from transformers import TrainingArguments
 
 from finetune import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.arguments import ModelArguments
 from finetune.memory_preflight import (
     GIB,
     TrainingSetup,
-    base_parameter_count,
     estimate_training_memory,
     longest_row,
-    lora_parameter_count,
     memory_advice,
-    prefix_parameter_count,
     run_preflight,
     setup_from_arguments,
 )
+from finetune.methods.lora import lora_parameter_count
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.loss import DEFAULT_CHUNK_TOKENS
+from finetune.model.shapes import base_parameter_count, prefix_parameter_count
 
 CHATGLM3_6B = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
+FULL_ARGUMENTS = ModelArguments(model_name_or_path="chatglm3-6b")
 DEVICE_24GIB = 24 * GIB
 
 
@@ -127,9 +128,9 @@ def test_zero_stages_divide_by_gpus_and_offload_to_cpu():
 def test_advice_for_a_24gib_gpu():
     too_big = TrainingSetup("ptuning", batch_size=8, seq_length=2048, pre_seq_len=128)
     advice = "\n".join(memory_advice(CHATGLM3_6B, too_big, DEVICE_24GIB))
-    assert "DEV_BATCH_SIZE" in advice and "GRAD_ACCUMULATION_STEPS" in advice
+    assert "--per_device_train_batch_size" in advice and "--gradient_accumulation_steps" in advice
     assert "--gradient_checkpointing" in advice
-    assert "QUANTIZATION_BIT=4" in advice
+    assert "--quantization_bit 4" in advice
     assert "fits" in advice
 
     full = TrainingSetup("full", batch_size=1, seq_length=1024)
@@ -145,7 +146,7 @@ def _arguments(tmp_path, **overrides) -> TrainingArguments:
 
 
 def test_run_preflight_warns_for_simulated_24gib_device(tmp_path, caplog):
-    model_args = SimpleNamespace(pre_seq_len=128, prefix_projection=False, lora_rank=None, quantization_bit=None)
+    model_args = ModelArguments(model_name_or_path="chatglm3-6b", pre_seq_len=128)
     data_args = SimpleNamespace(
         max_source_length=1024, max_target_length=1023, max_seq_length=4096, data_format="input_output"
     )
@@ -157,13 +158,15 @@ def test_run_preflight_warns_for_simulated_24gib_device(tmp_path, caplog):
     assert estimate.fits is False
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "QUANTIZATION_BIT=4" in warnings[0] and "DEV_BATCH_SIZE" in warnings[0]
+    assert "--quantization_bit 4" in warnings[0] and "--per_device_train_batch_size" in warnings[0]
     assert "24.0 GiB" in warnings[0]
     assert any("Memory estimate per GPU for ptuning" in record.getMessage() for record in caplog.records)
 
 
 def test_run_preflight_quiet_when_it_fits_and_on_cpu(tmp_path, caplog):
-    model_args = SimpleNamespace(lora_rank=8, lora_target="query_key_value,dense", quantization_bit=4, method="qlora")
+    model_args = ModelArguments(
+        model_name_or_path="chatglm3-6b", lora_rank=8, lora_target="query_key_value,dense", quantization_bit=4
+    )
     data_args = SimpleNamespace(max_seq_length=512)
     arguments = _arguments(tmp_path, per_device_train_batch_size=1, gradient_checkpointing=True)
     with caplog.at_level(logging.INFO, logger="finetune.memory_preflight"):
@@ -190,14 +193,14 @@ def test_setup_reads_deepspeed_config(tmp_path):
         )
     )
     training_args = SimpleNamespace(per_device_train_batch_size=2, bf16=True, deepspeed=str(ds_config), world_size=2)
-    setup = setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(max_seq_length=256), training_args)
+    setup = setup_from_arguments(CHATGLM3_6B, FULL_ARGUMENTS, SimpleNamespace(max_seq_length=256), training_args)
     assert (setup.method, setup.zero_stage, setup.offload_optimizer, setup.offload_params) == ("full", 3, True, True)
     assert setup.num_gpus == 2 and setup.weight_dtype == torch.bfloat16 and setup.seq_length == 256
 
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
-        setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(), SimpleNamespace(deepspeed=str(broken)))
+        setup_from_arguments(CHATGLM3_6B, FULL_ARGUMENTS, SimpleNamespace(), SimpleNamespace(deepspeed=str(broken)))
 
 
 def test_longest_row_from_data_arguments():
@@ -209,10 +212,10 @@ def test_longest_row_from_data_arguments():
     assert longest_row(SimpleNamespace(**bounds, packing=True, packing_length=1024)) == 1024
     assert longest_row(SimpleNamespace()) is None
     setup = setup_from_arguments(
-        CHATGLM3_6B, SimpleNamespace(pre_seq_len=8), SimpleNamespace(**bounds), SimpleNamespace(), seq_length=77
+        CHATGLM3_6B, ModelArguments(model_name_or_path="chatglm3-6b", pre_seq_len=8), SimpleNamespace(**bounds), SimpleNamespace(), seq_length=77
     )
     assert setup.seq_length == 77 and setup.method == "ptuning"
-    assert setup_from_arguments(CHATGLM3_6B, SimpleNamespace(), SimpleNamespace(), SimpleNamespace()).seq_length == 8192
+    assert setup_from_arguments(CHATGLM3_6B, FULL_ARGUMENTS, SimpleNamespace(), SimpleNamespace()).seq_length == 8192
 
 
 def test_all_lora_targets():

@@ -108,11 +108,6 @@ def test_length_mismatch_raises() -> None:
         compute_metrics(["a", "b"], ["a"])
 
 
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The ChatGLM3 tokenizer of the official-layout tiny checkpoint (byte fallback covers Chinese text)."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
 
 def _ids(tokenizer: ChatGLMTokenizer, text: str) -> list[int]:
     """The ids of `text` without special tokens."""

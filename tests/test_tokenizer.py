@@ -12,12 +12,6 @@ import finetune  # noqa: F401  (registers ChatGLMTokenizer with AutoTokenizer)
 from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The tokenizer of the official-layout reference checkpoint."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
-
 def test_special_token_ids_follow_the_sentencepiece_vocabulary(tokenizer, reference):
     base = reference["sp_vocab_size"]
     assert tokenizer.sp_model.get_piece_size() == base

@@ -1,5 +1,6 @@
 """Arguments from the command line or a YAML/JSON file, their checks, and data errors before the model loads."""
 
+import ast
 import json
 import os
 import subprocess
@@ -98,7 +99,7 @@ def test_config_file_errors_name_the_file(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        ({"pre_seq_len": 4, "lora_rank": 8}, "select two different methods"),
+        ({"pre_seq_len": 4, "lora_rank": 8}, "select different methods"),
         ({"quantization_bit": 4}, "cannot be used with full fine-tuning"),
         ({"lora_rank": 8, "quantization_bit": 3}, "must be 4 or 8"),
         ({"prefix_projection": True}, "pass --pre_seq_len too"),
@@ -195,3 +196,27 @@ def test_finetune_script_runs_as_a_file_path(tiny_model_dir, train_file, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoint-1" / "training_record.json").is_file()
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_check_run_settings_changes_nothing_and_implied_settings_are_applied_apart(tmp_path):
+    model_args, data_args, training_args = parse_arguments(
+        ["--model_name_or_path", "chatglm3-6b", "--train_file", "t.jsonl", "--output_dir", str(tmp_path), "--use_cpu"]
+    )
+    before = training_args.to_dict()
+    train.check_run_settings(model_args, data_args, training_args)
+    assert training_args.to_dict() == before
+    train.apply_implied_settings(data_args, training_args)
+    assert training_args.do_train is True and training_args.ddp_find_unused_parameters is False
+    assert training_args.include_num_input_tokens_seen == "non_padding"
+
+
+def test_argument_parsing_does_not_import_the_model_code():
+    """arguments.py and what it imports from the project name no finetune.model module (the layering the parser
+    keeps: recompute.py finds GLM blocks by their recompute switch, not by importing the class)."""
+    for module in ("arguments", "recompute", "quantization"):
+        tree = ast.parse((Path(train.__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
+        imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        project = [name for name in imported if name and name.startswith("finetune")]
+        assert all(not name.startswith("finetune.model") for name in project), (module, project)
+        assert set(project) <= {"finetune.recompute", "finetune.quantization"}, (module, project)

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Se
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.data.encoding import encode_input_output
 from finetune.generation_eval_batches import GenerationEvalCollator
-from finetune.methods import apply_method, check_quantization_available, load_base_model, quantization_config
+from finetune.methods import apply_method
+from finetune.methods.base import load_base_model
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
@@ -217,20 +218,6 @@ def test_trainable_parameters_stay_fp32_on_a_bf16_base(method_flags, tiny_model_
 
 
 BITSANDBYTES_INSTALLED = importlib.util.find_spec("bitsandbytes") is not None
-
-
-def test_quantization_settings():
-    config = quantization_config(4)
-    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
-    assert config.bnb_4bit_compute_dtype == torch.bfloat16
-    assert {"output_layer", "prefix_encoder"} <= set(config.llm_int8_skip_modules)
-    assert quantization_config(8).load_in_8bit
-
-
-@pytest.mark.skipif(BITSANDBYTES_INSTALLED, reason="bitsandbytes is installed here")
-def test_missing_bitsandbytes_error():
-    with pytest.raises(RuntimeError, match="needs the bitsandbytes package"):
-        check_quantization_available(4)
 
 
 @pytest.mark.skipif(BITSANDBYTES_INSTALLED, reason="bitsandbytes is installed here")

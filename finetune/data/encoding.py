@@ -9,9 +9,9 @@ Two formats, both as in ChatGLM3's official fine-tuning code:
 
 import json
 
+from finetune.model.loss import IGNORE_INDEX
 from finetune.model.tokenization import ChatGLMTokenizer
 
-IGNORE_INDEX = -100
 INPUT_OUTPUT = "input_output"
 CONVERSATIONS = "conversations"
 DATA_FORMATS = (INPUT_OUTPUT, CONVERSATIONS)
@@ -97,13 +97,18 @@ def encode_conversation(example: dict, tokenizer: ChatGLMTokenizer, max_seq_leng
     return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
 
 
+def input_output_row_length(max_source_length: int, max_target_length: int) -> int:
+    """The most tokens an input_output row can have: the source budget, the response budget and eos."""
+    return max_source_length + max_target_length + 1
+
+
 def encode_input_output_with_length(
     example: dict, tokenizer: ChatGLMTokenizer, max_source_length: int, max_target_length: int
 ) -> dict[str, list[int] | int]:
     """Encode a prompt/response pair; also return `full_length`, its token count before truncation.
 
     As in the official code, `max_source_length` bounds `[gMASK] sop` + prompt, so a row has at most
-    max_source_length + max_target_length + 1 tokens.
+    `input_output_row_length` tokens.
     """
     prefix = [tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")]
     prompt_ids = text_ids(tokenizer, example["prompt"])
@@ -123,14 +128,3 @@ def encode_input_output(
     """Ids and labels of a prompt/response pair: only the (truncated) response and eos are learned."""
     encoded = encode_input_output_with_length(example, tokenizer, max_source_length, max_target_length)
     return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
-
-
-def detect_data_format(example: dict) -> str:
-    """The format of one record by its fields: "conversations" or "input_output"."""
-    if "conversations" in example:
-        return CONVERSATIONS
-    if "prompt" in example or "response" in example:
-        return INPUT_OUTPUT
-    raise ValueError(
-        f"record has fields {sorted(example)}; expected 'conversations' or 'prompt' and 'response'"
-    )

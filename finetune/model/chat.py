@@ -12,6 +12,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from data_tools.tool_calls import parse_tool_call
 
+from .tokenization import reply_stop_ids
+
 REPLACEMENT_CHARACTER = "\ufffd"
 # The official chat code writes this token when a step's scores hold NaN or inf, instead of failing to sample.
 INVALID_SCORE_FALLBACK_TOKEN = 5
@@ -83,7 +85,7 @@ class ChatMixin:
     """Conversation helpers mixed into ChatGLMForConditionalGeneration (the official chat API)."""
 
     def _chat_generation_kwargs(self, tokenizer, gen_kwargs: dict) -> dict:
-        stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+        stop_ids = reply_stop_ids(tokenizer)
         defaults = {"do_sample": True, "top_p": 0.8, "temperature": 0.8}
         if "max_new_tokens" not in gen_kwargs:
             defaults["max_length"] = 8192

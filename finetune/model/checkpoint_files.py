@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 
 class CheckpointError(ValueError):
@@ -121,3 +122,12 @@ def check_chatglm_folder(folder: str | Path) -> None:
         )
     for path in files:
         check_weight_file(path)
+
+
+def weight_keys(path: Path) -> list[str]:
+    """The tensor names stored in one weight file, read without loading the whole file where possible."""
+    check_weight_file(path)
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            return list(handle.keys())
+    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))

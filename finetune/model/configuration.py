@@ -3,7 +3,6 @@
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-
 # Where chatglm3-6b's config.json differs from the official class defaults (the other fields are the defaults).
 CHATGLM3_6B_FIELDS = {"add_qkv_bias": True, "multi_query_attention": True, "multi_query_group_num": 2, "seq_length": 8192}
 

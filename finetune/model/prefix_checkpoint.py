@@ -6,19 +6,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..atomic_files import atomic_path
+from ..checkpoint_layout import PREFIX_OFFICIAL_BIN, PREFIX_SAFETENSORS, first_file
 from .checkpoint_files import CheckpointError, check_weight_file
 
 PREFIX_KEY_PREFIX = "transformer.prefix_encoder."
-PREFIX_SAFETENSORS = "model.safetensors"
-PREFIX_OFFICIAL_BIN = "pytorch_model.bin"
 
 
 def find_prefix_weights(folder: Path) -> Path | None:
     """The prefix weight file of a folder (safetensors preferred), or None."""
-    for name in (PREFIX_SAFETENSORS, PREFIX_OFFICIAL_BIN):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+    return first_file(folder, (PREFIX_SAFETENSORS, PREFIX_OFFICIAL_BIN))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

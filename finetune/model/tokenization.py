@@ -43,6 +43,14 @@ CHATGLM3_CHAT_TEMPLATE = (
 )
 
 
+REPLY_STOP_TOKENS = ("<|user|>", "<|observation|>")
+
+
+def reply_stop_ids(tokenizer) -> list[int]:
+    """Ids that end a generated reply: eos, and the role tokens that start the next turn (<|user|>, <|observation|>)."""
+    return [tokenizer.eos_token_id, *(tokenizer.get_command(token) for token in REPLY_STOP_TOKENS)]
+
+
 class ChatGLMTokenizer(SentencePieceBackend):
     """Tokenizer of chatglm3-6b checkpoints: reads their `tokenizer.model` and `tokenizer_config.json`.
 

@@ -1,0 +1,58 @@
+"""The fine-tuning methods, one module each, behind one interface (finetune.methods.base.FinetuneMethod).
+
+Training, resume, evaluation, inference, export and the memory preflight ask the method object for everything
+method-specific; to add a method, write one module with a FinetuneMethod subclass and list it in `METHODS`.
+"""
+
+import logging
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel, TrainingArguments
+
+from finetune.arguments import ModelArguments
+from finetune.methods.base import FinetuneMethod, count_parameters
+from finetune.methods.freeze import FreezeTuning
+from finetune.methods.full import FullFinetuning
+from finetune.methods.lora import LoRA
+from finetune.methods.ptuning import PTuningV2
+from finetune.methods.qlora import QLoRA
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, FinetuneMethod] = {
+    method.name: method for method in (PTuningV2(), LoRA(), QLoRA(), FreezeTuning(), FullFinetuning())
+}
+
+
+def method_named(name: str) -> FinetuneMethod:
+    """The method recorded or selected as `name`; ValueError listing the known ones otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_of(model_args: ModelArguments) -> FinetuneMethod:
+    """The method the run's arguments select."""
+    return method_named(model_args.method)
+
+
+def recognise_checkpoint(folder: Path) -> FinetuneMethod | None:
+    """The method whose files a folder without training record holds, or None."""
+    return next((method for method in METHODS.values() if method.recognises(folder)), None)
+
+
+def apply_method(model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
+    """Make a loaded base trainable for the run's method (see FinetuneMethod.prepare)."""
+    return method_of(model_args).prepare(model, model_args)
+
+
+def build_model(model_args: ModelArguments, training_args: TrainingArguments) -> nn.Module:
+    """Load the base model and make it trainable for the run's method, logging how many parameters train."""
+    method = method_of(model_args)
+    model = method.build_trainable_model(model_args, training_args)
+    trainable, total = count_parameters(model)
+    logger.info(
+        "method %s: %d trainable of %d parameters (%.4f%%)", method.name, trainable, total, 100 * trainable / total
+    )
+    return model

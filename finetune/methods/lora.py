@@ -1,0 +1,164 @@
+"""LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
+
+import warnings
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from finetune.arguments import LORA_TARGET_ALL, ModelArguments
+from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
+from finetune.methods.base import FinetuneMethod, SaveContext
+from finetune.model.checkpoint_files import CheckpointError, check_weight_file, weight_keys
+from finetune.model.shapes import linear_shapes
+
+
+def lora_config(model_args: ModelArguments) -> LoraConfig:
+    """The PEFT LoRA settings from --lora_rank/--lora_alpha/--lora_dropout/--lora_target."""
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        bias="none",
+    )
+
+
+def lora_targets(config, targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """The adapted linear layer names: a comma-separated string or a sequence, `all` for every one (checked)."""
+    if isinstance(targets, str):
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    shapes = linear_shapes(config)
+    names = tuple(shapes) if tuple(targets) == (LORA_TARGET_ALL,) else tuple(targets)
+    unknown = [name for name in names if name not in shapes]
+    if unknown:
+        raise ValueError(
+            f"LoRA target module(s) {', '.join(unknown)} are not ChatGLM3 linear layers; "
+            f"use some of {', '.join(shapes)} or {LORA_TARGET_ALL}"
+        )
+    return names
+
+
+def lora_parameter_count(config, rank: int, targets: tuple[str, ...] | str) -> int:
+    """Parameters of LoRA adapters of `rank` on the named linear layers of every block."""
+    shapes = linear_shapes(config)
+    return config.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in lora_targets(config, targets))
+
+
+def adapter_weight_file(folder: Path) -> Path:
+    """The adapter weight file of a LoRA folder, checked to be complete."""
+    path = first_file(folder, ADAPTER_WEIGHT_NAMES)
+    if path is None:
+        raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} is there but no {' or '.join(ADAPTER_WEIGHT_NAMES)}")
+    check_weight_file(path)
+    return path
+
+
+def load_lora_adapter(
+    base_model: PreTrainedModel | PeftModel, folder: Path, base: str, adapter_name: str = "default"
+) -> PeftModel:
+    """Put the LoRA adapter of `folder` on `base_model` (added under `adapter_name` to a PeftModel), explaining a
+    base it was not made for."""
+    weights = adapter_weight_file(folder)
+    try:
+        if isinstance(base_model, PeftModel):
+            base_model.load_adapter(str(folder), adapter_name=adapter_name)
+            model = base_model
+        else:
+            model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        first_mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), "")
+        raise CheckpointError(
+            f"{weights}: this LoRA adapter was trained for a different base model than {base} "
+            f"(weight shapes differ: {first_mismatch}); pass the right base with --base"
+        ) from error
+    stored = [key for key in weight_keys(weights) if "lora_" in key]
+    created = [name for name, _ in model.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
+    if len(stored) != len(created):
+        raise CheckpointError(
+            f"{weights}: this LoRA adapter holds {len(stored)} LoRA tensors but base model {base} takes "
+            f"{len(created)}: it was trained for a base with a different number of layers; pass the right --base"
+        )
+    return model
+
+
+class LoRA(FinetuneMethod):
+    """Train PEFT LoRA adapters; the checkpoint is the adapter folder."""
+
+    name = "lora"
+    checkpoint_kind = CheckpointKind.LORA
+
+    def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
+        """Wrap the base in a PeftModel with the LoRA settings of the arguments."""
+        with warnings.catch_warnings():
+            # peft probes the model's deprecated `is_gradient_checkpointing` alias, which warns on every LoRA run.
+            warnings.filterwarnings(
+                "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return get_peft_model(model, lora_config(model_args))
+
+    def record_fields(self, model_args: ModelArguments) -> dict:
+        """The LoRA settings (rank and targets are checked on resume)."""
+        return {
+            "lora": {
+                "rank": model_args.lora_rank,
+                "alpha": model_args.lora_alpha,
+                "dropout": model_args.lora_dropout,
+                "target_modules": model_args.lora_target_modules,
+            }
+        }
+
+    def settings_mismatch(self, record: dict, model_args: ModelArguments) -> str | None:
+        """A different rank or different target modules cannot resume."""
+        stored = record.get("lora") or {}
+        wanted = self.record_fields(model_args)["lora"]
+        keys = ("rank", "target_modules")
+        if tuple(stored.get(key) for key in keys) != tuple(wanted[key] for key in keys):
+            return (
+                f"the checkpoint's LoRA rank/targets are {stored.get('rank')}/{stored.get('target_modules')} but this "
+                f"run has {wanted['rank']}/{wanted['target_modules']}"
+            )
+        return None
+
+    def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
+        """The PEFT adapter: adapter_config.json + adapter_model.safetensors."""
+        model.save_pretrained(folder, state_dict=context.state_dict)
+
+    def recognises(self, folder: Path) -> bool:
+        """A folder with adapter_config.json."""
+        return (folder / ADAPTER_CONFIG).is_file()
+
+    def weights_problem(self, folder: Path) -> str | None:
+        """adapter_config.json and a complete adapter weight file must be there."""
+        if not (folder / ADAPTER_CONFIG).is_file():
+            return f"{ADAPTER_CONFIG} is missing"
+        if first_file(folder, ADAPTER_WEIGHT_NAMES) is None:
+            return f"{' or '.join(ADAPTER_WEIGHT_NAMES)} is missing"
+        adapter_weight_file(folder)
+        return None
+
+    def load_for_inference(self, folder: Path, base: str, load_kwargs: dict, merge_lora: bool = False) -> nn.Module:
+        """The base with the adapter of `folder` (merged into the base weights with `merge_lora`)."""
+        model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base, **load_kwargs), folder, base)
+        return model.merge_and_unload() if merge_lora else model
+
+    def check_setup(self, setup: object) -> None:
+        """LoRA needs a rank."""
+        if not getattr(setup, "lora_rank", None):
+            raise ValueError(f"TrainingSetup.method {self.name!r} needs lora_rank > 0")
+
+    def trainable_parameter_count(self, config, setup: object) -> int:
+        """The adapters' parameters."""
+        return lora_parameter_count(config, setup.lora_rank, setup.lora_target)
+
+    def adapted_modules(self, config, setup: object) -> tuple[str, ...]:
+        """The LoRA target modules."""
+        return lora_targets(config, setup.lora_target)
+
+    def quantized_variant(self) -> str:
+        """LoRA on a 4-bit base is QLoRA."""
+        return "qlora"

@@ -1,0 +1,80 @@
+"""The one bitsandbytes quantization policy, used to train (QLoRA, quantized P-Tuning v2) and to load for inference.
+
+4 bits: NF4 with double quantization and bf16 compute; 8 bits: LLM.int8(). The output layer and the prefix encoder
+are never quantized. A run records its settings in training_record.json (`quantization_record`), and inference
+rebuilds the base from that record, so an adapter is always evaluated on the base it was trained on.
+"""
+
+import importlib.metadata
+import importlib.util
+
+import torch
+from packaging.version import Version
+from transformers import BitsAndBytesConfig
+
+QUANTIZATION_BITS = (4, 8)
+# The first bitsandbytes release whose 4/8-bit layers run (slowly) on the CPU, which is how the tests train QLoRA.
+BITSANDBYTES_CPU_VERSION = Version("0.50")
+# Never quantized: the vocabulary projection (quality) and the prefix encoder (it is what P-Tuning trains).
+UNQUANTIZED_MODULES = ["output_layer", "prefix_encoder"]
+COMPUTE_DTYPE = torch.bfloat16
+NF4 = "nf4"
+
+
+def check_quantization_available(bits: int, device: str | None = None) -> None:
+    """Raise RuntimeError, saying what to do, when bitsandbytes is missing, or too old to quantize off CUDA."""
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"--quantization_bit must be one of {QUANTIZATION_BITS}, got {bits}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"--quantization_bit {bits} needs the bitsandbytes package, which is not installed: "
+            "`pip install -r requirements-gpu.txt` (or `pip install bitsandbytes`), or leave out --quantization_bit"
+        )
+    on_cuda = device == "cuda" if device is not None else torch.cuda.is_available()
+    installed = Version(importlib.metadata.version("bitsandbytes"))
+    if not on_cuda and installed < BITSANDBYTES_CPU_VERSION:
+        raise RuntimeError(
+            f"--quantization_bit {bits} without a CUDA GPU needs bitsandbytes>={BITSANDBYTES_CPU_VERSION} (its CPU "
+            f"backend), but {installed} is installed: `pip install -U bitsandbytes`, run on a GPU machine, or leave "
+            "out --quantization_bit"
+        )
+
+
+def quantization_config(bits: int) -> BitsAndBytesConfig:
+    """bitsandbytes settings: 4-bit NF4 with double quantization and bf16 compute, or LLM.int8() 8-bit."""
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=NF4,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPE,
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    raise ValueError(f"--quantization_bit must be one of {QUANTIZATION_BITS}, got {bits}")
+
+
+def quantization_record(bits: int | None) -> dict | None:
+    """What training_record.json says about the base's quantization (None: not quantized)."""
+    if not bits:
+        return None
+    config = quantization_config(bits)
+    record = {"bits": bits, "skip_modules": list(UNQUANTIZED_MODULES)}
+    if bits == 4:
+        record.update(
+            quant_type=config.bnb_4bit_quant_type,
+            double_quant=config.bnb_4bit_use_double_quant,
+            compute_dtype=str(COMPUTE_DTYPE).removeprefix("torch."),
+        )
+    return record
+
+
+def recorded_bits(record: dict | None) -> int | None:
+    """The quantization bits a training record's base was loaded with, or None."""
+    if not record:
+        return None
+    quantization = record.get("quantization")
+    if isinstance(quantization, dict) and quantization.get("bits"):
+        return int(quantization["bits"])
+    return record.get("quantization_bit") or None
