@@ -1,50 +1,15 @@
 """Converters from public datasets (AdvertiseGen, ToolAlpaca) and tool-data formats (OpenAI, GLM-4, ShareGPT) to
 the toolkit's JSONL training formats.
 
-This module holds what all converters share: writing JSONL atomically and reporting skipped records.
+This module holds what all converters share: checking paths and reporting skipped records; JSONL files are
+written atomically by `data_tools.atomic_files`.
 """
 
 import argparse
-import json
-import os
 import sys
-import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
-
-
-def dump_json_line(record: dict) -> str:
-    """Serialise one record the way the official converters do: UTF-8 text, default separators, newline."""
-    return json.dumps(record, ensure_ascii=False) + "\n"
-
-
-def _current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_jsonl_atomically(path: Path, records: Iterable[dict]) -> int:
-    """Write `records` as JSON lines to `path` via a temp file in the same folder; return how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    written = 0
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            for record in records:
-                out.write(dump_json_line(record))
-                written += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp_name, 0o666 & ~_current_umask())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-    return written
 
 
 @dataclass

@@ -17,7 +17,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools import ConversionReport, check_paths, finish_report, write_jsonl_atomically
+from data_tools import ConversionReport, check_paths, finish_report
+from data_tools.atomic_files import write_jsonl_atomically
 
 OUTPUT_FORMATS = ("input_output", "conversations")
 DEFAULT_OUTPUT = Path("formatted_data/advertise_gen.jsonl")

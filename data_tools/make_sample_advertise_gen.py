@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools import write_jsonl_atomically
+from data_tools.atomic_files import write_jsonl_atomically
 
 ATTRIBUTES = {
     "类型": ["裙", "裤", "上衣", "外套", "卫衣", "衬衫", "针织衫", "连衣裙"],

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
+from data_tools.atomic_files import write_json_atomically, write_jsonl_atomically
 
 PARTIAL_PATTERN = "{name}.rank{rank}.partial"
 SETTINGS_SUFFIX = ".settings.json"

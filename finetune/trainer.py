@@ -23,8 +23,8 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
+from data_tools.atomic_files import replace_folder, write_json_atomically
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.atomic_files import replace_folder, write_json_atomically
 from finetune.checkpoint_layout import (
     FINAL_STAGING_NAME,
     FORMAT_VERSION,

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from finetune.atomic_files import replace_folder
+from data_tools.atomic_files import replace_folder
 from finetune.checkpoints import (
     DTYPES,
     CheckpointKind,

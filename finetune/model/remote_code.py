@@ -11,7 +11,8 @@ from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from ..atomic_files import atomic_path
+from data_tools.atomic_files import atomic_path
+
 from .checkpoint_files import read_json_file
 
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")

@@ -1,7 +1,7 @@
 """Atomic file writes: write a temporary file in the target's folder, then os.replace it into place.
 
-A crash at any point leaves either the old file or the new one, never a half-written file. (data_tools/ keeps its
-own small copy of the JSONL writer so the converters start without importing torch.)
+A crash at any point leaves either the old file or the new one, never a half-written file. Plain Python (no torch), so
+the converters start fast; the training, evaluation and inference code writes through it too.
 """
 
 import json
@@ -55,14 +55,23 @@ def write_json_atomically(path: str | os.PathLike, value: object) -> None:
     write_text_atomically(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
-def write_jsonl_atomically(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write one JSON object per line (non-ASCII kept) to `path`, atomically."""
+def dump_json_line(record: dict) -> str:
+    """One JSON line as the official converters write it: UTF-8 text (non-ASCII kept), default separators."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl_atomically(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write one JSON object per line to `path`, atomically; return how many were written."""
+    written = 0
 
     def write(handle: IO[str]) -> None:
+        nonlocal written
         for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(dump_json_line(record))
+            written += 1
 
     write_atomically(path, write)
+    return written
 
 
 def replace_folder(built: str | os.PathLike, target: str | os.PathLike) -> None:
