@@ -316,6 +316,10 @@ def build_trainer(
         from finetune.metrics import build_compute_metrics  # jieba loads its dictionary on import: only when needed
 
         compute_metrics = build_compute_metrics(tokenizer)
+    # Official ChatGLM3 configs name no bos token: take the tokenizer's, as the Trainer would with a warning every run.
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            config.bos_token_id = tokenizer.bos_token_id
     return FinetuneTrainer(
         model=model,
         args=training_args,

@@ -82,6 +82,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_from_both_processes(tiny_mod
     assert status != 0 and "torch.distributed.run" in output
     assert output.count("stopped: training stopped by SIGINT") == 2  # rank 0's line, repeated last by the launcher
     assert "find_unused_parameters=True" not in output  # DDP is not asked to search for unused parameters
+    assert "PAD/BOS/EOS" not in output  # the config already has the tokenizer's bos id: no Trainer warning
     stopped_checkpoint_step(output, output_dir)
     assert output.strip().splitlines()[-2].startswith("stopped: training stopped by SIGINT")
     assert "training exited with status" in output.strip().splitlines()[-1]
