@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from finetune.model.tokenization import ChatGLMTokenizer
 from finetune.tiny_model import build_tiny_model
@@ -58,3 +59,9 @@ def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random ChatGLM3 checkpoint with its tokenizer (built once; tests only read it)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir: Path) -> ChatGLMTokenizer:
+    """The tiny random model's tokenizer, loaded as users load it (one per test module, like `tokenizer`)."""
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
