@@ -1,7 +1,8 @@
 """inference/api_server.py: a real uvicorn process on loopback, driven with the official openai client.
 
 One server serves a base, two LoRA adapters and two P-Tuning prefixes (different lengths) on one copy of the base;
-greedy replies must equal inference.py's for the same checkpoint, alone and in a full mixed batch.
+greedy replies must equal inference.py's for the same checkpoint, alone and in a full mixed batch. Request validation
+and reply conversion in process: tests/test_openai_protocol.py.
 """
 
 import json

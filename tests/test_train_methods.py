@@ -1,4 +1,5 @@
-"""P-Tuning v2, LoRA and full fine-tuning on CPU with a tiny model: checkpoint files, reload, training behaviour."""
+"""P-Tuning v2, LoRA and full fine-tuning on CPU with a tiny model: checkpoint files, reload, training behaviour (each
+method through its interface, without Trainer: tests/test_methods.py)."""
 
 import importlib.util
 import json
