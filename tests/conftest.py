@@ -1,10 +1,12 @@
-"""Shared test fixtures: where ../shared lives, the reference ChatGLM3 tiny checkpoint, and a tiny random model."""
+"""Shared test fixtures: where ../shared lives, the reference ChatGLM3 tiny checkpoint and tokenizer, a tiny random
+model and its tokenizer, and a finished tiny training run."""
 
 import json
 import os
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from finetune.model.tokenization import ChatGLMTokenizer
 from finetune.tiny_model import build_tiny_model
@@ -58,3 +60,24 @@ def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random ChatGLM3 checkpoint with its tokenizer (built once; tests only read it)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir: Path) -> ChatGLMTokenizer:
+    """The tiny random model's tokenizer, loaded as users load it (one per test module, like `tokenizer`)."""
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The output_dir of a finished two-step P-Tuning run on eight prompt/response records (checkpoint-2 is complete;
+    trained once per session, tests copy it before changing anything)."""
+    from train_helpers import input_output_records, run_arguments, write_jsonl
+
+    from finetune.train import main
+
+    root = tmp_path_factory.mktemp("finished")
+    train_file = write_jsonl(root / "train.jsonl", input_output_records(8))
+    output_dir = root / "out"
+    main(run_arguments(tiny_model_dir, train_file, output_dir, root / "cache", pre_seq_len=4, max_steps=2))
+    return output_dir

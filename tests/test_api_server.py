@@ -1,7 +1,8 @@
 """inference/api_server.py: a real uvicorn process on loopback, driven with the official openai client.
 
 One server serves a base, two LoRA adapters and two P-Tuning prefixes (different lengths) on one copy of the base;
-greedy replies must equal inference.py's for the same checkpoint, alone and in a full mixed batch.
+greedy replies must equal inference.py's for the same checkpoint, alone and in a full mixed batch. Request validation
+and reply conversion in process: tests/test_openai_protocol.py.
 """
 
 import json
@@ -26,7 +27,6 @@ from inference.api_server import ids_through_stop
 from inference.api_server import main as api_server_main
 from inference.inference import main as inference_main
 from inference.inference import reply_text
-from inference.openai_protocol import assistant_reply, streamable_content
 
 API_KEY = "test-key"
 MAX_TOKENS = 12
@@ -161,28 +161,6 @@ def test_streamed_content_always_equals_the_non_streamed_content(server, name):
         chunks = greedy(client, name, prompt, max_tokens=48, stream=True)
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
         assert streamed == (whole.choices[0].message.content or ""), (name, prompt)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "\n 今天是[[训练时间]]，你好",  # the placeholder is replaced once complete
-        "\n 你好 \n\n世界  ",  # whitespace is stripped at the end
-        "get_weather\n```python\ntool_call(city='北京')\n```",  # a first line that names a tool
-        "no newline yet, then\nmore",  # a first line that is not blank: the reply is not plain content
-        "\n 半个字: \u4f60好",
-    ],
-)
-def test_streamable_content_only_grows_into_the_final_content(text):
-    final, _ = assistant_reply(text, None)
-    sent = ""
-    for end in range(len(text) + 1):
-        partial = text[:end]
-        if partial.endswith("\u4f60") and end < len(text):
-            partial = partial[:-1] + "\ufffd\ufffd"  # decoded while the character's bytes are still arriving
-        content = streamable_content(partial)
-        assert content.startswith(sent) and final.startswith(content), (partial, content, final)
-        sent = content
 
 
 def test_usage_counts_the_tokens_up_to_the_one_that_completes_a_stop_string(tiny_model_dir):

@@ -1,13 +1,13 @@
-"""Tool-call evaluation: the metrics on hand-made turns, and a trained tiny checkpoint beating an untrained one."""
+"""Tool-call evaluation end to end: a trained tiny checkpoint beating an untrained one, and reference calls read from
+both record forms (the metrics themselves: tests/test_tool_metrics.py)."""
 
 import json
 from pathlib import Path
 
 import pytest
-from train_helpers import run_arguments, write_jsonl
+from train_helpers import call, run_arguments, write_jsonl
 
 from finetune.evaluate import METRICS_FILE, PREDICTIONS_FILE, main
-from finetune.tool_metrics import TOOL_METRIC_NAMES, arguments_f1, compute_tool_metrics
 from finetune.train import main as train_main
 
 TOOLS = [{"name": "get_weather"}, {"name": "get_price"}]
@@ -41,37 +41,6 @@ def synthetic_tool_records() -> list[dict]:
             }
         )
     return records
-
-
-def call(name: str, arguments: dict | None) -> dict:
-    """A call as a predictions row holds it."""
-    return {"name": name, "arguments": arguments}
-
-
-def test_tool_metrics_count_decisions_names_arguments_and_parsing():
-    rows = [
-        {
-            "label_call": call("w", {"city": "北京", "days": 2}),
-            "predicted_call": call("w", {"city": "北京", "days": 2}),
-        },
-        {
-            "label_call": call("w", {"city": "北京", "days": 2}),
-            "predicted_call": call("w", {"city": "上海", "days": 2}),
-        },
-        {"label_call": call("w", {"city": "北京"}), "predicted_call": call("p", None)},
-        {"label_call": call("w", {"city": "北京"}), "predicted_call": None},
-        {"label_call": None, "predicted_call": None},
-        {"label_call": None, "predicted_call": call("w", {})},
-    ]
-    metrics = compute_tool_metrics(rows)
-    assert list(metrics) == list(TOOL_METRIC_NAMES)
-    assert metrics["tool_call_decision_accuracy"] == round(100 * 4 / 6, 4)
-    assert metrics["tool_name_accuracy"] == 50.0
-    assert metrics["tool_arguments_exact_match"] == 25.0
-    assert metrics["tool_arguments_f1"] == round(100 * (1 + 0.5 + 0 + 0) / 4, 4)
-    assert metrics["tool_call_parse_rate"] == 75.0
-    assert arguments_f1({}, {}) == 1.0
-    assert arguments_f1({"a": [1, 2]}, {"a": [1, 2], "b": 1}) == pytest.approx(2 / 3)
 
 
 def evaluate_checkpoint(model: Path, data: Path, output_dir: Path) -> tuple[dict, list[dict]]:
@@ -108,17 +77,6 @@ def test_trained_checkpoint_calls_tools_better_than_the_untrained_one(tiny_model
     assert trained["tool_name_accuracy"] >= untrained["tool_name_accuracy"] + 50
     assert trained["tool_call_parse_rate"] > untrained["tool_call_parse_rate"]
     assert trained["tool_arguments_f1"] > untrained["tool_arguments_f1"]
-
-
-def test_generated_replies_are_read_as_chatglm3_reads_them():
-    from data_tools.tool_calls import ToolCall, read_tool_call
-
-    assert read_tool_call("get_weather\n```python\ntool_call(city='北京', days=[1, 2])\n```") == ToolCall(
-        "get_weather", {"city": "北京", "days": [1, 2]}
-    )
-    assert read_tool_call("get_weather\ntool_call(city=open('x'))") == ToolCall("get_weather", None)
-    assert read_tool_call("\n北京今天晴。") is None
-    assert read_tool_call("no newline, so no metadata") is None
 
 
 def test_reference_calls_in_both_of_our_forms():

@@ -1,4 +1,5 @@
-"""P-Tuning v2, LoRA and full fine-tuning on CPU with a tiny model: checkpoint files, reload, training behaviour."""
+"""P-Tuning v2, LoRA and full fine-tuning on CPU with a tiny model: checkpoint files, reload, training behaviour (each
+method through its interface, without Trainer: tests/test_methods.py)."""
 
 import importlib.util
 import json
@@ -205,16 +206,6 @@ def test_packed_training_counts_real_tokens(tiny_model_dir, train_file, tmp_path
     rows = outcome.trainer.train_dataset
     assert len(rows) < 8
     assert outcome.trainer.state.num_input_tokens_seen == total
-
-
-@pytest.mark.parametrize("method_flags", [{"pre_seq_len": 3}, {"lora_rank": 2}])
-def test_trainable_parameters_stay_fp32_on_a_bf16_base(method_flags, tiny_model_dir):
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), **method_flags)
-    model = apply_method(load_base_model(model_args, torch.bfloat16), model_args)
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
-    assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
-    assert frozen and all(parameter.dtype == torch.bfloat16 for parameter in frozen)
 
 
 BITSANDBYTES_INSTALLED = importlib.util.find_spec("bitsandbytes") is not None

@@ -1,4 +1,5 @@
-"""Resuming: the same loss trajectory as an uninterrupted run, atomic checkpoint saves, auto-resume's choice."""
+"""Resuming training end to end: the same loss trajectory as an uninterrupted run, atomic checkpoint saves, finished
+runs and new schedules (which checkpoint resume picks: tests/test_resume.py)."""
 
 import shutil
 from pathlib import Path
@@ -7,16 +8,7 @@ import pytest
 import torch
 from train_helpers import input_output_records, logged_losses, read_trainer_state, run_arguments, write_jsonl
 
-from finetune.arguments import ModelArguments
-from finetune.model.checkpoint_files import CheckpointError
-from finetune.resume import (
-    AUTORESUME_ENV,
-    INCOMPLETE_MARKER,
-    check_checkpoint_matches,
-    checkpoint_problem,
-    find_latest_checkpoint,
-    resolve_resume_checkpoint,
-)
+from finetune.resume import checkpoint_problem, find_latest_checkpoint, resolve_resume_checkpoint
 from finetune.train import main
 from finetune.trainer import FinetuneTrainer
 
@@ -29,15 +21,6 @@ class SimulatedCrash(RuntimeError):
 def train_file(tmp_path_factory) -> Path:
     """Eight prompt/response records (four batches of two per epoch)."""
     return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", input_output_records(8))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dir, train_file, tmp_path_factory) -> Path:
-    """The output_dir of a finished two-step P-Tuning run (checkpoint-2 is complete)."""
-    root = tmp_path_factory.mktemp("finished")
-    output_dir = root / "out"
-    main(run_arguments(tiny_model_dir, train_file, output_dir, root / "cache", pre_seq_len=4, max_steps=2))
-    return output_dir
 
 
 def crash_when(monkeypatch, method_name: str, global_step: int) -> None:
@@ -105,51 +88,6 @@ def test_crash_during_a_save_leaves_only_complete_checkpoints(
     assert not staging.exists()
     assert checkpoint_problem(output_dir / "checkpoint-4") is None
     assert read_trainer_state(output_dir / "checkpoint-4")["global_step"] == 4
-
-
-def test_auto_resume_skips_staging_and_incomplete_folders(finished_run, tmp_path):
-    complete = finished_run / "checkpoint-2"
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    shutil.copytree(complete, output_dir / "checkpoint-5")
-    shutil.copytree(complete, output_dir / "tmp-checkpoint-9")
-    shutil.copytree(complete, output_dir / "checkpoint-8")
-    (output_dir / "checkpoint-8" / INCOMPLETE_MARKER).write_text("in progress")
-    shutil.copytree(complete, output_dir / "checkpoint-7")
-    (output_dir / "checkpoint-7" / "trainer_state.json").unlink()
-    shutil.copytree(complete, output_dir / "checkpoint-6")
-    weights = output_dir / "checkpoint-6" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-16])
-    (output_dir / "checkpoint-10").write_text("a file, not a folder")
-
-    assert "trainer_state.json is missing" in checkpoint_problem(output_dir / "checkpoint-7")
-    assert "truncated" in checkpoint_problem(output_dir / "checkpoint-6")
-    assert INCOMPLETE_MARKER in checkpoint_problem(output_dir / "checkpoint-8")
-    latest = find_latest_checkpoint(output_dir)
-    assert latest == output_dir / "checkpoint-5"
-    assert "\\" not in str(latest)
-    with pytest.raises(CheckpointError, match="cannot resume from this checkpoint: trainer_state.json is missing"):
-        resolve_resume_checkpoint(str(output_dir / "checkpoint-7"), output_dir)
-    assert resolve_resume_checkpoint(str(output_dir / "checkpoint-5"), output_dir) == output_dir / "checkpoint-5"
-
-
-def test_autoresume_environment_variable(finished_run, tmp_path, monkeypatch):
-    monkeypatch.setenv(AUTORESUME_ENV, "True")
-    assert resolve_resume_checkpoint(None, finished_run) == finished_run / "checkpoint-2"
-    assert resolve_resume_checkpoint(None, tmp_path / "empty") is None
-    monkeypatch.setenv(AUTORESUME_ENV, "false")
-    assert resolve_resume_checkpoint(None, finished_run) is None
-    monkeypatch.setenv(AUTORESUME_ENV, "maybe")
-    with pytest.raises(ValueError, match=AUTORESUME_ENV):
-        resolve_resume_checkpoint(None, finished_run)
-
-
-def test_resume_refuses_a_checkpoint_of_another_method(finished_run, tiny_model_dir):
-    check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=4))
-    with pytest.raises(CheckpointError, match="method='ptuning' but this run has method='lora'"):
-        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), lora_rank=4))
-    with pytest.raises(CheckpointError, match="pre_seq_len=4 but this run has pre_seq_len=8"):
-        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=8))
 
 
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(finished_run, tiny_model_dir, train_file, tmp_path):

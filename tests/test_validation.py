@@ -72,12 +72,6 @@ MALFORMED_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(reference_model_dir: Path) -> ChatGLMTokenizer:
-    """The reference tiny ChatGLM3 tokenizer."""
-    return ChatGLMTokenizer.from_pretrained(reference_model_dir)
-
-
 def test_corpus_has_a_case_for_every_file():
     assert sorted(path.name for path in MALFORMED_DIR.iterdir()) == sorted([*MALFORMED_CASES, *VALID_CORNER_CASES])
 
@@ -160,9 +154,7 @@ def test_summary_reports_counts_truncation_and_percentiles(shared_dir: Path, tok
     summary = data.summary
     assert (summary.examples, summary.skipped, summary.truncated) == (28, 0, truncated)
     assert 0 < summary.truncation_rate < 1
-    assert [summary.length_p50, summary.length_p90, summary.length_p99] == list(
-        np.percentile(lengths, [50, 90, 99])
-    )
+    assert [summary.length_p50, summary.length_p90, summary.length_p99] == list(np.percentile(lengths, [50, 90, 99]))
     assert summary.length_max == max(lengths)
     assert data.dataset["length"][:] == lengths
     assert "28 examples (0 skipped)" in str(summary)

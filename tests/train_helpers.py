@@ -56,6 +56,11 @@ def conversation_records() -> list[dict]:
     ]
 
 
+def call(name: str, arguments: dict | None) -> dict:
+    """A call as a predictions row holds it."""
+    return {"name": name, "arguments": arguments}
+
+
 def run_arguments(model_dir: Path, train_file: Path, output_dir: Path, cache_dir: Path, **overrides) -> list[str]:
     """Command-line arguments of a short, deterministic fp32 CPU training run; overrides replace or add flags."""
     settings = {

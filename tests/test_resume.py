@@ -1,0 +1,117 @@
+"""finetune/resume.py: which checkpoint a run resumes from, when a checkpoint is complete, and whether it matches the
+run's method (resumed training end to end: tests/test_train_resume.py)."""
+
+import json
+import shutil
+
+import pytest
+
+from finetune.arguments import ModelArguments
+from finetune.checkpoint_layout import DEEPSPEED_LATEST_FILE, TRAINING_RECORD
+from finetune.model.checkpoint_files import CheckpointError
+from finetune.resume import (
+    AUTORESUME_ENV,
+    INCOMPLETE_MARKER,
+    autoresume_from_environment,
+    check_checkpoint_matches,
+    checkpoint_problem,
+    find_latest_checkpoint,
+    resolve_resume_checkpoint,
+    resume_requested,
+)
+
+
+def test_auto_resume_skips_staging_and_incomplete_folders(finished_run, tmp_path):
+    complete = finished_run / "checkpoint-2"
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    shutil.copytree(complete, output_dir / "checkpoint-5")
+    shutil.copytree(complete, output_dir / "tmp-checkpoint-9")
+    shutil.copytree(complete, output_dir / "checkpoint-8")
+    (output_dir / "checkpoint-8" / INCOMPLETE_MARKER).write_text("in progress")
+    shutil.copytree(complete, output_dir / "checkpoint-7")
+    (output_dir / "checkpoint-7" / "trainer_state.json").unlink()
+    shutil.copytree(complete, output_dir / "checkpoint-6")
+    weights = output_dir / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])
+    (output_dir / "checkpoint-10").write_text("a file, not a folder")
+
+    assert "trainer_state.json is missing" in checkpoint_problem(output_dir / "checkpoint-7")
+    assert "truncated" in checkpoint_problem(output_dir / "checkpoint-6")
+    assert INCOMPLETE_MARKER in checkpoint_problem(output_dir / "checkpoint-8")
+    latest = find_latest_checkpoint(output_dir)
+    assert latest == output_dir / "checkpoint-5"
+    assert "\\" not in str(latest)
+    with pytest.raises(CheckpointError, match="cannot resume from this checkpoint: trainer_state.json is missing"):
+        resolve_resume_checkpoint(str(output_dir / "checkpoint-7"), output_dir)
+    assert resolve_resume_checkpoint(str(output_dir / "checkpoint-5"), output_dir) == output_dir / "checkpoint-5"
+
+
+def test_autoresume_environment_variable(finished_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(AUTORESUME_ENV, "True")
+    assert resolve_resume_checkpoint(None, finished_run) == finished_run / "checkpoint-2"
+    assert resolve_resume_checkpoint(None, tmp_path / "empty") is None
+    monkeypatch.setenv(AUTORESUME_ENV, "false")
+    assert resolve_resume_checkpoint(None, finished_run) is None
+    monkeypatch.setenv(AUTORESUME_ENV, "maybe")
+    with pytest.raises(ValueError, match=AUTORESUME_ENV):
+        resolve_resume_checkpoint(None, finished_run)
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(finished_run, tiny_model_dir):
+    check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=4))
+    with pytest.raises(CheckpointError, match="method='ptuning' but this run has method='lora'"):
+        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), lora_rank=4))
+    with pytest.raises(CheckpointError, match="pre_seq_len=4 but this run has pre_seq_len=8"):
+        check_checkpoint_matches(finished_run / "checkpoint-2", ModelArguments(str(tiny_model_dir), pre_seq_len=8))
+
+
+@pytest.mark.parametrize(
+    ("value", "environment", "requested"),
+    [
+        ("auto", "", True),
+        (" Auto ", "false", True),
+        ("output/checkpoint-4", "", True),
+        ("false", "true", False),
+        ("None", "", False),
+        (None, "", False),
+        ("", "ON", True),
+        (None, " yes ", True),
+        (None, "0", False),
+    ],
+)
+def test_resume_requested_by_value_or_environment(value, environment, requested, monkeypatch):
+    monkeypatch.setenv(AUTORESUME_ENV, environment)
+    assert resume_requested(value) is requested
+
+
+def test_autoresume_environment_unset_means_no(monkeypatch):
+    monkeypatch.delenv(AUTORESUME_ENV, raising=False)
+    assert autoresume_from_environment() is False
+    assert resolve_resume_checkpoint("false", "anywhere") is None
+
+
+def test_checkpoint_problems_name_what_is_missing_or_unknown(finished_run, tmp_path):
+    assert checkpoint_problem(tmp_path / "absent") == "no such folder"
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(finished_run / "checkpoint-2", folder)
+    (folder / TRAINING_RECORD).unlink()
+    assert checkpoint_problem(folder) == f"{TRAINING_RECORD} is missing"
+    record = json.loads((finished_run / "checkpoint-2" / TRAINING_RECORD).read_text(encoding="utf-8"))
+    (folder / TRAINING_RECORD).write_text(json.dumps({**record, "method": "dora"}), encoding="utf-8")
+    assert "unknown fine-tuning method 'dora'" in checkpoint_problem(folder)
+    (folder / TRAINING_RECORD).write_text("{not json", encoding="utf-8")
+    assert TRAINING_RECORD in checkpoint_problem(folder)
+
+
+def test_deepspeed_state_counts_as_the_weights(finished_run, tmp_path):
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(finished_run / "checkpoint-2", folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    assert checkpoint_problem(folder) is not None
+    (folder / DEEPSPEED_LATEST_FILE).write_text("global_step2\n", encoding="utf-8")
+    assert checkpoint_problem(folder) is not None
+    (folder / "global_step2").mkdir()
+    assert checkpoint_problem(folder) is None
+    assert find_latest_checkpoint(tmp_path) == folder
