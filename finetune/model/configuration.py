@@ -15,7 +15,7 @@ class ChatGLMConfig(PreTrainedConfig):
     seq_length 2048), not chatglm3-6b's value: `CHATGLM3_6B_FIELDS` holds the fields where chatglm3-6b differs.
     Numeric fields accept ints (the 32k/128k configs write `"rope_ratio": 50` / `500`); unknown fields are kept.
     `auto_map` (the official remote-code classes) is kept and saved back, so a saved folder still loads with the
-    official stack; transformers uses these registered classes for it unless `trust_remote_code=True` is passed.
+    official stack; transformers uses these registered classes for it unless the caller turns trust_remote_code on.
     """
 
     model_type = "chatglm"

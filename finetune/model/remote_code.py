@@ -3,7 +3,7 @@
 An official chatglm3-6b folder names its classes in `auto_map` (config.json, tokenizer_config.json) and holds their
 modules (configuration_chatglm.py, modeling_chatglm.py, tokenization_chatglm.py and what they import). A folder we
 save or export from it keeps `auto_map`; copying those files too lets it load with the official stack
-(`trust_remote_code=True`) and with tools that expect them. We never write their content ourselves.
+(with trust_remote_code on) and with tools that expect them. We never write their content ourselves.
 """
 
 import shutil
