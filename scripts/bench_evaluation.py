@@ -21,17 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_encoding import ATTRIBUTES  # noqa: E402  (scripts/ is on sys.path when run as a script)
+
 from finetune.checkpoints import load_for_inference  # noqa: E402
 from finetune.evaluate import build_generation_config, generate_token_ids, input_output_prompt_ids  # noqa: E402
 from finetune.tiny_model import build_tiny_model  # noqa: E402
-
-ATTRIBUTES = {
-    "类型": ["裙", "裤", "上衣", "外套", "衬衫"],
-    "颜色": ["红色", "黑色", "白色", "蓝色", "粉色"],
-    "风格": ["简约", "性感", "复古", "休闲", "通勤"],
-    "图案": ["条纹", "线条", "印花", "纯色", "格子"],
-    "版型": ["宽松", "修身", "显瘦", "直筒"],
-}
 
 
 def synthetic_prompts(count: int, seed: int = 0) -> list[str]:
