@@ -1,8 +1,8 @@
-"""`python inference.py --model CHECKPOINT ...` from the repository root: the same as inference/inference.py."""
+"""`python inference.py --model CHECKPOINT ...`: the same as `chatglm3-chat` (inference/chat_cli.py)."""
 
 import sys
 
-from inference.inference import main
+from inference.chat_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,9 +14,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_tools import ConversionReport, check_paths, finish_report
 from data_tools.atomic_files import write_jsonl_atomically
 

@@ -14,9 +14,6 @@ record's "tools"; an empty system message that only carried the tools is dropped
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_tools.tool_conversations import (
     build_parser,
     call_from_json_text,

@@ -20,9 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_tools.tool_calls import parse_tool_call
 from data_tools.tool_conversations import (
     arguments_object,

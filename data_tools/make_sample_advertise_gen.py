@@ -9,11 +9,7 @@ AdvertiseGen dataset). Output: JSON lines of {"content": "类型#裙*颜色#红�
 
 import argparse
 import random
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools.atomic_files import write_jsonl_atomically
 
@@ -45,14 +41,14 @@ def make_example(rng: random.Random) -> dict[str, str]:
     return {"content": content, "summary": summary}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Write train.json and dev.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/advertise_gen_sample")
     parser.add_argument("--train_size", type=int, default=160)
     parser.add_argument("--dev_size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=2023)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     examples = [make_example(rng) for _ in range(args.train_size + args.dev_size)]
     output_dir = Path(args.output_dir)

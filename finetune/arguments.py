@@ -1,8 +1,10 @@
 """Arguments of the training entry point: model/method, data, and transformers' Seq2SeqTrainingArguments.
 
-They come from the command line (`--name value`) or from one `.json` / `.yaml` file whose keys are the same names.
+They come from the command line (`--name value`), optionally after one `.json` / `.yaml` config file whose keys are
+the same names: `python -m finetune.train configs/lora.yaml --learning_rate 1e-4` (flags on top of the file).
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -12,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
@@ -45,11 +48,19 @@ def parse_lora_target(value: str) -> list[str]:
 
 @dataclass
 class ModelArguments:
-    """The base model and the fine-tuning method. No method flag means full fine-tuning."""
+    """The base model and the fine-tuning method (--method, or the one its own flags select)."""
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": f"Folder of the base ChatGLM3 model (default: the {BASE_MODEL_ENV} environment variable)."},
+    )
+    method: str | None = field(
+        default=None,
+        metadata={
+            "help": "The fine-tuning method (a module of finetune/methods/): ptuning, lora, qlora, dora, freeze or "
+            "full. Default: the method the flags select: --pre_seq_len P-Tuning v2, --lora_rank LoRA (QLoRA with "
+            "--quantization_bit), --trainable_layers freeze tuning, none of them full fine-tuning."
+        },
     )
     pre_seq_len: int | None = field(
         default=None, metadata={"help": "P-Tuning v2: number of prefix tokens; trains only the prefix encoder."}
@@ -144,15 +155,16 @@ class ModelArguments:
             raise ValueError(f"--memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib}")
         if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if not self.method or (self.method == METHOD_LORA and self.quantization_bit):
+            self.method = self.method_from_flags()
         if self.quantization_bit and self.method in (METHOD_FULL, METHOD_FREEZE):
             raise ValueError(
                 f"--quantization_bit {self.quantization_bit} cannot be used with {self.method} fine-tuning (quantized "
                 "weights are not trainable); add --lora_rank N for QLoRA or --pre_seq_len N for P-Tuning v2"
             )
 
-    @property
-    def method(self) -> str:
-        """The method the flags select (the one place it is worked out): ptuning, lora, qlora, freeze or full."""
+    def method_from_flags(self) -> str:
+        """The method the flags select when --method is not given: ptuning, lora, qlora, freeze or full."""
         if self.pre_seq_len:
             return METHOD_PTUNING
         if self.lora_rank:
@@ -319,14 +331,41 @@ def _renamed_flag(argument: str) -> str:
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
-    """Parse the command line, or the one .json/.yaml config file it names, into the three argument objects."""
+    """Parse `[CONFIG.yaml|.json] [--flag value ...]` into the three argument objects: the config file's values
+    replace the dataclasses' defaults and the flags go on top of the file."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if len(argv) == 1 and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
-        path = Path(argv[0])
+    if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
+        path = Path(argv.pop(0))
         values = read_config_file(path)
         unknown = sorted(set(values) - {item.name for cls in ARGUMENT_CLASSES for item in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
-        return parser.parse_dict({RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
-    return parser.parse_args_into_dataclasses(args=[_renamed_flag(argument) for argument in argv])
+        parser.set_defaults(**{RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
+    namespace = parser.parse_args([_renamed_flag(argument) for argument in argv])
+    fall_back_from_unsupported_precision(namespace)
+    values = vars(namespace)
+    return tuple(
+        argument_class(**{item.name: values[item.name] for item in dataclasses.fields(argument_class) if item.init})
+        for argument_class in ARGUMENT_CLASSES
+    )
+
+
+def fall_back_from_unsupported_precision(namespace: argparse.Namespace) -> None:
+    """Turn a mixed-precision request this machine cannot run as asked into what it can, saying so in one line,
+    instead of transformers' traceback: bf16 on a GPU without bf16 becomes fp16; without a CUDA GPU the run goes to
+    the CPU (bf16 autocast works there; fp16 does not and becomes fp32)."""
+    if getattr(namespace, "use_cpu", False) or not (namespace.bf16 or namespace.fp16):
+        return
+    if torch.cuda.is_available():
+        if namespace.bf16 and not torch.cuda.is_bf16_supported():
+            print("note: this GPU does not support bf16; training in fp16 instead (--fp16)", file=sys.stderr)
+            namespace.bf16, namespace.fp16 = False, True
+        return
+    if namespace.bf16:
+        print("note: --bf16 asked for, but there is no CUDA GPU: training on the CPU with bf16 autocast "
+              "(pass --use_cpu to say so and silence this note)", file=sys.stderr)  # fmt: skip
+    else:
+        print("note: --fp16 needs a CUDA GPU and there is none: training in fp32 on the CPU", file=sys.stderr)
+        namespace.fp16 = False
+    namespace.use_cpu = True

@@ -15,10 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
 from data_tools.atomic_files import replace_folder
 from finetune.checkpoints import (
     DTYPES,

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sourced by the finetune_*.sh launchers: reads the shared environment-variable knobs, checks the inputs and starts
-# finetune/finetune.py (through torchrun for several processes), teeing its output into OUTPUT_DIR/train.log.
+# python -m finetune.train (through torchrun for several processes), teeing its output into OUTPUT_DIR/train.log.
 #
 # Knobs every launcher reads (defaults in brackets; each launcher sets its own for LR, lengths, RUN_NAME, DATASET_PATH):
 #   NUM_GPUS [1; "all" = every visible GPU]  processes per node (CUDA devices; without CUDA, CPU processes on gloo)
@@ -205,7 +205,7 @@ data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or se
         starter=(python)
     fi
 
-    local command=("${starter[@]}" -m finetune.finetune
+    local command=("${starter[@]}" -m finetune.train
         --model_name_or_path "$base_model"
         --train_file "$DATASET_PATH"
         --output_dir "$output_dir"

@@ -1,4 +1,5 @@
-# Sourced by scripts/test.sh and scripts/quickstart.sh: create/activate ./.venv and install requirements once.
+# Sourced by scripts/test.sh and scripts/quickstart.sh: create/activate ./.venv and install the project (editable, with
+# the dependencies pyproject.toml lists) once; again when the requirements file or pyproject.toml changes.
 ensure_python_env() {
     local requirements="$1"
     if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -10,7 +11,7 @@ ensure_python_env() {
     fi
     local stamp=".venv-installed-$(basename "$requirements")"
     [ -n "${VIRTUAL_ENV:-}" ] && stamp="$VIRTUAL_ENV/.installed-$(basename "$requirements")"
-    if [ ! -f "$stamp" ] || [ "$requirements" -nt "$stamp" ] || [ requirements.txt -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ "$requirements" -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         python -m pip install --quiet --upgrade pip
         if ! python -c "import torch" 2>/dev/null; then
             # A plain torch requirement would pull a multi-GB CUDA build; 2.13.0 is the release we test with.

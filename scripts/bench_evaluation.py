@@ -12,20 +12,16 @@ tokens/s of both, the speed-up, and whether both gave the same tokens.
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_encoding import ATTRIBUTES  # scripts/ is on sys.path when run as a script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_encoding import ATTRIBUTES  # noqa: E402  (scripts/ is on sys.path when run as a script)
-
-from finetune.checkpoints import load_for_inference  # noqa: E402
-from finetune.evaluate import build_generation_config, generate_token_ids, input_output_prompt_ids  # noqa: E402
-from finetune.tiny_model import build_tiny_model  # noqa: E402
+from finetune.checkpoints import load_for_inference
+from finetune.evaluate import build_generation_config, generate_token_ids, input_output_prompt_ids
+from finetune.tiny_model import build_tiny_model
 
 
 def synthetic_prompts(count: int, seed: int = 0) -> list[str]:

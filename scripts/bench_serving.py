@@ -31,15 +31,13 @@ from pathlib import Path
 import httpx2 as httpx
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
 from finetune.data.encoding import encode_conversation
 from finetune.model.configuration import CHATGLM3_6B_FIELDS, ChatGLMConfig
 from finetune.model.modeling import ChatGLMForConditionalGeneration
 from finetune.model.tokenization import ChatGLMTokenizer
 from finetune.tiny_model import build_tiny_model, default_corpus
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = REPO_ROOT / "inference" / "api_server.py"
 PROMPTS = [
     "类型#裙*颜色#红色*风格#简约",

@@ -43,11 +43,9 @@ from pathlib import Path
 import datasets
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from finetune.arguments import ModelArguments  # noqa: E402
-from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch  # noqa: E402
-from finetune.memory_preflight import (  # noqa: E402
+from finetune.arguments import ModelArguments
+from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
+from finetune.memory_preflight import (
     GIB,
     TrainingSetup,
     estimate_training_memory,
@@ -55,11 +53,11 @@ from finetune.memory_preflight import (  # noqa: E402
     plan_recompute,
     recompute_budget,
 )
-from finetune.methods import apply_method  # noqa: E402
-from finetune.methods.base import load_base_model  # noqa: E402
-from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
-from finetune.model.configuration import CHATGLM3_6B_FIELDS  # noqa: E402
-from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan  # noqa: E402
+from finetune.methods import apply_method
+from finetune.methods.base import load_base_model
+from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
+from finetune.model.configuration import CHATGLM3_6B_FIELDS
+from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan
 
 OFFICIAL_V1_ROW_LENGTH = 1024 + 128 + 1
 CPU_SHAPE = dict(multi_query_attention=True, num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32,

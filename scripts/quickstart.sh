@@ -210,7 +210,7 @@ if [ "$TINY" = 1 ]; then
 $FULL_RUN_DIR to train again)"
     else
         mkdir -p "$FULL_RUN_DIR"
-        python finetune/finetune.py --model_name_or_path "$BASE_MODEL_PATH" --train_file "$TRAIN_FILE" \
+        python -m finetune.train --model_name_or_path "$BASE_MODEL_PATH" --train_file "$TRAIN_FILE" \
             --output_dir "$FULL_RUN_DIR" --resume_from_checkpoint auto --max_steps "$FULL_MAX_STEP" \
             --save_steps "$FULL_MAX_STEP" --learning_rate "$FULL_LR" --per_device_train_batch_size "$FULL_BATCH_SIZE" \
             --packing True --max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN" \

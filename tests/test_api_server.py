@@ -25,8 +25,8 @@ from finetune.checkpoints import load_for_inference
 from finetune.data.encoding import TOOLS_SYSTEM_PROMPT, encode_conversation, format_tool_call
 from inference.api_server import ids_through_stop
 from inference.api_server import main as api_server_main
-from inference.inference import main as inference_main
-from inference.inference import reply_text
+from inference.chat_cli import main as inference_main
+from inference.chat_cli import reply_text
 
 API_KEY = "test-key"
 MAX_TOKENS = 12

@@ -18,12 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # (module name, or script path) of every Python command; each runs in this process as __main__, sharing imports.
 PYTHON_ENTRY_POINTS = [
     "finetune.train",
-    "finetune/finetune.py",
     "finetune.evaluate",
     "finetune.tiny_model",
     "inference.py",
-    "inference/inference.py",
+    "inference/chat_cli.py",
     "inference/export.py",
+    "inference/api_server.py",
+    "data_tools.convert",
     "data_tools.format_advertise_gen",
     "data_tools.format_tool_alpaca",
     "data_tools.make_sample_advertise_gen",

@@ -139,9 +139,9 @@ def test_two_processes_give_exactly_the_single_process_results(tiny_model_dir: P
 
 
 def test_batch_inference_checks_its_output_first_and_resumes(tiny_model_dir: Path, dev_file: Path, tmp_path, capsys):
-    from inference.inference import batch_settings
-    from inference.inference import build_parser as inference_parser
-    from inference.inference import main as inference_main
+    from inference.chat_cli import batch_settings
+    from inference.chat_cli import build_parser as inference_parser
+    from inference.chat_cli import main as inference_main
 
     def argv(output: Path) -> list[str]:
         return [

@@ -1,4 +1,4 @@
-"""inference/inference.py: interactive chat fed through stdin, one-shot replies, batch mode and clear failures."""
+"""inference/chat_cli.py: interactive chat fed through stdin, one-shot replies, batch mode and clear failures."""
 
 import io
 import json
@@ -11,7 +11,7 @@ from checkpoint_builders import make_lora_checkpoint, make_other_base, make_pref
 
 from finetune.checkpoints import load_for_inference
 from finetune.evaluate import build_generation_config, generate_replies, read_prompt_examples
-from inference.inference import main, reply_text
+from inference.chat_cli import main, reply_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "inference" / "inference.py"

@@ -15,10 +15,11 @@ from finetune.methods.base import SaveContext, count_parameters, load_base_model
 METHOD_FLAGS = {
     "ptuning": {"pre_seq_len": 4},
     "lora": {"lora_rank": 4, "lora_dropout": 0.0},
+    "dora": {"method": "dora", "lora_rank": 4, "lora_dropout": 0.0},
     "freeze": {"trainable_layers": 1},
     "full": {},
 }
-TRAINED_NAME = {"ptuning": "prefix_encoder", "lora": "lora_", "full": ""}
+TRAINED_NAME = {"ptuning": "prefix_encoder", "lora": "lora_", "dora": "lora_", "full": ""}
 
 
 def trainable_model(name: str, tiny_model_dir) -> tuple[ModelArguments, torch.nn.Module]:

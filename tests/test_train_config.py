@@ -164,7 +164,7 @@ def test_data_problems_stop_the_run_before_the_model_loads(tiny_model_dir, tmp_p
 def test_finetune_script_runs_as_a_file_path(tiny_model_dir, train_file, tmp_path):
     command = [
         sys.executable,
-        str(REPO_ROOT / "finetune" / "finetune.py"),
+        str(REPO_ROOT / "finetune" / "train.py"),  # as a file, from another folder, without PYTHONPATH (installed)
         "--model_name_or_path",
         str(tiny_model_dir),
         "--train_file",

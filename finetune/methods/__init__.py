@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from finetune.arguments import ModelArguments
 from finetune.methods.base import FinetuneMethod, count_parameters
+from finetune.methods.dora import DoRA
 from finetune.methods.freeze import FreezeTuning
 from finetune.methods.full import FullFinetuning
 from finetune.methods.lora import LoRA
@@ -21,7 +22,7 @@ from finetune.methods.qlora import QLoRA
 logger = logging.getLogger(__name__)
 
 METHODS: dict[str, FinetuneMethod] = {
-    method.name: method for method in (PTuningV2(), LoRA(), QLoRA(), FreezeTuning(), FullFinetuning())
+    method.name: method for method in (PTuningV2(), LoRA(), QLoRA(), DoRA(), FreezeTuning(), FullFinetuning())
 }
 
 
@@ -33,8 +34,15 @@ def method_named(name: str) -> FinetuneMethod:
 
 
 def method_of(model_args: ModelArguments) -> FinetuneMethod:
-    """The method the run's arguments select."""
-    return method_named(model_args.method)
+    """The method the run's arguments select, checked to have its own settings and none of another method's."""
+    method = method_named(model_args.method)
+    foreign = sorted({other.selecting_option for other in METHODS.values()} - {method.selecting_option, None})
+    given = [name for name in foreign if getattr(model_args, name, None)]
+    if given:
+        raise ValueError(f"--{given[0]} does not belong to method {method.name!r}; drop it or choose its method")
+    if method.selecting_option and not getattr(model_args, method.selecting_option, None):
+        raise ValueError(f"method {method.name!r} needs --{method.selecting_option} N")
+    return method
 
 
 def recognise_checkpoint(folder: Path) -> FinetuneMethod | None:

@@ -40,6 +40,8 @@ class FinetuneMethod(abc.ABC):
 
     name: str
     checkpoint_kind: CheckpointKind
+    # The ModelArguments field this method needs set (its size: prefix length, rank, layers), or None.
+    selecting_option: str | None = None
     # True when the method trains weights of the base itself (its checkpoint is a whole model).
     trains_base_weights: bool = False
     # Why the method cannot train under DeepSpeed ZeRO-3, or None when it can.

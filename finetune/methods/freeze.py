@@ -14,6 +14,7 @@ class FreezeTuning(FullFinetuning):
     """Train the last `trainable_layers` blocks in fp32; save the whole model."""
 
     name = "freeze"
+    selecting_option = "trainable_layers"
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Freeze everything, then unfreeze the last `trainable_layers` GLM blocks."""

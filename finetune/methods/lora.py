@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
 from finetune.methods.base import FinetuneMethod, SaveContext
-from finetune.model.checkpoint_files import CheckpointError, check_weight_file, weight_keys
+from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_keys
 from finetune.model.shapes import linear_shapes
 
 
@@ -91,6 +91,9 @@ class LoRA(FinetuneMethod):
 
     name = "lora"
     checkpoint_kind = CheckpointKind.LORA
+    selecting_option = "lora_rank"
+    # DoRA (finetune.methods.dora) is LoRA with PEFT's use_dora; the adapter config says which one a folder holds.
+    uses_dora = False
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Wrap the base in a PeftModel with the LoRA settings of the arguments."""
@@ -99,7 +102,13 @@ class LoRA(FinetuneMethod):
             warnings.filterwarnings(
                 "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
             )
-            return get_peft_model(model, lora_config(model_args))
+            return get_peft_model(model, self.adapter_config(model_args))
+
+    def adapter_config(self, model_args: ModelArguments) -> LoraConfig:
+        """The PEFT settings of this method's adapters."""
+        config = lora_config(model_args)
+        config.use_dora = self.uses_dora
+        return config
 
     def record_fields(self, model_args: ModelArguments) -> dict:
         """The LoRA settings (rank and targets are checked on resume)."""
@@ -129,8 +138,9 @@ class LoRA(FinetuneMethod):
         model.save_pretrained(folder, state_dict=context.state_dict)
 
     def recognises(self, folder: Path) -> bool:
-        """A folder with adapter_config.json."""
-        return (folder / ADAPTER_CONFIG).is_file()
+        """A folder with adapter_config.json whose use_dora matches this method's."""
+        path = folder / ADAPTER_CONFIG
+        return path.is_file() and bool(read_json_file(path).get("use_dora", False)) == self.uses_dora
 
     def weights_problem(self, folder: Path) -> str | None:
         """adapter_config.json and a complete adapter weight file must be there."""

@@ -1,11 +1,11 @@
 """Chat with, or batch-generate from, any checkpoint: P-Tuning v2, LoRA, full fine-tune or base model.
 
-    python inference/inference.py --model output/checkpoint-1000                 # interactive chat
-    python inference/inference.py --model CKPT --prompt "..."                     # one reply
-    python inference/inference.py --model CKPT --input_file in.jsonl --output_file out.jsonl
+    python inference.py --model output/checkpoint-1000                 # interactive chat (or: chatglm3-chat ...)
+    python inference.py --model CKPT --prompt "..."                     # one reply
+    python inference.py --model CKPT --input_file in.jsonl --output_file out.jsonl
 
 Interactive chat streams the reply; `/clear` forgets the history, `exit`, `quit`, `/exit` or `/quit` (or end of
-input) quits. From the repository root, `python inference.py ...` runs this same script.
+input) quits. `python inference.py` at the repository root and the `chatglm3-chat` command run this module.
 Batch mode reads input-output records ({"prompt"}: encoded as in training, `[gMASK] sop` + prompt) or
 conversation records ({"conversations"}: ChatGLM3 chat turns, the reply follows them) and writes one
 {"prompt" or "conversations", "response"} line per record.
@@ -16,13 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments  # noqa: E402
-from finetune.data.validation import DataValidationError  # noqa: E402
-from finetune.evaluate import (  # noqa: E402
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
+from finetune.data.validation import DataValidationError
+from finetune.evaluate import (
     DEFAULT_MAX_SOURCE_LENGTH,
     build_generation_config,
     build_prompt_example,
@@ -30,8 +26,8 @@ from finetune.evaluate import (  # noqa: E402
     generate_token_ids,
     read_checked_records,
 )
-from finetune.model.checkpoint_files import CheckpointError  # noqa: E402
-from finetune.prediction_log import (  # noqa: E402
+from finetune.model.checkpoint_files import CheckpointError
+from finetune.prediction_log import (
     OutputNotWritableError,
     PartialWriter,
     check_writable,
