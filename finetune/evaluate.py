@@ -55,8 +55,8 @@ from finetune.prediction_log import (
     PartialWriter,
     check_writable,
     merge_predictions,
-    partial_path,
     partial_files,
+    partial_path,
     prepare_resume,
     read_partial_rows,
     settings_path,
@@ -495,6 +495,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     try:
         model, tokenizer, _ = load_from_arguments(args)
         examples = evaluation_examples(records[: args.max_samples], tokenizer, max_source_length)
+        generation_config = build_generation_config(
+            tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
+        )
         final = output_dir / PREDICTIONS_FILE
         if group.rank == 0:
             prepare_resume(final, generation_settings(args, max_source_length))
@@ -503,10 +506,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
         pending = [example for example in examples if example.example_id not in done]
         if group.rank == 0 and done:
             print(f"{len(done)} of {len(examples)} predictions were already made; generating the rest", file=sys.stderr)
-        generation_config = build_generation_config(
-            tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
-        )
         writer = PartialWriter(partial_path(final, group.rank))
+        finished = False
         try:
             generate_token_ids(
                 model,
@@ -522,9 +523,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
                     prediction_row(pending[index], ids, tokenizer) for index, ids in zip(batch, new_ids, strict=True)
                 ),
             )
+            finished = True
         finally:
             writer.close()
-            if group.rank == 0 and not partial_files(final):  # failed before the first prediction: leave nothing
+            if not finished and group.rank == 0 and not partial_files(final):  # failed before any prediction
                 settings_path(final).unlink(missing_ok=True)
         group.barrier()
         if group.rank != 0:
