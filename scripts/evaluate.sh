@@ -54,7 +54,7 @@ if ((NUM_GPUS > 1)); then
     status=0
     python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NUM_GPUS" \
         -m finetune.evaluate "${flags[@]}" "$@" || status=$?
-    if [ -n "$interrupted" ]; then
+    if [ -n "$interrupted" ] && [ "$status" -ne 0 ]; then
         echo "interrupted: the predictions made so far are kept; rerun the same command to continue" >&2
         exit 130
     fi
