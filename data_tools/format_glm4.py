@@ -11,6 +11,7 @@ one {"role": "tool", "name", "parameters", "observation"} message; the tools of 
 record's "tools"; an empty system message that only carried the tools is dropped.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,18 @@ from data_tools.tool_conversations import (
 )
 
 DEFAULT_OUTPUT = Path("formatted_data/glm4.jsonl")
+
+
+def _misplaced_observation(messages: list, position: int) -> str:
+    """Why the observation at `position` has no call: blame the assistant message before it when there is one."""
+    before = messages[position - 1] if position > 0 else None
+    if isinstance(before, dict) and before.get("role") == "assistant":
+        return (
+            f"message {position - 1}: the assistant message before the observation (message {position}) is not a "
+            'tool call in GLM-4\'s form, an assistant content that is JSON {"name": ..., "arguments": {...}}; got '
+            f"{json.dumps({key: before[key] for key in before if key != 'role'}, ensure_ascii=False)[:120]}"
+        )
+    return f"message {position}: an observation that does not follow a tool call"
 
 
 def convert_glm4_record(value: object) -> dict:
@@ -63,7 +76,7 @@ def convert_glm4_record(value: object) -> dict:
             else:
                 raise ValueError(f"{where}: tool call {call[0]!r} is not followed by an observation message")
         elif role == "observation":
-            raise ValueError(f"{where}: an observation that does not follow a tool call")
+            raise ValueError(_misplaced_observation(messages, position))
         else:
             raise ValueError(f"{where}: unknown role {role!r}; expected system, user, assistant or observation")
         position += 1

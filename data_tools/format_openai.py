@@ -2,18 +2,21 @@
 
 OpenAI (and ZhipuAI's identical) format, one record per line:
   {"tools": [{"type": "function", "function": {"name", "description", "parameters"}}],
-   "messages": [{"role": "system"|"user", "content"},
-                {"role": "assistant", "content": text or null,
+   "messages": [{"role": "system"|"developer"|"user", "content"},
+                {"role": "assistant", "content": text or null, "weight": 0 or 1 (optional),
                  "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON string}}]},
                 {"role": "tool", "tool_call_id", "content": result}, ...]}
 becomes
   {"tools": [function descriptions], "conversations": [...]} where an assistant text goes as an assistant message and
-  each tool call, with its result, as one {"role": "tool", "name", "parameters", "observation"} message.
+  each tool call, with its result, as one {"role": "tool", "name", "parameters", "observation"} message. A
+  `developer` message (OpenAI's newer name for system) becomes the system message. An assistant message with
+  `"weight": 0` (OpenAI: not trained on) gives messages with `"loss": false`.
 
 --reverse writes our records as OpenAI records: a tool message becomes an assistant message with one tool call (the
-assistant text just before it, if any, as its content) followed by the tool result; an assistant message with a tool
-name as metadata and ChatGLM3's `tool_call(...)` text, followed by an observation, is read back the same way.
-ChatGLM3 makes one call per turn, so parallel calls come back one per assistant message, in the same order.
+assistant text just before it, if any and learned alike, as its content) followed by the tool result; an assistant
+message with a tool name as metadata and ChatGLM3's `tool_call(...)` text, followed by an observation, is read back
+the same way; `"loss": false` becomes `"weight": 0`. ChatGLM3 makes one call per turn, so parallel calls come back
+one per assistant message, in the same order; everything else round-trips unchanged.
 """
 
 import json
@@ -50,6 +53,14 @@ def _read_call(call: object, where: str) -> tuple[str, dict, object]:
     return function["name"], arguments_object(function.get("arguments", "{}"), where), call.get("id")
 
 
+def _assistant_loss(message: dict, where: str) -> dict:
+    """`{"loss": False}` for an assistant message with OpenAI's `"weight": 0`, `{}` without weight or with weight 1."""
+    weight = message.get("weight", 1)
+    if weight not in (0, 1):
+        raise ValueError(f"{where}: weight must be 0 or 1, got {json.dumps(weight)}")
+    return {"loss": False} if weight == 0 else {}
+
+
 def convert_openai_record(value: object) -> dict:
     """Convert one OpenAI chat record to ours, or raise ValueError saying why it cannot be converted."""
     record = _require_object(value, "record")
@@ -63,17 +74,19 @@ def convert_openai_record(value: object) -> dict:
         where = f"message {position}"
         message = _require_object(raw, where)
         role = message.get("role")
-        if role in ("system", "user"):
-            conversation.append({"role": role, "content": require_text(message, "content", where)})
+        if role in ("system", "developer", "user"):
+            content = require_text(message, "content", where)
+            conversation.append({"role": "user" if role == "user" else "system", "content": content})
         elif role == "assistant":
             if waiting:
                 raise ValueError(f"{where}: tool call(s) {sorted(map(str, waiting))} got no tool result before it")
             calls = message.get("tool_calls") or []
+            loss = _assistant_loss(message, where)
             if message.get("content") or not calls:
-                conversation.append({"role": "assistant", "content": require_text(message, "content", where)})
+                conversation.append({"role": "assistant", "content": require_text(message, "content", where), **loss})
             for index, call in enumerate(calls):
                 name, arguments, call_id = _read_call(call, f"{where} tool_calls[{index}]")
-                conversation.append(tool_message(name, arguments, ""))
+                conversation.append({**tool_message(name, arguments, ""), **loss})
                 waiting[call_id if call_id is not None else index] = conversation[-1]
         elif role == "tool":
             call_id = message.get("tool_call_id")
@@ -82,7 +95,7 @@ def convert_openai_record(value: object) -> dict:
                 raise ValueError(f"{where}: tool result for call {call_id!r}, which no assistant message made")
             waiting.pop(key)["observation"] = require_text(message, "content", where)
         else:
-            raise ValueError(f"{where}: unknown role {role!r}; expected system, user, assistant or tool")
+            raise ValueError(f"{where}: unknown role {role!r}; expected system, developer, user, assistant or tool")
     if waiting:
         raise ValueError(f"tool call(s) {sorted(map(str, waiting))} got no tool result")
     return finish_record(conversation, tools)
@@ -100,6 +113,11 @@ def _openai_call(number: int, name: str, arguments: dict) -> dict:
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
     }
+
+
+def _weight(message: dict) -> dict:
+    """OpenAI's `{"weight": 0}` for a message of ours with `"loss": false`, else `{}`."""
+    return {"weight": 0} if message.get("loss") is False else {}
 
 
 def _call_of(message: dict, following: dict | None, where: str) -> tuple[str, dict, object] | None:
@@ -131,7 +149,8 @@ def convert_to_openai(value: object) -> dict:
         following = conversation[position + 1] if position + 1 < len(conversation) else None
         call = _call_of(message, following, where)
         text = None
-        if call is None and message.get("role") == "assistant" and isinstance(following, dict):
+        same_loss = isinstance(following, dict) and _weight(following) == _weight(message)
+        if call is None and message.get("role") == "assistant" and same_loss:
             call = _call_of(following, conversation[position + 2] if position + 2 < len(conversation) else None, where)
             if call is not None:
                 text, position = message["content"], position + 1
@@ -139,7 +158,12 @@ def convert_to_openai(value: object) -> dict:
             name, arguments, observation = call
             number = sum(1 for item in messages if item["role"] == "tool")
             messages.append(
-                {"role": "assistant", "content": text, "tool_calls": [_openai_call(number, name, arguments)]}
+                {
+                    "role": "assistant",
+                    "content": text,
+                    "tool_calls": [_openai_call(number, name, arguments)],
+                    **_weight(conversation[position]),
+                }
             )
             messages.append(
                 {"role": "tool", "tool_call_id": f"call_{number}", "content": _observation_text(observation)}
@@ -148,7 +172,8 @@ def convert_to_openai(value: object) -> dict:
             continue
         if message.get("role") not in ("system", "user", "assistant"):
             raise ValueError(f"{where}: a {message.get('role')!r} message that does not follow a tool call")
-        messages.append({"role": message["role"], "content": require_text(message, "content", where)})
+        weight = _weight(message) if message["role"] == "assistant" else {}
+        messages.append({"role": message["role"], "content": require_text(message, "content", where), **weight})
         position += 1
     result = {"messages": messages}
     if record.get("tools"):

@@ -10,7 +10,9 @@ every learned assistant turn and tool call is evaluated, given the reference his
 what it would get alone. The data and the output folder are checked before the model is loaded; predictions are
 appended to partial files as they are made, a rerun with the same settings continues from them, and the finished run
 writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and for conversations the reference and
-predicted tool calls) and `metrics.json` (ROUGE-1/2/L, BLEU-4, and tool-call metrics when the data has tool calls).
+predicted tool calls) and the metrics (ROUGE-1/2/L, BLEU-4, and tool-call metrics when the data has tool calls) with
+the metric convention, the number of evaluated turns and the checkpoint: `metrics.json` in the default convention,
+`metrics.<convention>.json` in another, so a rerun in one convention never overwrites the other's numbers.
 """
 
 import argparse
@@ -44,7 +46,8 @@ from finetune.data.encoding import (
     encode_input_output,
 )
 from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
-from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics
+from finetune.data.source_formats import check_not_source_format
+from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics, metric_scale
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.tokenization import reply_stop_ids
 from finetune.prediction_log import (
@@ -52,15 +55,19 @@ from finetune.prediction_log import (
     PartialWriter,
     check_writable,
     merge_predictions,
+    partial_files,
     partial_path,
     prepare_resume,
     read_partial_rows,
+    settings_path,
 )
 from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
 DEFAULT_MAX_SOURCE_LENGTH = 1024
+# The default --output_root: the repository's output/ folder, wherever the command is run from (as the launchers do).
+REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
 
 
 @dataclass
@@ -123,12 +130,21 @@ def build_prompt_example(
     return PromptExample(messages, prompt_ids, label, reply_has_metadata=True)
 
 
+def evaluated_positions(messages: list[dict]) -> list[int]:
+    """Positions of the turns evaluation scores: learned assistant messages and tool calls (not `"loss": false`)."""
+    return [
+        position
+        for position, message in enumerate(messages)
+        if message["role"] not in ROLES_WITHOUT_LOSS and message.get("loss") is not False
+    ]
+
+
 def record_problems(value: object, data_format: str, reference_from_record: bool) -> list[tuple[str | None, str]]:
     """Problems of one record; without `reference_from_record` no response/assistant reply is required."""
     if reference_from_record:
         problems = check_record(value, data_format)
-        if not problems and data_format == CONVERSATIONS and split_reference(value["conversations"])[1] is None:
-            problems = [("conversations", "no assistant message to use as the reference")]
+        if not problems and data_format == CONVERSATIONS and not evaluated_positions(value["conversations"]):
+            problems = [("conversations", "no learned assistant message or tool call to use as the reference")]
         return problems
     # A prompt for inference has no reply yet: check it as the training format with an empty reply filled in.
     if isinstance(value, dict) and data_format == INPUT_OUTPUT:
@@ -147,6 +163,7 @@ def read_checked_records(
     every problem unless `skip_invalid` leaves the invalid records out.
     """
     records, problems = read_source_records(Path(path))
+    check_not_source_format(Path(path), records)
     detected = detect_file_format(records)
     if detected is None and records:
         problems.append(records[0].problem(None, "record has neither 'conversations' nor 'prompt'/'response'"))
@@ -213,9 +230,8 @@ def turn_examples(
     """One example per learned assistant turn or tool call of a conversation, given the reference history before it."""
     messages = record["conversations"]
     examples = []
-    for position, message in enumerate(messages):
-        if message["role"] in ROLES_WITHOUT_LOSS or message.get("loss") is False:
-            continue
+    for position in evaluated_positions(messages):
+        message = messages[position]
         history = messages[:position]
         call = reference_call(message)
         examples.append(
@@ -358,15 +374,33 @@ def generate_replies(
     ]
 
 
-def format_metrics_table(metrics: dict[str, float]) -> str:
-    """A two-column text table of the metrics."""
+def format_metrics_table(metrics: dict[str, float], convention: str = PTUNING) -> str:
+    """A text table of the metrics with each one's scale, under a line naming the metric convention."""
     width = max(len(name) for name in metrics)
-    lines = [f"{'metric':<{width}}  score", f"{'-' * width}  -------"]
-    lines += [f"{name:<{width}}  {value:7.4f}" for name, value in metrics.items()]
+    lines = [f"metric convention: {convention}", f"{'metric':<{width}}  score    scale"]
+    lines.append(f"{'-' * width}  -------  -----")
+    lines += [f"{name:<{width}}  {value:7.4f}  {metric_scale(name, convention)}" for name, value in metrics.items()]
     return "\n".join(lines)
 
 
-def default_output_dir(model: str, output_root: str | Path = "output") -> Path:
+def metrics_file_name(convention: str) -> str:
+    """metrics.json for the default convention, metrics.<convention>.json for another (neither overwrites the other)."""
+    return METRICS_FILE if convention == PTUNING else f"metrics.{convention}.json"
+
+
+def metrics_report(metrics: dict[str, float], rows: Sequence[dict], convention: str, args: argparse.Namespace) -> dict:
+    """What the metrics file holds: the metrics, then how they were made (convention, turns, checkpoint, data)."""
+    return {
+        **metrics,
+        "metric_convention": convention,
+        "evaluated_turns": len(rows),
+        "tool_call_turns": sum(1 for row in rows if row.get("label_call")),
+        "checkpoint": str(Path(args.model).resolve()),
+        "data": str(Path(args.data).resolve()),
+    }
+
+
+def default_output_dir(model: str, output_root: str | Path = REPOSITORY_OUTPUT) -> Path:
     """<output_root>/evaluation/<checkpoint folder name>, with the run folder's name in front of a checkpoint-N."""
     folder = Path(model).resolve()
     name = f"{folder.parent.name}-{folder.name}" if folder.name.startswith("checkpoint-") else folder.name
@@ -454,12 +488,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     recorded_length, recorded_format = training_defaults(args.model)
     max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
     records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
+    output_root = args.output_root or REPOSITORY_OUTPUT
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, output_root)
     check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
     group = ProcessGroup.from_environment()
     try:
         model, tokenizer, _ = load_from_arguments(args)
         examples = evaluation_examples(records[: args.max_samples], tokenizer, max_source_length)
+        generation_config = build_generation_config(
+            tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
+        )
         final = output_dir / PREDICTIONS_FILE
         if group.rank == 0:
             prepare_resume(final, generation_settings(args, max_source_length))
@@ -468,10 +506,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
         pending = [example for example in examples if example.example_id not in done]
         if group.rank == 0 and done:
             print(f"{len(done)} of {len(examples)} predictions were already made; generating the rest", file=sys.stderr)
-        generation_config = build_generation_config(
-            tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
-        )
         writer = PartialWriter(partial_path(final, group.rank))
+        finished = False
         try:
             generate_token_ids(
                 model,
@@ -487,18 +523,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
                     prediction_row(pending[index], ids, tokenizer) for index, ids in zip(batch, new_ids, strict=True)
                 ),
             )
+            finished = True
         finally:
             writer.close()
+            if not finished and group.rank == 0 and not partial_files(final):  # failed before any prediction
+                settings_path(final).unlink(missing_ok=True)
         group.barrier()
         if group.rank != 0:
             return None
         rows = merge_predictions(final, [example.example_id for example in examples])
         metrics = score_rows(rows, args.metric_convention)
-        write_json_atomically(output_dir / METRICS_FILE, metrics)
-        print(format_metrics_table(metrics))
+        metrics_file = output_dir / metrics_file_name(args.metric_convention)
+        write_json_atomically(metrics_file, metrics_report(metrics, rows, args.metric_convention, args))
+        print(format_metrics_table(metrics, args.metric_convention))
         calls = sum(1 for row in rows if row.get("label_call"))
         turns = f" ({calls} of them tool calls)" if calls else ""
-        print(f"{len(rows)} evaluated turns{turns}; predictions and metrics written to {output_dir}")
+        print(f"{len(rows)} evaluated turns{turns}; predictions in {final}, metrics in {metrics_file}")
         return metrics
     finally:
         group.close()
@@ -518,7 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output_dir", help="where to write results (default: <output_root>/evaluation/<run>-<checkpoint name>)"
     )
-    parser.add_argument("--output_root", default="output", help="folder for the default --output_dir (default: output)")
+    parser.add_argument(
+        "--output_root",
+        help="folder for the default --output_dir (default: the repository's output/, whatever the current folder)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
@@ -544,10 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=PTUNING,
         help=(
             "ptuning: ChatGLM-6B P-Tuning v2 (BLEU-4 on characters, x100; the default); finetune_demo: ChatGLM3 "
-            "finetune_demo and GLM-4 (BLEU-4 on jieba words, 0-1)"
+            "finetune_demo and GLM-4 (BLEU-4 on jieba words, 0-1). Results go to metrics.json for ptuning and "
+            "metrics.<convention>.json otherwise"
         ),
     )
-    parser.add_argument("--max_samples", type=int, help="evaluate only the first N records")
+    parser.add_argument("--max_samples", type=int, help="evaluate only the first N records (N >= 1)")
     parser.add_argument("--skip_invalid", action="store_true", help="leave out invalid records instead of stopping")
     parser.add_argument("--seed", type=int, default=42)
     return parser
@@ -559,6 +603,12 @@ def main(argv: list[str] | None = None) -> int:
     too_short = args.max_source_length is not None and args.max_source_length < 3
     if args.batch_size < 1 or args.max_new_tokens < 1 or too_short:
         print("error: --batch_size and --max_new_tokens must be >= 1, --max_source_length >= 3", file=sys.stderr)
+        return 2
+    if args.max_samples is not None and args.max_samples < 1:
+        print(
+            f"error: --max_samples must be >= 1 (got {args.max_samples}); leave it out to evaluate every record",
+            file=sys.stderr,
+        )
         return 2
     try:
         evaluate(args)

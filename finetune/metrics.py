@@ -36,10 +36,17 @@ PTUNING = "ptuning"
 FINETUNE_DEMO = "finetune_demo"
 METRIC_CONVENTIONS = (PTUNING, FINETUNE_DEMO)
 DECIMALS = 4
+PERCENT_SCALE = "0-100"
+UNIT_SCALE = "0-1"
 
 jieba.setLogLevel(logging.WARNING)
 _ROUGE = Rouge()
 _BLEU_SMOOTHING = SmoothingFunction().method3
+
+
+def metric_scale(name: str, convention: str) -> str:
+    """The scale of a metric in `convention`: "0-1" for finetune_demo's BLEU-4, else "0-100" (tool metrics too)."""
+    return UNIT_SCALE if convention == FINETUNE_DEMO and name == "bleu-4" else PERCENT_SCALE
 
 
 def _zero_scores() -> dict[str, float]:

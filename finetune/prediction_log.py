@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from data_tools.atomic_files import write_json_atomically, write_jsonl_atomically
 
@@ -80,19 +81,26 @@ def read_partial_rows(final: Path) -> dict[str, dict]:
 
 
 class PartialWriter:
-    """Appends rows to one process's partial file, flushed after every call (a torn last line is cut off first)."""
+    """Appends rows to one process's partial file, flushed after every call (a torn last line is cut off first).
+
+    The file is opened at the first write, so a run that fails before its first prediction leaves no empty file.
+    """
 
     def __init__(self, path: Path):
         if path.is_file():
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 os.truncate(path, data.rfind(b"\n") + 1)
+            if b"\n" not in data:
+                path.unlink()
         self.path = path
-        self._handle = open(path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - kept open across batches
+        self._handle: TextIO | None = None
 
     def write(self, rows: Iterable[dict]) -> None:
         """Append rows and flush them to the file; OutputNotWritableError when the disk refuses them."""
         try:
+            if self._handle is None:
+                self._handle = open(self.path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115 - kept open
             for row in rows:
                 self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             self._handle.flush()
@@ -103,8 +111,9 @@ class PartialWriter:
             ) from error
 
     def close(self) -> None:
-        """Close the file."""
-        self._handle.close()
+        """Close the file (if a row was written)."""
+        if self._handle is not None:
+            self._handle.close()
 
 
 def merge_predictions(final: Path, order: Sequence[str], keep_id: bool = True) -> list[dict]:

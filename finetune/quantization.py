@@ -10,7 +10,7 @@ import importlib.util
 
 import torch
 from packaging.version import Version
-from transformers import BitsAndBytesConfig
+from transformers import BitsAndBytesConfig, PretrainedConfig
 
 QUANTIZATION_BITS = (4, 8)
 # The first bitsandbytes release whose 4/8-bit layers run (slowly) on the CPU, which is how the tests train QLoRA.
@@ -19,6 +19,10 @@ BITSANDBYTES_CPU_VERSION = Version("0.50")
 UNQUANTIZED_MODULES = ["output_layer", "prefix_encoder"]
 COMPUTE_DTYPE = torch.bfloat16
 NF4 = "nf4"
+# bitsandbytes quantizes 4-bit weights in blocks of 64 values; its fused CPU inference path (CPUs with AVX512-BF16)
+# repacks every weight into rows of whole blocks and tiles of 32 output rows, and fails on any other layer shape.
+BLOCK_SIZE_4BIT = 64
+CPU_OUTPUT_TILE_4BIT = 32
 
 
 def check_quantization_available(bits: int, device: str | None = None) -> None:
@@ -78,3 +82,28 @@ def recorded_bits(record: dict | None) -> int | None:
     if isinstance(quantization, dict) and quantization.get("bits"):
         return int(quantization["bits"])
     return record.get("quantization_bit") or None
+
+
+def quantized_layer_widths(config: PretrainedConfig) -> dict[str, tuple[int, int]]:
+    """(input width, output width) of each linear layer a ChatGLM3 block quantizes, from the model config."""
+    projection = config.num_attention_heads * config.kv_channels
+    return {
+        "query_key_value": (config.hidden_size, projection + 2 * config.num_key_value_groups * config.kv_channels),
+        "dense": (projection, config.hidden_size),
+        "dense_h_to_4h": (config.hidden_size, 2 * config.ffn_hidden_size),
+        "dense_4h_to_h": (config.ffn_hidden_size, config.hidden_size),
+    }
+
+
+def check_4bit_layer_widths(config: PretrainedConfig) -> None:
+    """ValueError (one line: the layer, its width, what to do) when a 4-bit checkpoint of this model could not run
+    CPU inference: every quantized layer must take a multiple of 64 inputs and give a multiple of 32 outputs."""
+    for layer, (inputs, outputs) in quantized_layer_widths(config).items():
+        if inputs % BLOCK_SIZE_4BIT or outputs % CPU_OUTPUT_TILE_4BIT:
+            raise ValueError(
+                f"--quantization_bit 4 cannot be used with this model: its {layer} layers are {inputs} inputs x "
+                f"{outputs} outputs, but bitsandbytes' 4-bit CPU inference needs inputs in multiples of "
+                f"{BLOCK_SIZE_4BIT} and outputs in multiples of {CPU_OUTPUT_TILE_4BIT}, so the checkpoint would fail "
+                "in inference and evaluation on the CPU; use --quantization_bit 8, or a model with such widths (a "
+                "tiny one: python -m finetune.tiny_model --ffn_hidden_size 128)"
+            )

@@ -39,7 +39,7 @@ from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, method_of
-from finetune.quantization import check_quantization_available
+from finetune.quantization import check_4bit_layer_widths, check_quantization_available
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
 from finetune.resume import check_checkpoint_matches, resolve_resume_checkpoint, resume_requested
 from finetune.trainer import FinetuneTrainer
@@ -260,6 +260,12 @@ def load_data(
     return splits
 
 
+def record_detected_format(data_args: DataArguments, splits: dict[str, TrainingData]) -> None:
+    """Set data_format to the format detected in the data when none was given, so training_record.json names it."""
+    if data_args.data_format is None and splits:
+        data_args.data_format = next(iter(splits.values())).data_format
+
+
 def generation_length(data_args: DataArguments) -> int:
     """New tokens generated per example in evaluation and prediction."""
     return data_args.max_new_tokens or data_args.max_target_length
@@ -369,8 +375,11 @@ def run(
     set_seed(training_args.seed)
 
     check_base_model_folder(model_args.model_name_or_path)
+    if model_args.quantization_bit == 4:
+        check_4bit_layer_widths(AutoConfig.from_pretrained(model_args.model_name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     splits = load_data(data_args, training_args, tokenizer)
+    record_detected_format(data_args, splits)
     if "train" in splits and training_args.should_log:
         if data_args.print_first_example:
             print_learned_spans(splits["train"].dataset[0], tokenizer)

@@ -10,10 +10,20 @@
 #   NUM_GPUS [1]     processes (torchrun) that share the dev set; "all" uses every visible CUDA device
 #   BATCH_SIZE [8]   prompts generated together (per process)
 #   MAX_NEW_TOKENS [128]  longest prediction in tokens
-# Arguments go to `python -m finetune.evaluate` last (see its --help), e.g. --max_source_length 64 --device cpu.
+# Arguments go to `python -m finetune.evaluate` last (see its --help), e.g. --max_source_length 64 --device cpu;
+# `--help` prints this list.
 # A rerun with the same settings continues an interrupted evaluation.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+for argument in "$@"; do
+    if [ "$argument" = "--help" ] || [ "$argument" = "-h" ]; then
+        sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+        echo
+        echo "The flags of the evaluation itself: python -m finetune.evaluate --help"
+        exit 0
+    fi
+done
 
 [ -n "${CHECKPOINT:-}" ] || launcher_error "set CHECKPOINT to the checkpoint folder to evaluate"
 BATCH_SIZE="${BATCH_SIZE:-8}"
@@ -37,7 +47,17 @@ add_optional_flag flags --base "${BASE_MODEL_PATH:-}"
 add_optional_flag flags --output_dir "${OUTPUT_DIR:-}"
 
 if ((NUM_GPUS > 1)); then
-    exec python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NUM_GPUS" \
-        -m finetune.evaluate "${flags[@]}" "$@"
+    # Ctrl-C reaches torchrun and its workers (the whole foreground group); the launcher waits for them, then says
+    # last, below torchrun's traceback, that the predictions made are kept.
+    interrupted=""
+    trap 'interrupted=1' INT TERM
+    status=0
+    python -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NUM_GPUS" \
+        -m finetune.evaluate "${flags[@]}" "$@" || status=$?
+    if [ -n "$interrupted" ] && [ "$status" -ne 0 ]; then
+        echo "interrupted: the predictions made so far are kept; rerun the same command to continue" >&2
+        exit 130
+    fi
+    exit "$status"
 fi
 exec python -m finetune.evaluate "${flags[@]}" "$@"

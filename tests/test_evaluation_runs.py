@@ -3,6 +3,7 @@ training-record defaults, and two processes (torchrun, gloo) giving exactly the 
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from checkpoint_builders import write_training_record
-from train_helpers import input_output_records, write_jsonl
+from train_helpers import conversation_records, input_output_records, write_jsonl
 
+from finetune.checkpoint_layout import read_training_record
 from finetune.evaluate import (
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -211,3 +213,142 @@ def test_ctrl_c_keeps_the_predictions_made_and_the_rerun_finishes_them(tiny_mode
     assert main(fresh) == 0
     assert rows == read_rows(tmp_path / "fresh" / PREDICTIONS_FILE)
     assert all(row in rows for row in kept)
+
+
+def test_metrics_file_says_how_it_was_made_and_each_convention_keeps_its_own(
+    tiny_model_dir: Path, dev_file: Path, tmp_path, capsys
+):
+    output = tmp_path / "eval"
+    argv = [*evaluation_argv(tiny_model_dir, dev_file, output), "--max_samples", "3"]
+    assert main([*argv, "--max_samples", "0"]) == 2
+    assert "error: --max_samples must be >= 1 (got 0)" in capsys.readouterr().err
+    assert not output.exists()
+
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((output / METRICS_FILE).read_text(encoding="utf-8"))
+    assert report["metric_convention"] == "ptuning" and report["evaluated_turns"] == 3
+    assert report["checkpoint"] == str(tiny_model_dir.resolve()) and report["data"] == str(dev_file.resolve())
+    assert "metric convention: ptuning" in printed
+    assert all(re.search(rf"^{name}\s+\d+\.\d{{4}}\s+0-100$", printed, re.M) for name in ("rouge-1", "bleu-4"))
+    first = (output / METRICS_FILE).read_bytes()
+
+    assert main([*argv, "--metric_convention", "finetune_demo"]) == 0
+    printed = capsys.readouterr().out
+    assert (output / METRICS_FILE).read_bytes() == first
+    other = json.loads((output / "metrics.finetune_demo.json").read_text(encoding="utf-8"))
+    assert other["metric_convention"] == "finetune_demo" and other["evaluated_turns"] == 3
+    assert re.search(r"^bleu-4\s+\d+\.\d{4}\s+0-1$", printed, re.M) and "metric convention: finetune_demo" in printed
+
+
+def test_detected_data_format_is_recorded_so_a_dev_set_in_the_other_format_is_refused(
+    finished_run: Path, tmp_path, capsys
+):
+    checkpoint = finished_run / "checkpoint-2"
+    assert read_training_record(checkpoint)["data_args"]["data_format"] == "input_output"
+    data = write_jsonl(tmp_path / "chat.jsonl", conversation_records())
+    assert main(evaluation_argv(checkpoint, data, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "holds conversations records but the checkpoint was trained on input_output records" in err
+
+
+def test_a_conversation_that_ends_in_a_tool_call_is_scored_as_a_call_turn(tiny_model_dir: Path, tmp_path):
+    call = {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 20}}
+    records = [
+        {"tools": [{"name": "get_weather"}], "conversations": [{"role": "user", "content": "北京天气？"}, call]},
+        {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    ]
+    data = write_jsonl(tmp_path / "tools.jsonl", records)
+    assert main(evaluation_argv(tiny_model_dir, data, tmp_path / "out")) == 0
+    rows = read_rows(tmp_path / "out" / PREDICTIONS_FILE)
+    assert [row["id"] for row in rows] == ["0:1", "1:1"]
+    assert rows[0]["label"] is None and rows[0]["label_call"] == {"name": "get_weather", "arguments": {"city": "北京"}}
+    report = json.loads((tmp_path / "out" / METRICS_FILE).read_text(encoding="utf-8"))
+    assert report["evaluated_turns"] == 2 and report["tool_call_turns"] == 1
+    assert "tool_name_accuracy" in report
+
+
+def test_a_failure_before_the_first_prediction_leaves_no_file(tiny_model_dir: Path, dev_file: Path, tmp_path):
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match="temperature"):  # transformers refuses it when generation starts
+        main([*evaluation_argv(tiny_model_dir, dev_file, output), "--do_sample", "--temperature", "0"])
+    assert list(output.iterdir()) == []
+
+
+def test_raw_public_formats_are_sent_to_their_converter(tiny_model_dir: Path, tmp_path, capsys):
+    files = {
+        "advertise_gen.json": ({"content": "类型#裙", "summary": "好看"}, "data_tools.format_advertise_gen"),
+        "openai.jsonl": (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "data_tools.format_openai --input",
+        ),
+        "sharegpt.jsonl": (
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            "data_tools.format_sharegpt --input",
+        ),
+    }
+    for name, (record, command) in files.items():
+        data = write_jsonl(tmp_path / name, [record, record])
+        assert main(evaluation_argv(tiny_model_dir, data, tmp_path / "out")) == 1
+        err = capsys.readouterr().err
+        assert f"convert it first: python -m {command}" in err and str(data) in err and "on cpu" not in err
+
+
+def test_default_output_is_under_the_repository_whatever_the_current_folder(
+    tiny_model_dir: Path, dev_file: Path, tmp_path, monkeypatch
+):
+    checkpoint = tmp_path / f"cwd-test-{os.getpid()}" / "checkpoint-3"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = REPO_ROOT / "output" / "evaluation" / f"{checkpoint.parent.name}-checkpoint-3"
+    argv = ["--model", str(checkpoint), "--data", str(dev_file), "--device", "cpu", "--max_new_tokens", "2"]
+    try:
+        assert main([*argv, "--max_samples", "2"]) == 0
+        assert (expected / METRICS_FILE).is_file() and not (elsewhere / "output").exists()
+    finally:
+        shutil.rmtree(expected, ignore_errors=True)
+
+
+def test_evaluate_script_help_lists_its_knobs():
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "evaluate.sh"), "--help"],
+        env={key: value for key, value in os.environ.items() if key != "CHECKPOINT"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for knob in ("CHECKPOINT", "DATASET_PATH", "OUTPUT_DIR", "NUM_GPUS", "BATCH_SIZE", "MAX_NEW_TOKENS"):
+        assert re.search(rf"^ *{knob}\b", result.stdout, re.M), knob
+    assert "python -m finetune.evaluate --help" in result.stdout
+
+
+@pytest.mark.slow
+def test_interrupted_two_process_evaluation_says_last_that_a_rerun_continues(
+    tiny_model_dir: Path, dev_file: Path, tmp_path
+):
+    output = tmp_path / "sharded"
+    env = {
+        **os.environ,
+        "CHECKPOINT": str(tiny_model_dir),
+        "DATASET_PATH": str(dev_file),
+        "OUTPUT_DIR": str(output),
+        "NUM_GPUS": "2",
+        "BATCH_SIZE": "1",
+        "MAX_NEW_TOKENS": "24",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    process = subprocess.Popen(
+        ["bash", str(REPO_ROOT / "scripts" / "evaluate.sh"), "--device", "cpu"],
+        env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not any(path.stat().st_size for path in output.glob("*.partial")):
+        assert process.poll() is None and time.monotonic() < deadline, "no prediction was written"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line == "interrupted: the predictions made so far are kept; rerun the same command to continue"

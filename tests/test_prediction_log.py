@@ -87,3 +87,13 @@ def test_check_writable_creates_the_folder_or_names_the_knob(tmp_path):
     blocker.write_text("", encoding="utf-8")
     with pytest.raises(OutputNotWritableError, match=r"cannot write results to .*a_file.*--output_dir"):
         check_writable(blocker / "sub", "--output_dir")
+
+
+def test_a_writer_that_wrote_nothing_leaves_no_file(tmp_path):
+    final = tmp_path / "predictions.jsonl"
+    writer = PartialWriter(partial_path(final, 0))
+    writer.close()
+    assert partial_files(final) == []
+    partial_path(final, 1).write_text('{"id": "0", "pred', encoding="utf-8")  # only a line torn by a crash
+    PartialWriter(partial_path(final, 1)).close()
+    assert partial_files(final) == []

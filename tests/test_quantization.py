@@ -5,11 +5,14 @@ import importlib.util
 import pytest
 import torch
 
+from finetune.model.configuration import CHATGLM3_6B_FIELDS, ChatGLMConfig
 from finetune.quantization import (
     UNQUANTIZED_MODULES,
+    check_4bit_layer_widths,
     check_quantization_available,
     quantization_config,
     quantization_record,
+    quantized_layer_widths,
     recorded_bits,
 )
 
@@ -47,3 +50,16 @@ def test_record_says_what_the_config_does_and_reads_back():
 def test_missing_bitsandbytes_error():
     with pytest.raises(RuntimeError, match="needs the bitsandbytes package"):
         check_quantization_available(4)
+
+
+def test_4bit_layer_widths_of_chatglm3_6b_pass_and_an_odd_ffn_width_is_named():
+    config = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
+    assert quantized_layer_widths(config) == {
+        "query_key_value": (4096, 4608),
+        "dense": (4096, 4096),
+        "dense_h_to_4h": (4096, 27392),
+        "dense_4h_to_h": (13696, 4096),
+    }
+    check_4bit_layer_widths(config)
+    with pytest.raises(ValueError, match="its dense_4h_to_h layers are 13728 inputs x 4096 outputs"):
+        check_4bit_layer_widths(ChatGLMConfig(**CHATGLM3_6B_FIELDS, ffn_hidden_size=13728))

@@ -110,8 +110,8 @@ def test_quickstart_trains_evaluates_and_answers(first_run, quickstart_root):
     assert set(json.loads(dev_lines[0])) == {"prompt", "response"}
 
     metrics = json.loads(places["metrics"].read_text(encoding="utf-8"))
-    assert set(metrics) == METRIC_NAMES
-    assert all(isinstance(value, float) and 0.0 <= value <= 100.0 for value in metrics.values())
+    assert metrics["metric_convention"] == "ptuning" and metrics["evaluated_turns"] == 16
+    assert all(isinstance(metrics[name], float) and 0.0 <= metrics[name] <= 100.0 for name in METRIC_NAMES)
     predictions = [json.loads(line) for line in places["predictions"].read_text(encoding="utf-8").splitlines()]
     assert len(predictions) == 16
     assert [row["label"] for row in predictions] == [json.loads(line)["response"] for line in dev_lines]

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from data_tools import format_glm4, format_openai, format_sharegpt
 from finetune.data.validation import check_record
 
@@ -202,3 +204,104 @@ def test_sharegpt_function_call_and_observation_turns(tmp_path: Path, capsys):
     empty = write_jsonl(tmp_path / "empty.jsonl", [only_user])
     assert format_sharegpt.main(["--input", str(empty), "--output", str(tmp_path / "none.jsonl")]) == 1
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_openai_weight_zero_is_loss_false_and_round_trips(tmp_path: Path):
+    record = {
+        "tools": [{"type": "function", "function": WEATHER_TOOL}],
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "北京天气？"},
+            {"role": "assistant", "content": "I cannot know.", "weight": 0},
+            {"role": "user", "content": "Try the tool."},
+            {
+                "role": "assistant",
+                "content": "Checking.",
+                "weight": 0,
+                "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "a", "content": "20 度"},
+            {"role": "assistant", "content": "20 度。", "weight": 1},
+        ],
+    }
+    ours = format_openai.convert_openai_record(record)
+    assert ours["conversations"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "北京天气？"},
+        {"role": "assistant", "content": "I cannot know.", "loss": False},
+        {"role": "user", "content": "Try the tool."},
+        {"role": "assistant", "content": "Checking.", "loss": False},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": "20 度", "loss": False},
+        {"role": "assistant", "content": "20 度。"},
+    ]
+    assert check_record(ours, "conversations") == []
+    expected = {**record, "messages": [{"role": "system", "content": "Be brief."}, *record["messages"][1:]]}
+    expected["messages"][-1] = {"role": "assistant", "content": "20 度。"}  # weight 1 is the default
+    source = write_jsonl(tmp_path / "ours.jsonl", [ours])
+    back = tmp_path / "back.jsonl"
+    assert format_openai.main(["--reverse", "--input", str(source), "--output", str(back)]) == 0
+    assert [without_call_ids(item) for item in read_jsonl(back)] == [without_call_ids(expected)]
+    mixed = {
+        "conversations": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "unlearned text", "loss": False},
+            {"role": "tool", "name": "f", "parameters": {}, "observation": "r"},
+        ]
+    }
+    messages = format_openai.convert_to_openai(mixed)["messages"]
+    assert messages[1] == {"role": "assistant", "content": "unlearned text", "weight": 0}
+    assert messages[2]["content"] is None and "weight" not in messages[2]
+    with pytest.raises(ValueError, match="message 0: weight must be 0 or 1, got 0.5"):
+        format_openai.convert_openai_record({"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]})
+
+
+def test_sharegpt_parallel_calls_and_user_assistant_speakers(tmp_path: Path, capsys):
+    calls = json.dumps([{"name": "get_weather", "arguments": {"city": "北京"}}, {"name": "get_weather", "arguments": {}}])
+    one_observation = {
+        "conversations": [
+            {"from": "user", "value": "北京和上海？"},
+            {"from": "function_call", "value": calls},
+            {"from": "observation", "value": json.dumps(["20 度", {"temp": 25}])},
+            {"from": "assistant", "value": "好。"},
+        ]
+    }
+    two_observations = {
+        "conversations": [
+            {"from": "human", "value": "北京和上海？"},
+            {"from": "function_call", "value": calls},
+            {"from": "observation", "value": "20 度"},
+            {"from": "observation", "value": '{"temp": 25}'},
+            {"from": "gpt", "value": "好。"},
+        ]
+    }
+    missing = {"conversations": [*two_observations["conversations"][:3], {"from": "gpt", "value": "好。"}]}
+    source = write_jsonl(tmp_path / "sharegpt.jsonl", [one_observation, two_observations, missing])
+    output = tmp_path / "out.jsonl"
+    assert format_sharegpt.main(["--input", str(source), "--output", str(output)]) == 0
+    expected = [
+        {"role": "user", "content": "北京和上海？"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": "20 度"},
+        {"role": "tool", "name": "get_weather", "parameters": {}, "observation": '{"temp": 25}'},
+        {"role": "assistant", "content": "好。"},
+    ]
+    assert read_jsonl(output) == [{"conversations": expected}, {"conversations": expected}]
+    report = capsys.readouterr().err
+    assert f"skipped {source}:3: conversations[1]: 2 parallel calls need 2 observation turns" in report
+
+
+def test_glm4_blames_the_assistant_message_that_is_not_a_call(tmp_path: Path, capsys):
+    chatglm3_layout = {
+        "messages": [
+            {"role": "user", "content": "天气"},
+            {"role": "assistant", "metadata": "get_weather", "content": "tool_call(city='北京')"},
+            {"role": "observation", "content": "20 度"},
+            {"role": "assistant", "content": "20 度。"},
+        ]
+    }
+    source = write_jsonl(tmp_path / "glm4.jsonl", [chatglm3_layout])
+    assert format_glm4.main(["--input", str(source), "--output", str(tmp_path / "out.jsonl")]) == 1
+    report = capsys.readouterr().err
+    assert f"skipped {source}:1: message 1: the assistant message before the observation (message 2)" in report
+    assert "get_weather" in report

@@ -18,6 +18,7 @@ from finetune.generation_eval_batches import GenerationEvalCollator
 from finetune.methods import apply_method
 from finetune.methods.base import load_base_model
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.tiny_model import build_tiny_model
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
 
@@ -225,6 +226,22 @@ def test_quantized_run_fails_before_reading_data(tiny_model_dir, tmp_path):
         main(argv)
 
 
+@pytest.fixture(scope="module")
+def tiny_model_4bit_dir(tmp_path_factory) -> Path:
+    """A tiny model whose every quantized layer bitsandbytes' 4-bit CPU inference can pack (ffn width 128)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny4bit") / "model", ffn_hidden_size=128)
+
+
+@pytest.mark.skipif(not BITSANDBYTES_INSTALLED, reason="needs bitsandbytes (requirements-dev.txt installs it)")
+def test_4bit_base_whose_layers_cpu_inference_cannot_pack_is_refused_before_reading_data(tiny_model_dir, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    argv = run_arguments(tiny_model_dir, missing, tmp_path / "out", tmp_path / "cache", lora_rank=4, quantization_bit=4)
+    with pytest.raises(ValueError, match=r"its dense_4h_to_h layers are 160 inputs x 64 outputs") as refused:
+        main(argv)
+    message = str(refused.value)
+    assert "\n" not in message and "--quantization_bit 8" in message and "--ffn_hidden_size 128" in message
+
+
 @pytest.mark.skipif(not BITSANDBYTES_INSTALLED, reason="needs bitsandbytes (requirements-dev.txt installs it)")
 @pytest.mark.parametrize(
     ("method_flags", "trained_marker", "bits"),
@@ -234,8 +251,13 @@ def test_quantized_run_fails_before_reading_data(tiny_model_dir, tmp_path):
         ({"lora_rank": 4, "learning_rate": 5e-3}, ".lora_", 8),
     ],
 )
-def test_quantized_base_trains_and_saves_only_the_adapter(method_flags, trained_marker, bits, tiny_model_dir, tmp_path):
+def test_quantized_base_trains_and_saves_only_the_adapter(
+    method_flags, trained_marker, bits, tiny_model_dir, tiny_model_4bit_dir, tmp_path
+):
     import bitsandbytes
+
+    if bits == 4:
+        tiny_model_dir = tiny_model_4bit_dir
 
     quantized_class = bitsandbytes.nn.Linear4bit if bits == 4 else bitsandbytes.nn.Linear8bitLt
 

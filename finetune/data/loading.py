@@ -14,11 +14,11 @@ from datasets.fingerprint import Hasher
 
 from finetune.data import encoding
 from finetune.data.encoding import CONVERSATIONS, DATA_FORMATS, IGNORE_INDEX, INPUT_OUTPUT
+from finetune.data.source_formats import check_not_source_format
 from finetune.data.validation import (
     DataProblem,
     DataSummary,
     DataValidationError,
-    SourceRecord,
     check_records,
     detect_file_format,
     read_source_records,
@@ -103,16 +103,6 @@ def _raise_for_problems(path: Path, problems: list[DataProblem], skip_invalid: b
         raise DataValidationError(problems + [left], skip_invalid_given=skip_invalid)
 
 
-def check_not_raw_advertise_gen(path: Path, records: list[SourceRecord]) -> None:
-    """Raise ValueError when the file is AdvertiseGen as downloaded ({content, summary}), not converted yet."""
-    first = next((record.value for record in records if isinstance(record.value, dict)), None)
-    if first is not None and {"content", "summary"} <= first.keys() and detect_file_format(records) is None:
-        raise ValueError(
-            f"{path}: this is AdvertiseGen data as downloaded ({{content, summary}} records); convert it first: "
-            f"python -m data_tools.format_advertise_gen --train_file {path} --output formatted_data/advertise_gen.jsonl"
-        )
-
-
 def load_training_data(
     path: str | Path,
     tokenizer: ChatGLMTokenizer,
@@ -130,7 +120,7 @@ def load_training_data(
     """
     path = Path(path)
     records, problems = read_source_records(path)
-    check_not_raw_advertise_gen(path, records)
+    check_not_source_format(path, records)
     if data_format is None:
         data_format = detect_file_format(records) or (CONVERSATIONS if records else None)
     if data_format is None:
