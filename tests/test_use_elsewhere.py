@@ -49,7 +49,7 @@ def old_stack() -> Path:
 
 
 def run_probe(old_stack: Path, jobs: list[dict], work: Path) -> dict:
-    """Run the probe jobs in the old stack; return results.json with each job's tensors loaded."""
+    """Run the probe jobs in the old stack; return results.json with each job's tensors loaded, and its stderr."""
     work.mkdir(parents=True, exist_ok=True)
     jobs_path = work / "jobs.json"
     jobs_path.write_text(json.dumps(jobs, ensure_ascii=False), encoding="utf-8")
@@ -69,6 +69,7 @@ def run_probe(old_stack: Path, jobs: list[dict], work: Path) -> dict:
         assert "error" not in output, f"{name}: {output['error']}"
         if "tensors" in output:
             results["jobs"][name] = load_file(work / output["tensors"])
+    results["stderr"] = completed.stderr
     return results
 
 
@@ -188,6 +189,9 @@ def test_checkpoints_we_write_load_in_the_official_code_and_peft_0_11_with_our_l
         jobs.append(model_job(f"{kind} | official AutoModel", "automodel", folder=str(written[kind])))
     probe = run_probe(old_stack, jobs, tmp_path / "probe")
     results = probe["jobs"]
+    # The official loader finds every weight it has in our folders: no "newly initialized ... rotary_pos_emb.inv_freq"
+    # (the v1 P-Tuning recipe itself still reports its fresh prefix encoder before loading the prefix).
+    assert "rotary_pos_emb.inv_freq" not in probe["stderr"], probe["stderr"][-2000:]
 
     base_logits = our_logits(official_base, results["base"])
     assert max_difference(results["base"], base_logits) < LOGIT_TOLERANCE
