@@ -28,6 +28,8 @@ from finetune.model import ChatGLMTokenizer
 from finetune.train import main as train
 from inference.export import export_checkpoint
 
+pytestmark = pytest.mark.slow  # trains and exports three tiny runs, then loads them in a second Python stack
+
 OFFICIAL_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
 PROBE = Path(__file__).with_name("official_stack_probe.py")
 PROMPTS = ["你好", "类型#裙*颜色#红色*风格#简约", "Hello world, the quick brown fox jumps!"]
