@@ -94,8 +94,12 @@ class ModelArguments:
         },
     )
     save_official_bin: bool = field(
-        default=False,
-        metadata={"help": "P-Tuning v2: also write the official pytorch_model.bin next to model.safetensors."},
+        default=True,
+        metadata={
+            "help": "P-Tuning v2: also write the official pytorch_model.bin (transformer.prefix_encoder.* only, a few "
+            "MB) next to model.safetensors, for the official recipe and tools built on it (on by default; "
+            "--save_official_bin false or --no_save_official_bin turns it off). Other methods ignore it."
+        },
     )
     recompute: str = field(
         default=RECOMPUTE_AUTO,
@@ -144,8 +148,6 @@ class ModelArguments:
             raise ValueError(f"{' and '.join(chosen)} select different methods; pass only one")
         if self.prefix_projection and not self.pre_seq_len:
             raise ValueError("--prefix_projection belongs to P-Tuning v2; pass --pre_seq_len too, or drop it")
-        if self.save_official_bin and not self.pre_seq_len:
-            raise ValueError("--save_official_bin writes a P-Tuning v2 prefix file; pass --pre_seq_len too, or drop it")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         parse_lora_target(self.lora_target)

@@ -4,7 +4,7 @@ A run's output_dir holds `checkpoint-N` folders (each written as `tmp-checkpoint
 at the end, the final model files (staged in `tmp-final`). Every folder holds training_record.json, written last.
 What else a folder holds depends on the method that wrote it (finetune/methods/):
   ptuning      config.json (with pre_seq_len/prefix_projection) + model.safetensors holding only
-               transformer.prefix_encoder.* (+ the official pytorch_model.bin with --save_official_bin)
+               transformer.prefix_encoder.* + the same as the official pytorch_model.bin (unless --no_save_official_bin)
   lora, qlora  the PEFT adapter: adapter_config.json + adapter_model.safetensors
   full, freeze the whole model (save_pretrained, safetensors) + tokenizer files
 A DeepSpeed run also writes `latest`, naming the `global_stepN` folder that holds its own copy of the state.

@@ -6,7 +6,8 @@ LoRA: the adapter is merged into its base (PEFT merge_and_unload). P-Tuning v2: 
 config keeps pre_seq_len/prefix_projection and the weights include `transformer.prefix_encoder.*`, so
 `AutoModelForCausalLM.from_pretrained(OUT)` (after `import finetune`) gives the prefix model. Full and base
 checkpoints are re-saved as they are. The folder is built next to OUT and renamed into place. The base's
-`auto_map` is kept and its official remote-code files (modeling_chatglm.py, ...) are copied along when it has them.
+`auto_map` is kept and its official remote-code files (modeling_chatglm.py, ...) are copied along when it has them
+(a warning says what to copy when the base has an auto_map but not the files).
 """
 
 import argparse
@@ -82,7 +83,7 @@ def export_checkpoint(
         built = workspace / target.name
         model.save_pretrained(built, max_shard_size=max_shard_size)
         loaded_tokenizer.save_pretrained(built)
-        copy_remote_code_files(base_path, built)
+        copy_remote_code_files(base_path, built, shown_as=target)
         check_chatglm_folder(built)
         replace_folder(built, target)
     finally:

@@ -8,7 +8,7 @@ import torch
 from checkpoint_builders import probe_logits
 from transformers import AutoConfig
 
-from finetune.arguments import ModelArguments
+from finetune.arguments import ModelArguments, parse_arguments
 from finetune.methods import METHODS, apply_method, method_of, recognise_checkpoint
 from finetune.methods.base import SaveContext, count_parameters, load_base_model
 
@@ -117,3 +117,18 @@ def test_trainable_parameters_stay_fp32_on_a_bf16_base(method_flags, tiny_model_
     frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
     assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
     assert frozen and all(parameter.dtype == torch.bfloat16 for parameter in frozen)
+
+
+def test_ptuning_writes_the_official_prefix_bin_unless_turned_off(tiny_model_dir, tiny_tokenizer, tmp_path):
+    model_args, model = trainable_model("ptuning", tiny_model_dir)
+    method = method_of(model_args)
+    method.save(model, tmp_path / "default", SaveContext(model_args, tiny_tokenizer))
+    official = torch.load(tmp_path / "default" / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    assert sorted(official) == ["transformer.prefix_encoder.embedding.weight"]
+    trained = model.transformer.prefix_encoder.embedding.weight
+    torch.testing.assert_close(official["transformer.prefix_encoder.embedding.weight"], trained)
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--pre_seq_len", "4", "--output_dir", str(tmp_path / "run")]
+    turned_off, _, _ = parse_arguments([*flags, "--no_save_official_bin"])
+    assert turned_off.save_official_bin is False
+    method.save(model, tmp_path / "off", SaveContext(turned_off, tiny_tokenizer))
+    assert not (tmp_path / "off" / "pytorch_model.bin").exists() and (tmp_path / "off" / "model.safetensors").is_file()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune  # noqa: F401  (registers the Auto classes)
@@ -93,12 +94,62 @@ def test_save_pretrained_round_trip_keeps_official_names(reference_model_dir, tm
     with safe_open(tmp_path / "model.safetensors", "pt") as handle:
         saved = set(handle.keys())
     index = json.loads((reference_model_dir / "pytorch_model.bin.index.json").read_text())
-    official = {key for key in index["weight_map"] if not key.endswith("inv_freq")}
-    assert saved == official
+    # All of the official names, the rotary buffer included (the official loader warns "newly initialized" without it).
+    assert saved == set(index["weight_map"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     input_ids = torch.tensor([[901, 903, 906, 736, 13, 470, 747]])
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, reloaded(input_ids).logits)
+
+
+def test_saved_config_has_torch_dtype_and_use_cache_on_and_old_folders_still_load(reference_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir)
+    model.config.use_cache = False  # as training leaves it
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32" and config["use_cache"] is True
+    assert model.config.use_cache is False
+    # A folder saved before the rotary buffer was written loads, with the buffer recomputed.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "saved", old)
+    state = {key: value for key, value in model.state_dict().items() if not key.endswith("inv_freq")}
+    save_file(state, old / "model.safetensors", metadata={"format": "pt"})
+    reloaded, info = AutoModelForCausalLM.from_pretrained(old, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(reloaded.transformer.rotary_pos_emb.inv_freq, model.transformer.rotary_pos_emb.inv_freq)
+
+
+def test_from_pretrained_follows_the_transformers_contract(reference_model_dir):
+    model, info = AutoModelForCausalLM.from_pretrained(reference_model_dir, output_loading_info=True, pre_seq_len=2)
+    assert isinstance(model, ChatGLMForConditionalGeneration) and set(info) >= {"missing_keys", "unexpected_keys"}
+    assert {name for name, parameter in model.named_parameters() if parameter.requires_grad} == {
+        "transformer.prefix_encoder.embedding.weight"
+    }
+    state_dict = AutoModelForCausalLM.from_pretrained(reference_model_dir).state_dict()
+    base_config = AutoModelForCausalLM.from_pretrained(reference_model_dir).config
+    rebuilt = ChatGLMForConditionalGeneration.from_pretrained(None, config=base_config, state_dict=state_dict)
+    for key, value in state_dict.items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value)
+
+
+def test_tuples_shift_labels_and_attention_weights(reference_model_dir, caplog):
+    model = AutoModelForCausalLM.from_pretrained(reference_model_dir).eval()
+    input_ids = torch.tensor([[901, 903, 906, 736, 13, 470, 747]])
+    with caplog.at_level("WARNING"):
+        as_tuple = model.transformer(input_ids, return_dict=False)
+        outputs = model(input_ids, labels=input_ids)
+    assert isinstance(as_tuple, tuple) and "use_return_dict" not in caplog.text
+    torch.testing.assert_close(as_tuple[0], model.transformer(input_ids).last_hidden_state)
+    model.config.return_dict = False
+    assert isinstance(model(input_ids), tuple) and isinstance(model.transformer(input_ids), tuple)
+    model.config.return_dict = True
+    shifted = torch.cat([input_ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    torch.testing.assert_close(model(input_ids, shift_labels=shifted).loss, outputs.loss)
+    other = torch.cat([input_ids[:, 2:], torch.full((1, 2), -100)], dim=1)
+    assert not torch.allclose(model(input_ids, labels=input_ids, shift_labels=other).loss, outputs.loss)
+    for module in (model, model.transformer):
+        with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+            module(input_ids, output_attentions=True)
 
 
 def test_config_overrides_pass_through_from_pretrained(reference_model_dir):

@@ -282,6 +282,15 @@ def test_save_and_export_keep_auto_map_and_carry_the_remote_code(official_base, 
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "exported")) is ChatGLMForConditionalGeneration
 
 
+def test_export_from_a_base_without_the_remote_code_files_says_what_to_copy(reference_model_dir, tmp_path, caplog):
+    assert json.loads((reference_model_dir / "config.json").read_text())["auto_map"]
+    with caplog.at_level(logging.WARNING, logger="finetune.model.remote_code"):
+        export_checkpoint(str(reference_model_dir), str(tmp_path / "exported"))
+    assert "configuration_chatglm.py" in caplog.text and "modeling_chatglm.py" in caplog.text
+    assert str(tmp_path / "exported") in caplog.text and "copy the .py files of the official" in caplog.text
+    assert not list((tmp_path / "exported").glob("*.py"))
+
+
 def test_trained_prefix_checkpoint_carries_the_remote_code(official_base, tmp_path):
     train_file = write_jsonl(tmp_path / "train.jsonl", input_output_records(4))
     output_dir = tmp_path / "out"

@@ -107,7 +107,7 @@ def test_checkpoint_problems_name_what_is_missing_or_unknown(finished_run, tmp_p
 def test_deepspeed_state_counts_as_the_weights(finished_run, tmp_path):
     folder = tmp_path / "checkpoint-2"
     shutil.copytree(finished_run / "checkpoint-2", folder)
-    for weights in folder.glob("*.safetensors"):
+    for weights in [*folder.glob("*.safetensors"), *folder.glob("*.bin")]:
         weights.unlink()
     assert checkpoint_problem(folder) is not None
     (folder / DEEPSPEED_LATEST_FILE).write_text("global_step2\n", encoding="utf-8")

@@ -75,20 +75,24 @@ def test_bad_role_and_unknown_command_are_rejected(tokenizer):
 
 def test_decode_writes_command_tokens_and_hides_control_ids_as_official(tokenizer):
     ids = [901, 903] + tokenizer.build_single_message("user", "", "你好") + [907, 2]
-    assert tokenizer.decode(ids) == "[gMASK]sop<|user|>\n 你好<|assistant|>"
-    assert tokenizer.decode(ids, skip_special_tokens=True) == "[gMASK]sop<|user|>\n 你好<|assistant|>"
+    # The official decoder keeps the word-start space of a piece that follows a command token ("▁" then "\n" here).
+    assert tokenizer.decode(ids) == "[gMASK]sop<|user|> \n 你好<|assistant|>"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "[gMASK]sop<|user|> \n 你好<|assistant|>"
+    tool_name = tokenizer.encode("get_weather", add_special_tokens=False)
+    assert tokenizer.decode([907] + tool_name) == "<|assistant|> get_weather"
+    assert tokenizer.convert_tokens_to_string(["<|assistant|>", "\u2581get"]) == "<|assistant|> get"
     assert tokenizer.decode(tokenizer.strip_command_ids(ids)) == "\n 你好"
     assert tokenizer.decode([901, 903] + tokenizer.encode("数字12345和English混合", add_special_tokens=False)) == (
-        "[gMASK]sop数字12345和English混合"
+        "[gMASK]sop 数字12345和English混合"
     )
 
 
-def test_decode_of_control_and_negative_ids_gives_nothing_and_beyond_the_vocabulary_unk(tokenizer):
+def test_decode_of_control_negative_and_beyond_the_vocabulary_ids_gives_nothing_as_official(tokenizer):
     hello = tokenizer.encode("你好", add_special_tokens=False)
     assert tokenizer.decode([1, 0] + hello + [2, -100]) == "你好"
-    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["<unk>", ""]
-    assert tokenizer.decode([901, 903, 1000]) == "[gMASK]sop<unk>"
-    assert tokenizer.decode([907] + tokenizer.encode("Hello", add_special_tokens=False)) == "<|assistant|>Hello"
+    assert tokenizer.convert_ids_to_tokens([1000, -100]) == ["", ""]
+    assert tokenizer.decode([901, 903, 1000]) == "[gMASK]sop"
+    assert tokenizer.decode([907] + tokenizer.encode("Hello", add_special_tokens=False)) == "<|assistant|> Hello"
 
 
 def test_batch_padding_left_by_default_with_position_ids_and_right_on_request(tokenizer):
@@ -106,7 +110,7 @@ def test_batch_padding_left_by_default_with_position_ids_and_right_on_request(to
     assert right["input_ids"][0, lengths[0] :].eq(0).all()
     assert right["attention_mask"][0].tolist() == [1] * lengths[0] + [0] * pad
     assert right["position_ids"][0].tolist() == list(range(lengths[0])) + [0] * pad
-    assert tokenizer.batch_decode(right["input_ids"], skip_special_tokens=True) == ["[gMASK]sop" + t for t in texts]
+    assert tokenizer.batch_decode(right["input_ids"], skip_special_tokens=True) == ["[gMASK]sop " + t for t in texts]
 
 
 def test_padding_side_given_at_load_time_and_to_pad(reference_model_dir, tokenizer):
@@ -173,9 +177,12 @@ def test_saved_token_ids_that_contradict_tokenizer_model_are_rejected(tokenizer,
     tokenizer.save_pretrained(tmp_path)
     config_file = tmp_path / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    assert "added_tokens_decoder" not in config
+    # A tokenizer_config.json written by transformers itself lists the added tokens; here with shifted ids.
     config["added_tokens_decoder"] = {
-        str(int(index) + 50 if int(index) >= 900 else int(index)): token
-        for index, token in config["added_tokens_decoder"].items()
+        str(index + 50): {"content": token.content, "special": True}
+        for index, token in tokenizer.added_tokens_decoder.items()
+        if index >= 900
     }
     config_file.write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(ValueError, match=r"'\[MASK\]' has id 950, expected 900"):

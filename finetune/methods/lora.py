@@ -1,5 +1,7 @@
 """LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
 
+import dataclasses
+import json
 import warnings
 from pathlib import Path
 
@@ -7,6 +9,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from data_tools.atomic_files import write_text_atomically
 from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
 from finetune.methods.base import FinetuneMethod, SaveContext
@@ -24,6 +27,57 @@ def lora_config(model_args: ModelArguments) -> LoraConfig:
         target_modules=model_args.lora_target_modules,
         bias="none",
     )
+
+
+# LoraConfig fields that PEFT 0.7 does not know (older PEFT raises TypeError on unknown fields when loading). Written
+# only when they are not at their default, i.e. when the adapter really uses the newer feature. `peft_version` (the
+# writing PEFT's version, information only) is never written.
+FIELDS_NEWER_THAN_PEFT_0_7 = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "corda_config",
+    "ensure_weight_tying",
+    "eva_config",
+    "exclude_modules",
+    "kasa_config",
+    "layer_replication",
+    "lora_bias",
+    "lora_ga_config",
+    "monteclora_config",
+    "qalora_group_size",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_dora",
+    "use_qalora",
+    "use_rslora",
+    "velora_config",
+)
+
+
+def lora_config_defaults() -> dict:
+    """The default value of every LoraConfig field, as saved in adapter_config.json."""
+    defaults = {}
+    for field in dataclasses.fields(LoraConfig):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
+
+
+def make_adapter_config_portable(folder: Path) -> None:
+    """Rewrite `folder`'s adapter_config.json without the fields older PEFT cannot read, where they are at default."""
+    path = folder / ADAPTER_CONFIG
+    values = read_json_file(path)
+    defaults = lora_config_defaults()
+    portable = {
+        key: value
+        for key, value in values.items()
+        if key != "peft_version"
+        and (key not in FIELDS_NEWER_THAN_PEFT_0_7 or (key in defaults and value != defaults[key]))
+    }
+    write_text_atomically(path, json.dumps(portable, indent=2, sort_keys=True) + "\n")
 
 
 def lora_targets(config, targets: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
@@ -134,8 +188,9 @@ class LoRA(FinetuneMethod):
         return None
 
     def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
-        """The PEFT adapter: adapter_config.json + adapter_model.safetensors."""
+        """The PEFT adapter: adapter_config.json (readable by PEFT 0.7 and later) + adapter_model.safetensors."""
         model.save_pretrained(folder, state_dict=context.state_dict)
+        make_adapter_config_portable(folder)
 
     def recognises(self, folder: Path) -> bool:
         """A folder with adapter_config.json whose use_dora matches this method's."""

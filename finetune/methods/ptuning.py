@@ -73,10 +73,11 @@ class PTuningV2(FinetuneMethod):
         return {"pre_seq_len": model_args.pre_seq_len, "prefix_projection": model_args.prefix_projection}
 
     def save(self, model: nn.Module, folder: Path, context: SaveContext) -> None:
-        """config.json (without the quantization settings) and the prefix weights."""
+        """config.json (without quantization settings, use_cache on), the prefix weights (+ the official .bin)."""
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.use_cache = True
         config.save_pretrained(folder)
         save_prefix_weights(model, folder, official_bin=context.model_args.save_official_bin)
         copy_remote_code_files(context.model_args.model_name_or_path, folder)

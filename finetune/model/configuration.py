@@ -1,5 +1,7 @@
 """ChatGLM3 configuration: reads the fields of an official chatglm3-6b (-32k, -128k, -base) config.json."""
 
+import json
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -57,6 +59,14 @@ class ChatGLMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         kwargs.pop("vocab_size", None)
         super().__post_init__(**kwargs)
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """transformers' JSON (what config.json holds), with the weight dtype also under its 4.x name `torch_dtype`,
+        which transformers 4.x and the tools built on it (the official code, vLLM, FastChat) read."""
+        values = json.loads(super().to_json_string(use_diff))
+        if values.get("dtype") is not None:
+            values["torch_dtype"] = values["dtype"]
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
     @property
     def num_key_value_groups(self) -> int:

@@ -16,19 +16,26 @@ def _chunk_loss_sum(output_layer: nn.Module, hidden: torch.Tensor, targets: torc
 
 def chunked_causal_lm_loss(
     hidden_states: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     output_layer: nn.Module,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions, projecting to the vocabulary chunk by chunk.
 
     `labels[b, i]` is the target for the logits at position i-1 (the usual shift), -100 means no loss. Only labelled
     positions are projected, and under autograd each chunk is recomputed in the backward pass instead of keeping its
     logits, so peak memory is one chunk of `chunk_tokens x vocab` fp32 logits. The output layer is called as a module
-    (not through its weight) so DeepSpeed ZeRO-3 gathering and PEFT adapters on it keep working.
+    (not through its weight) so DeepSpeed ZeRO-3 gathering and PEFT adapters on it keep working. `shift_labels`
+    (transformers' convention, e.g. for sequence parallelism) are targets already aligned with each position; when
+    given they are used as they are and `labels` may be None.
     """
-    shifted_hidden = hidden_states[:, :-1, :]
-    shifted_labels = labels[:, 1:].to(hidden_states.device)
+    if shift_labels is not None:
+        shifted_hidden = hidden_states
+        shifted_labels = shift_labels.to(hidden_states.device)
+    else:
+        shifted_hidden = hidden_states[:, :-1, :]
+        shifted_labels = labels[:, 1:].to(hidden_states.device)
     selected = shifted_labels != IGNORE_INDEX
     hidden = shifted_hidden[selected]
     targets = shifted_labels[selected]

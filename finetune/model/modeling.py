@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -62,12 +63,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim = config.kv_channels // 2
         self.base = 10000.0 * config.rope_ratio
+        # Saved with the weights because the official loader expects `transformer.rotary_pos_emb.inv_freq` (it reads
+        # only its dtype); the forward pass recomputes the frequencies in fp32 and never reads this buffer.
+        self.register_buffer("inv_freq", self.frequencies(torch.device("cpu")), persistent=True)
+
+    def frequencies(self, device: torch.device) -> torch.Tensor:
+        """The rotation frequency of each channel pair, in fp32."""
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (self.base ** (exponent / self.rotary_dim))
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for `position_ids` (batch, seq), each (batch, 1, seq, rotary_dim // 2), in fp32."""
-        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
-        inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dim))
-        angles = position_ids.float().unsqueeze(-1) * inv_freq
+        angles = position_ids.float().unsqueeze(-1) * self.frequencies(position_ids.device)
         return angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)
 
 
@@ -387,19 +394,40 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
-    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
     # A base checkpoint has no prefix encoder: it is created fresh (or loaded from a prefix checkpoint) on purpose.
-    _keys_to_ignore_on_load_missing = [r"transformer\.prefix_encoder\."]
+    # Folders saved before the rotary buffer was written lack it; it is recomputed (see `_init_weights`).
+    _keys_to_ignore_on_load_missing = [r"transformer\.prefix_encoder\.", r"rotary_pos_emb\.inv_freq"]
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """Load a checkpoint; a local folder is checked first so a wrong folder or a truncated shard is named."""
-        if os.path.isdir(pretrained_model_name_or_path):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs):
+        """Load a checkpoint; a local folder is checked first so a wrong folder or a truncated shard is named.
+
+        Returns what transformers returns: the model, or `(model, loading_info)` with `output_loading_info=True`.
+        """
+        if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
             check_chatglm_folder(pretrained_model_name_or_path)
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        with_info = kwargs.get("output_loading_info", False)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if with_info else loaded
         if model.config.pre_seq_len:
             model.train_prefix_only()
-        return model
+        return loaded
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation, and the rotary frequencies for a buffer the checkpoint did not hold."""
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.frequencies(module.inv_freq.device))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """transformers' save_pretrained with `use_cache: true` in config.json: training turns the KV cache off, the
+        saved model is for inference (tools that read config.json, e.g. the official code, follow the field)."""
+        training_setting = self.config.use_cache
+        self.config.use_cache = True
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.use_cache = training_setting
 
     def train_prefix_only(self) -> None:
         """As the official ChatGLMModel with pre_seq_len: only the prefix encoder's parameters require grad."""
@@ -439,9 +467,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
         output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Final hidden states (batch, seq, hidden), the updated KV cache and, when asked, every layer's input."""
+    ) -> BaseModelOutputWithPast | tuple:
+        """Final hidden states (batch, seq, hidden), the updated KV cache and, when asked, every layer's input.
+
+        `return_dict=False` (or `config.return_dict = False`) gives them as a tuple.
+        """
+        refuse_attention_weights(output_attentions, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -474,7 +508,23 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         hidden_states, all_hidden_states = self.encoder(
             inputs_embeds, rotary, bias, prefixes, cache, output_hidden_states=output_hidden_states
         )
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        result = BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return result if wants_return_dict(return_dict, self.config) else result.to_tuple()
+
+
+def wants_return_dict(return_dict: bool | None, config: ChatGLMConfig) -> bool:
+    """The `return_dict` argument, else the config's `return_dict` (True by default)."""
+    return return_dict if return_dict is not None else config.return_dict
+
+
+def refuse_attention_weights(output_attentions: bool | None, config: ChatGLMConfig) -> None:
+    """Raise when attention weights are asked for: attention runs in torch SDPA, which never materialises them."""
+    if output_attentions or (output_attentions is None and config.output_attentions):
+        raise ValueError(
+            "output_attentions=True is not supported: ChatGLM3 computes attention with torch's scaled_dot_product_"
+            "attention, which does not return the attention weights; call the model without output_attentions (and "
+            "set config.output_attentions = False)"
+        )
 
 
 def positions_from_mask(
@@ -532,12 +582,17 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         past_key_values: Cache | None = None,
         return_dict: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits).
 
         `return_dict=False` gives the official tuple: (loss,) logits, cache (and hidden states when asked).
+        `shift_labels` are targets already aligned with each position (transformers' convention); they replace
+        `labels` for the loss.
         """
+        refuse_attention_weights(output_attentions, self.config)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -546,18 +601,19 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         output_layer = self.transformer.output_layer
         loss = None
         logits = None
-        if labels is not None:
-            loss = chunked_causal_lm_loss(hidden_states, labels, output_layer)
-        if labels is None or not self.training:
+        has_targets = labels is not None or shift_labels is not None
+        if has_targets:
+            loss = chunked_causal_lm_loss(hidden_states, labels, output_layer, shift_labels=shift_labels)
+        if not has_targets or not self.training:
             kept = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
             logits = output_layer(kept)
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
-        return result if return_dict else result.to_tuple()
+        return result if wants_return_dict(return_dict, self.config) else result.to_tuple()

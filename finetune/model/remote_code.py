@@ -6,6 +6,7 @@ save or export from it keeps `auto_map`; copying those files too lets it load wi
 (with trust_remote_code on) and with tools that expect them. We never write their content ourselves.
 """
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from data_tools.atomic_files import atomic_path
 from .checkpoint_files import read_json_file
 
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
+
+logger = logging.getLogger(__name__)
 
 
 def auto_map_modules(folder: Path) -> set[str]:
@@ -45,12 +48,26 @@ def remote_code_files(folder: str | Path) -> list[Path]:
     return sorted(files)
 
 
-def copy_remote_code_files(base: str | Path, target: str | Path) -> list[str]:
-    """Copy the remote-code files of the `base` folder into `target` (each atomically); return their names."""
+def copy_remote_code_files(base: str | Path, target: str | Path, shown_as: str | Path | None = None) -> list[str]:
+    """Copy the remote-code files of the `base` folder into `target` (each atomically); return their names.
+
+    When `target`'s auto_map names modules that neither folder has, warn (naming the folder `shown_as`, default
+    `target`): it then fails to load with the official code until the official model folder's .py files are copied.
+    """
     target = Path(target)
     copied = []
     for source in remote_code_files(base):
         with atomic_path(target / source.name) as temp_name:
             shutil.copyfile(source, temp_name)
         copied.append(source.name)
+    missing = sorted(f"{module}.py" for module in auto_map_modules(target) if not (target / f"{module}.py").is_file())
+    if missing:
+        logger.warning(
+            "%s: auto_map names %s, but the base folder %s does not have these files, so they were not copied; to "
+            "load this folder with the official code (trust_remote_code=True, e.g. vLLM, FastChat), copy the .py "
+            "files of the official chatglm3-6b model folder into it (this project does not ship them)",
+            shown_as or target,
+            ", ".join(missing),
+            base,
+        )
     return copied

@@ -8,6 +8,8 @@ import sentencepiece as spm
 from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
+from data_tools.atomic_files import write_text_atomically
+
 # ChatGLM3's own tokens, in id order: they take the ids right after the SentencePiece vocabulary.
 CHATGLM_SPECIAL_TOKENS = (
     "[MASK]",
@@ -44,6 +46,12 @@ CHATGLM3_CHAT_TEMPLATE = (
 
 
 REPLY_STOP_TOKENS = ("<|user|>", "<|observation|>")
+# SentencePiece's word-start marker.
+SENTENCEPIECE_SPACE = "\u2581"
+# tokenizer_config.json keys the official tokenizer cannot take: its special-token names are read-only properties
+# (eos/pad/unk raise "no setter"), `bos_token` would be added as a new token on the id of <|assistant|>, and
+# `added_tokens_decoder` makes it decode pad/unk ids as "<unk>". Ours derives all of them from tokenizer.model.
+KEYS_THE_OFFICIAL_TOKENIZER_REJECTS = ("added_tokens_decoder", "bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def reply_stop_ids(tokenizer) -> list[int]:
@@ -179,18 +187,13 @@ class ChatGLMTokenizer(SentencePieceBackend):
         return text, kwargs
 
     def _convert_id_to_token(self, index: int) -> str:
-        """Token of an id: as the official tokenizer, "" for bos, eos, pad/unk and negative ids (-100).
-
-        Ids past the vocabulary (the embedding's padding rows, which an untrained model may sample) give the unknown
-        token, so such output stays visible.
-        """
+        """Token of an id: as the official tokenizer, "" for bos, eos, pad/unk, negative ids (-100) and ids past the
+        vocabulary (the embedding's padding rows, which an untrained model may sample)."""
         silent = (self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id())
         if index in self._added_tokens_decoder and index not in silent:
             return self._added_tokens_decoder[index].content
-        if index in silent or index < 0:
+        if index in silent or index < 0 or index >= self.sp_model.get_piece_size():
             return ""
-        if index >= self.sp_model.get_piece_size():
-            return str(self.unk_token)
         return self.sp_model.id_to_piece(index)
 
     def _decode(
@@ -222,14 +225,23 @@ class ChatGLMTokenizer(SentencePieceBackend):
             token = self._convert_id_to_token(index)
             if token in self._added_tokens_encoder:
                 if run:
-                    parts.append(self.sp_model.decode(run))
+                    parts.append(self._decode_run(run, after_command=bool(parts)))
                     run = []
                 parts.append(token)
             elif token:
                 run.append(self.sp_model.piece_to_id(token))
         if run:
-            parts.append(self.sp_model.decode(run))
+            parts.append(self._decode_run(run, after_command=bool(parts)))
         return "".join(parts)
+
+    def _decode_run(self, run: list[int] | list[str], after_command: bool) -> str:
+        """Text of a run of SentencePiece ids or pieces. SentencePiece drops the word-start space of the text's first
+        piece; after a command token the official decoder (one SentencePiece call over all pieces) keeps it."""
+        first_piece = run[0] if isinstance(run[0], str) else self.sp_model.id_to_piece(run[0])
+        text = self.sp_model.decode(run)
+        if after_command and first_piece.startswith(SENTENCEPIECE_SPACE) and not text.startswith(" "):
+            return " " + text
+        return text
 
     def strip_command_ids(self, ids: list[int]) -> list[int]:
         """`ids` without the nine ChatGLM3 command tokens (for text-only decoding, e.g. metrics)."""
@@ -245,13 +257,13 @@ class ChatGLMTokenizer(SentencePieceBackend):
                 continue
             if token in self._added_tokens_encoder:
                 if pieces:
-                    parts.append(self.sp_model.decode_pieces(pieces))
+                    parts.append(self._decode_run(pieces, after_command=bool(parts)))
                     pieces = []
                 parts.append(token)
             else:
                 pieces.append(token)
         if pieces:
-            parts.append(self.sp_model.decode_pieces(pieces))
+            parts.append(self._decode_run(pieces, after_command=bool(parts)))
         return "".join(parts)
 
     def _pad(
@@ -314,9 +326,27 @@ class ChatGLMTokenizer(SentencePieceBackend):
         return BatchEncoding({"input_ids": [input_ids], "attention_mask": [[1] * len(input_ids)]}, tensor_type="pt")
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> tuple[str, ...]:
-        """transformers' save_pretrained; the chat template goes into tokenizer_config.json, as in official folders."""
+        """transformers' save_pretrained; the chat template goes into tokenizer_config.json, as in official folders,
+        and the keys the official tokenizer cannot load are left out (see KEYS_THE_OFFICIAL_TOKENIZER_REJECTS)."""
         kwargs.setdefault("save_jinja_files", False)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        file_names: tuple[str, ...],
+        legacy_format: bool | None = None,
+        filename_prefix: str | None = None,
+    ) -> tuple[str, ...]:
+        """Write the vocabulary, then rewrite tokenizer_config.json (`file_names[0]`) without the rejected keys."""
+        saved = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        config_path = file_names[0]
+        with open(config_path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        for key in KEYS_THE_OFFICIAL_TOKENIZER_REJECTS:
+            values.pop(key, None)
+        write_text_atomically(config_path, json.dumps(values, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        return saved
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         """Write the SentencePiece model to `save_directory` atomically (temp file + rename)."""
