@@ -317,15 +317,16 @@ def _renamed_flag(argument: str) -> str:
 
 
 def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
-    """Parse the command line, or the one .json/.yaml config file it names, into the three argument objects."""
+    argv: list[str] | None = None, argument_classes: tuple[type, ...] = ARGUMENT_CLASSES
+) -> tuple:
+    """Parse the command line, or the one .json/.yaml config file it names, into one object per argument class
+    (ModelArguments, DataArguments, Seq2SeqTrainingArguments unless other classes are given)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(argument_classes)
     if len(argv) == 1 and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
         path = Path(argv[0])
         values = read_config_file(path)
-        unknown = sorted(set(values) - {item.name for cls in ARGUMENT_CLASSES for item in dataclasses.fields(cls)})
+        unknown = sorted(set(values) - {item.name for cls in argument_classes for item in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
         return parser.parse_dict({RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})

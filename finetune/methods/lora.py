@@ -1,5 +1,6 @@
 """LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -162,3 +163,11 @@ class LoRA(FinetuneMethod):
     def quantized_variant(self) -> str:
         """LoRA on a 4-bit base is QLoRA."""
         return "qlora"
+
+    def reference_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The same model with its adapters disabled (PEFT's disable_adapter)."""
+        return model.disable_adapter()
+
+    def reference_description(self) -> str:
+        """The base with the adapter disabled."""
+        return "the same model with the LoRA adapter disabled"

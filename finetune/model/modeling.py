@@ -24,15 +24,24 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .chat import ChatMixin
 from .checkpoint_files import check_chatglm_folder
 from .configuration import ChatGLMConfig
 from .lean_ops import rms_norm, swiglu
-from .loss import chunked_causal_lm_loss
+from .loss import chunked_causal_lm_loss, chunked_sequence_log_probs
 from .prefix_encoder import PrefixEncoder
 
 PrefixKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SequenceLogProbsOutput(ModelOutput):
+    """Per row: the summed log-probability of the labelled tokens (fp32) and how many tokens are labelled."""
+
+    log_probs: torch.Tensor | None = None
+    label_counts: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -532,11 +541,14 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         past_key_values: Cache | None = None,
         return_dict: bool | None = None,
         output_hidden_states: bool | None = None,
+        sequence_log_probs: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> "CausalLMOutputWithPast | SequenceLogProbsOutput | tuple":
         """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits).
 
         `return_dict=False` gives the official tuple: (loss,) logits, cache (and hidden states when asked).
+        `sequence_log_probs=True` (with labels) returns instead each row's summed log-probability of its labelled
+        tokens and their count (SequenceLogProbsOutput), for preference training.
         """
         outputs = self.transformer(
             input_ids=input_ids,
@@ -549,6 +561,11 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         )
         hidden_states = outputs.last_hidden_state
         output_layer = self.transformer.output_layer
+        if sequence_log_probs:
+            if labels is None:
+                raise ValueError("sequence_log_probs=True needs labels: the tokens whose log-probabilities to sum")
+            sums, counts = chunked_sequence_log_probs(hidden_states, labels, output_layer)
+            return SequenceLogProbsOutput(log_probs=sums, label_counts=counts)
         loss = None
         logits = None
         if labels is not None:
