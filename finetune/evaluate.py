@@ -11,6 +11,8 @@ what it would get alone. The data and the output folder are checked before the m
 appended to partial files as they are made, a rerun with the same settings continues from them, and the finished run
 writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and for conversations the reference and
 predicted tool calls) and `metrics.json` (ROUGE-1/2/L, BLEU-4, and tool-call metrics when the data has tool calls).
+Preference data (chosen/rejected pairs) is detected and scored instead by finetune.preference_eval: preference accuracy,
+reward margin, chosen and rejected log-probabilities.
 """
 
 import argparse
@@ -43,10 +45,12 @@ from finetune.data.encoding import (
     conversation_tokens,
     encode_input_output,
 )
+from finetune.data.preference import detect_preference_file
 from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
 from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.tokenization import reply_stop_ids
+from finetune.preference_eval import evaluate_preferences
 from finetune.prediction_log import (
     OutputNotWritableError,
     PartialWriter,
@@ -451,6 +455,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     """
     set_seed(args.seed)
     require_checkpoint_folder(args.model)
+    if detect_preference_file(args.data):
+        output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
+        check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
+        return evaluate_preferences(args, output_dir)
     recorded_length, recorded_format = training_defaults(args.model)
     max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
     records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)
