@@ -72,8 +72,8 @@ class PreferenceArguments:
     init_checkpoint: str | None = field(
         default=None,
         metadata={
-            "help": "Start from this SFT checkpoint of full or freeze tuning (a whole model): it is trained on and is "
-            "the reference. Default: the base model."
+            "help": "Start from this whole-model SFT checkpoint (full or freeze tuning, or a LoRA checkpoint merged by "
+            "inference/export.py): the run trains on top of it and it is the reference. Default: the base model."
         },
     )
 
@@ -112,6 +112,11 @@ def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArgum
             f"whole model first (python inference/export.py --model {folder} --output_dir MERGED) and start from that"
         )
     check_base_model_folder(str(folder))
+    if AutoConfig.from_pretrained(folder).pre_seq_len:
+        raise ValueError(
+            f"--init_checkpoint {folder}: this model carries a P-Tuning v2 prefix (pre_seq_len in config.json), which "
+            "cannot serve as the reference of a preference run; start from a full, freeze or merged LoRA SFT model"
+        )
     model_args.model_name_or_path = str(folder)
 
 
