@@ -29,7 +29,7 @@ from finetune.checkpoint_layout import CheckpointKind, read_training_record
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.preference import REFERENCE_COLUMNS, PreferenceCollator, PreferenceData, load_preference_data
 from finetune.memory_preflight import run_preflight
-from finetune.methods import build_model, method_of, recognise_checkpoint
+from finetune.methods import build_model, method_named, method_of, recognise_checkpoint
 from finetune.methods.base import FinetuneMethod
 from finetune.preference_loss import (
     DEFAULT_SIMPO_GAMMA,
@@ -122,8 +122,6 @@ def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArgum
 
 def method_of_record(record: dict) -> FinetuneMethod | None:
     """The method a training record names, or None."""
-    from finetune.methods import method_named
-
     return method_named(record["method"]) if record.get("method") else None
 
 
@@ -303,7 +301,9 @@ def run(
         )
     method = method_of(model_args)
     model_config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection
+        model_args.model_name_or_path,
+        pre_seq_len=model_args.pre_seq_len,
+        prefix_projection=model_args.prefix_projection,
     )
     estimate = run_preflight(
         model_config,
@@ -312,14 +312,15 @@ def run(
         training_args,
         seq_length=max(train.dataset["length"]),
         sequences_per_example=2,
-        reference_pass=pref_args.needs_reference,
+        # Without a reference context the reference is cached before training, when nothing else is on the device.
+        reference_pass=pref_args.needs_reference and method.reference_on_the_fly,
     )
     model = build_model(model_args, training_args)
     if not training_args.gradient_checkpointing:
         apply_recompute_plan(model, estimate.setup.recompute)
     collator = PreferenceCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of)
     train_dataset, eval_dataset = train.dataset, evaluation.dataset if evaluation is not None else None
-    if pref_args.needs_reference and method.reference_context(model) is None:
+    if pref_args.needs_reference and not method.reference_on_the_fly:
         logger.info("computing the reference log-probabilities of %d pairs (cached with the data)", len(train_dataset))
         batch_size = training_args.per_device_eval_batch_size
         train_dataset = cache_reference_log_probs(model, train_dataset, collator, batch_size)

@@ -64,7 +64,7 @@ def preference_metrics(
 
 def evaluate_preferences(args: argparse.Namespace, output_dir: Path) -> dict[str, float]:
     """Load the checkpoint, score every pair of --data against the training reference, write metrics.json."""
-    from finetune.evaluate import format_metrics_table
+    from finetune.evaluate import format_metrics_table  # finetune.evaluate imports this module: import when run
 
     folder = require_checkpoint_folder(args.model)
     record = read_training_record(folder) or {}
@@ -72,11 +72,13 @@ def evaluate_preferences(args: argparse.Namespace, output_dir: Path) -> dict[str
     max_length = int((record.get("data_args") or {}).get("max_seq_length") or EVALUATION_MAX_LENGTH)
     model, tokenizer, _kind = load_from_arguments(args)
     data = load_preference_data(args.data, tokenizer, max_length, skip_invalid=args.skip_invalid)
-    dataset = data.dataset if args.max_samples is None else data.dataset.select(range(min(args.max_samples, len(data.dataset))))
+    dataset = data.dataset
+    if args.max_samples is not None and args.max_samples < len(dataset):
+        dataset = dataset.select(range(args.max_samples))
     collator = PreferenceCollator(tokenizer.pad_token_id)
     chosen, rejected = pair_log_probs(model, dataset, collator, args.batch_size)
     method = checkpoint_method(folder)
-    if method is not None and method.reference_context(model) is not None:
+    if method is not None and method.reference_on_the_fly:
         reference = pair_log_probs(model, dataset, collator, args.batch_size, method.reference_context)
         described = method.reference_description()
     elif method is not None and record.get("base_model") and Path(record["base_model"]).resolve() != folder.resolve():

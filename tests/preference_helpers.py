@@ -45,7 +45,9 @@ def held_out_pairs() -> list[dict]:
     return preference_pairs(HELD_OUT_PROMPTS, 8)
 
 
-def preference_arguments(model_dir: Path, train_file: Path, output_dir: Path, cache_dir: Path, **overrides) -> list[str]:
+def preference_arguments(
+    model_dir: Path, train_file: Path, output_dir: Path, cache_dir: Path, **overrides
+) -> list[str]:
     """Arguments of a short fp32 CPU preference run (LoRA rank 4 unless overridden)."""
     settings = {"lora_rank": 4, "max_seq_length": 128, "max_steps": 6, "save_steps": 6, "learning_rate": 2e-2,
                 "lora_dropout": 0.0, "max_source_length": None, "max_target_length": None}  # fmt: skip

@@ -30,8 +30,11 @@ HH_RECORDS = [
     {"chosen": "\n\nHuman: 你好\n\nAssistant: 你好！有什么可以帮你？", "rejected": "\n\nHuman: 你好\n\nAssistant: "},
 ]
 
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
-                                                 "parameters": {"type": "object", "properties": {"city": {}}}}}  # fmt: skip
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Current weather",
+                 "parameters": {"type": "object", "properties": {"city": {}}}},
+}  # fmt: skip
 ULTRAFEEDBACK_RECORDS = [
     {
         "prompt": "Write a haiku about autumn.",

@@ -116,3 +116,18 @@ def test_trainable_parameters_stay_fp32_on_a_bf16_base(method_flags, tiny_model_
     frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad]
     assert trainable and all(parameter.dtype == torch.float32 for parameter in trainable)
     assert frozen and all(parameter.dtype == torch.bfloat16 for parameter in frozen)
+
+
+@pytest.mark.parametrize("name", list(METHOD_FLAGS))
+def test_the_preference_reference_is_the_base_without_the_trained_part(name, tiny_model_dir, tiny_tokenizer):
+    model_args, model = trainable_model(name, tiny_model_dir)
+    method = method_of(model_args)
+    if not method.reference_on_the_fly:  # freeze and full change base weights: the reference is cached instead
+        assert method.reference_context(model) is None
+        return
+    base = load_base_model(ModelArguments(model_name_or_path=str(tiny_model_dir)), torch.float32).eval()
+    base_logits = probe_logits(base, tiny_tokenizer)
+    assert not torch.allclose(probe_logits(model, tiny_tokenizer), base_logits)
+    with method.reference_context(model):
+        torch.testing.assert_close(probe_logits(model, tiny_tokenizer), base_logits)
+    assert not torch.allclose(probe_logits(model, tiny_tokenizer), base_logits)  # the trained part is back afterwards

@@ -52,7 +52,8 @@ def test_untrained_model_scores_one_half(tiny_model_dir, pair_files, tmp_path, c
 def test_preference_tuning_learns_held_out_pairs(case, tiny_model_dir, pair_files, tmp_path):
     overrides, method, reference = CASES[case]
     output_dir = tmp_path / "run"
-    run = preference_main(preference_arguments(tiny_model_dir, pair_files[0], output_dir, tmp_path / "cache", **overrides))
+    arguments = preference_arguments(tiny_model_dir, pair_files[0], output_dir, tmp_path / "cache", **overrides)
+    run = preference_main(arguments)
     logs = [entry for entry in run.trainer.state.log_history if "loss" in entry]
     assert len(logs) == 6 and all("rewards/chosen" in entry and "rewards/rejected" in entry for entry in logs)
     margins = [entry["rewards/margins"] for entry in logs]
@@ -87,3 +88,23 @@ def test_a_run_starts_from_a_whole_model_sft_checkpoint_which_is_its_reference(t
     with pytest.raises(ValueError, match="holds only what it trained; merge it into a whole model first"):
         preference_main(preference_arguments(tiny_model_dir, pair_files[0], tmp_path / "again", tmp_path / "cache",
                                              init_checkpoint=output_dir))  # fmt: skip
+
+
+def test_known_errors_end_a_preference_run_with_one_line(tiny_model_dir, pair_files, tmp_path):
+    import subprocess
+    import sys
+
+    from launcher_helpers import REPO_ROOT
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "finetune.preference", "--model_name_or_path", str(tiny_model_dir), "--train_file",
+         str(pair_files[0]), "--output_dir", str(tmp_path / "out"), "--use_cpu", "--lora_rank", "4", "--pref_loss",
+         "ipo"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert completed.stderr.strip().splitlines()[-1] == "error: --pref_loss must be one of dpo, simpo, got 'ipo'"
+    assert "Traceback" not in completed.stderr
+    with pytest.raises(ValueError, match="--packing does not apply to preference pairs"):
+        preference_main(preference_arguments(tiny_model_dir, pair_files[0], tmp_path / "out", tmp_path / "cache",
+                                             packing=True))  # fmt: skip

@@ -48,8 +48,10 @@ def test_conversation_pair_encodes_each_side_as_sft_with_labels_only_on_the_repl
     assert encoded["chosen_input_ids"] == sft_chosen["input_ids"] and encoded["chosen_labels"] == sft_chosen["labels"]
     # The rejected tool call is the assistant half of an SFT tool turn: the same tokens and labels, then eos.
     sft_tool = encode_conversation(
-        {"tools": TOOLS, "conversations": [*history_without_loss, {"role": "tool", "name": "get_weather",
-                                                                  "parameters": {"city": "北京"}, "observation": "20"}]},
+        {"tools": TOOLS, "conversations": [
+            *history_without_loss,
+            {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": "20"},
+        ]},
         tiny_tokenizer,
         None,
     )  # fmt: skip

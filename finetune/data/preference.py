@@ -208,7 +208,8 @@ def load_preference_data(
     for record in valid:
         encoded = encode_pair(record.value, tokenizer)
         if encoded["length"] > max_seq_length:
-            too_long.append(record.problem(None, f"pair has {encoded['length']} tokens > max_seq_length {max_seq_length}"))
+            message = f"pair has {encoded['length']} tokens > max_seq_length {max_seq_length}"
+            too_long.append(record.problem(None, message))
             continue
         for key, column in rows.items():
             column.append(encoded[key])

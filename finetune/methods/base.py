@@ -45,6 +45,9 @@ class FinetuneMethod(abc.ABC):
     trains_base_weights: bool = False
     # Why the method cannot train under DeepSpeed ZeRO-3, or None when it can.
     zero3_problem: str | None = None
+    # True when `reference_context` gives the preference reference during training (the trained part switched off);
+    # False: the reference log-probabilities are computed once before training and cached with the data.
+    reference_on_the_fly: bool = False
 
     # ---- training -----------------------------------------------------------------------------------------------
 

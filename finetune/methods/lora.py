@@ -92,6 +92,7 @@ class LoRA(FinetuneMethod):
 
     name = "lora"
     checkpoint_kind = CheckpointKind.LORA
+    reference_on_the_fly = True
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Wrap the base in a PeftModel with the LoRA settings of the arguments."""

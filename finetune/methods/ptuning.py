@@ -55,6 +55,7 @@ class PTuningV2(FinetuneMethod):
 
     name = "ptuning"
     checkpoint_kind = CheckpointKind.PREFIX
+    reference_on_the_fly = True
     zero3_problem = (
         "P-Tuning v2 trains only the small prefix encoder and is saved from the model itself, which ZeRO-3 "
         "partitions; use a ZeRO-2 DeepSpeed config (ds_configs/zero2.json) or none"
