@@ -108,3 +108,23 @@ def test_known_errors_end_a_preference_run_with_one_line(tiny_model_dir, pair_fi
     with pytest.raises(ValueError, match="--packing does not apply to preference pairs"):
         preference_main(preference_arguments(tiny_model_dir, pair_files[0], tmp_path / "out", tmp_path / "cache",
                                              packing=True))  # fmt: skip
+
+
+def test_ctrl_c_saves_an_ordinary_checkpoint_of_a_preference_run(tiny_model_dir, pair_files, tmp_path):
+    import os
+    import signal
+    import sys
+
+    from launcher_helpers import LAUNCHER_KNOBS, run_until_logging_then_signal, stopped_checkpoint_step
+
+    output_dir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
+    arguments = preference_arguments(
+        tiny_model_dir, pair_files[0], output_dir, tmp_path / "cache", max_steps=100000, save_steps=100000
+    )
+    command = [sys.executable, "-m", "finetune.preference", *arguments]
+    status, output = run_until_logging_then_signal(command, env, signal.SIGINT)
+    assert status == 128 + signal.SIGINT, output[-3000:]
+    step = stopped_checkpoint_step(output, output_dir)
+    record = json.loads((output_dir / f"checkpoint-{step}" / "training_record.json").read_text(encoding="utf-8"))
+    assert record["stage"] == "preference" and record["global_step"] == step
