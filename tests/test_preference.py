@@ -128,3 +128,13 @@ def test_ctrl_c_saves_an_ordinary_checkpoint_of_a_preference_run(tiny_model_dir,
     step = stopped_checkpoint_step(output, output_dir)
     record = json.loads((output_dir / f"checkpoint-{step}" / "training_record.json").read_text(encoding="utf-8"))
     assert record["stage"] == "preference" and record["global_step"] == step
+
+
+def test_launcher_refuses_an_unknown_method(tiny_model_dir, pair_files, tmp_path):
+    from launcher_helpers import run_launcher
+
+    knobs = {"BASE_MODEL_PATH": str(tiny_model_dir), "DATASET_PATH": str(pair_files[0]),
+             "OUTPUT_DIR": str(tmp_path / "out")}  # fmt: skip
+    unknown = run_launcher("finetune_dpo.sh", {**knobs, "METHOD": "rlhf"})
+    assert unknown.returncode == 2
+    assert "error: METHOD must be one of lora, qlora, ptuning, freeze or full, got 'rlhf'" in unknown.output
