@@ -26,7 +26,7 @@ from transformers.trainer_utils import set_seed
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
 from finetune.checkpoint_layout import CheckpointKind, read_training_record
-from finetune.checkpoints import check_base_model_folder
+from finetune.checkpoints import check_base_model_folder, resolve_base
 from finetune.data.preference import REFERENCE_COLUMNS, PreferenceCollator, PreferenceData, load_preference_data
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, method_named, method_of, recognise_checkpoint
@@ -99,18 +99,29 @@ def parse_preference_arguments(
     return parse_arguments(argv, PREFERENCE_ARGUMENT_CLASSES)
 
 
-def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArguments) -> None:
-    """With --init_checkpoint, train on top of that whole-model SFT checkpoint: it becomes the run's base model."""
+def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArguments) -> Path | None:
+    """Apply --init_checkpoint. A whole-model SFT checkpoint becomes the run's base model (None is returned). An
+    adapter or prefix checkpoint of the run's own method keeps its base; it is returned, for its weights to be loaded
+    before training (they then train on, and the reference log-probabilities are those of the checkpoint, cached)."""
     if not pref_args.init_checkpoint:
-        return
+        return None
     folder = Path(pref_args.init_checkpoint)
     record = read_training_record(folder) if folder.is_dir() else None
     sft_method = recognise_checkpoint(folder) if record is None else method_of_record(record)
     if sft_method is not None and sft_method.checkpoint_kind != CheckpointKind.FULL:
-        raise ValueError(
-            f"--init_checkpoint {folder}: a {sft_method.name} checkpoint holds only what it trained; merge it into a "
-            f"whole model first (python inference/export.py --model {folder} --output_dir MERGED) and start from that"
-        )
+        run_method = method_of(model_args)
+        if sft_method.checkpoint_kind != run_method.checkpoint_kind:
+            raise ValueError(
+                f"--init_checkpoint {folder}: a {sft_method.name} checkpoint holds only what it trained, so it can "
+                f"start a {sft_method.name} preference run only (this run is {run_method.name}); or merge it into a "
+                f"whole model first (python inference/export.py --model {folder} --output_dir MERGED) and start from "
+                "that"
+            )
+        problem = run_method.settings_mismatch(record, model_args) if record is not None else None
+        if problem:
+            raise ValueError(f"--init_checkpoint {folder}: {problem}; use the SFT run's settings")
+        model_args.model_name_or_path = resolve_base(folder)
+        return folder
     check_base_model_folder(str(folder))
     if AutoConfig.from_pretrained(folder).pre_seq_len:
         raise ValueError(
@@ -118,6 +129,7 @@ def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArgum
             "cannot serve as the reference of a preference run; start from a full, freeze or merged LoRA SFT model"
         )
     model_args.model_name_or_path = str(folder)
+    return None
 
 
 def method_of_record(record: dict) -> FinetuneMethod | None:
@@ -125,10 +137,17 @@ def method_of_record(record: dict) -> FinetuneMethod | None:
     return method_named(record["method"]) if record.get("method") else None
 
 
-def reference_description(method: FinetuneMethod, pref_args: PreferenceArguments, model_args: ModelArguments) -> str:
+def reference_description(
+    method: FinetuneMethod, pref_args: PreferenceArguments, model_args: ModelArguments, adapter_start: Path | None
+) -> str:
     """What the run compares with: nothing (reference-free), or how the starting model is the reference."""
     if not pref_args.needs_reference:
         return f"none ({pref_args.pref_loss} is reference-free)"
+    if adapter_start is not None:
+        return (
+            f"{adapter_start.resolve()}: log-probabilities of this SFT checkpoint, computed in one pass before "
+            "training and cached with the data"
+        )
     return f"{base_model_reference(model_args.model_name_or_path)}: {method.reference_description()}"
 
 
@@ -186,7 +205,9 @@ class PreferenceTrainer(FinetuneTrainer):
                 "beta": self.pref_args.pref_beta,
                 "simpo_gamma": self.pref_args.simpo_gamma if self.pref_args.pref_loss != DPO else None,
                 "reference": self.reference,
-                "init_checkpoint": self.pref_args.init_checkpoint,
+                "init_checkpoint": (
+                    str(Path(self.pref_args.init_checkpoint).resolve()) if self.pref_args.init_checkpoint else None
+                ),
             },
         }
 
@@ -243,6 +264,18 @@ class PreferenceTrainer(FinetuneTrainer):
         return loss.detach(), None, None
 
 
+def cache_reference(trainer: "PreferenceTrainer") -> None:
+    """Add the starting model's reference log-probabilities to the trainer's train and eval pairs (one pass each)."""
+    model, batch_size = trainer.model, trainer.args.per_device_eval_batch_size
+    if not getattr(model, "is_quantized", False):
+        model.to(trainer.args.device)  # DeepSpeed moves the model only in train(); the pass runs on the device
+    pairs = len(trainer.train_dataset)
+    logger.info("computing the reference log-probabilities of %d pairs (cached with the data)", pairs)
+    trainer.train_dataset = cache_reference_log_probs(model, trainer.train_dataset, trainer.data_collator, batch_size)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = cache_reference_log_probs(model, trainer.eval_dataset, trainer.data_collator, batch_size)
+
+
 def check_preference_settings(
     model_args: ModelArguments, data_args: DataArguments, training_args: Seq2SeqTrainingArguments
 ) -> None:
@@ -283,7 +316,7 @@ def run(
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = False
     check_preference_settings(model_args, data_args, training_args)
-    start_from_checkpoint(model_args, pref_args)
+    adapter_start = start_from_checkpoint(model_args, pref_args)
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         check_checkpoint_matches(resume, model_args)
@@ -319,13 +352,6 @@ def run(
     if not training_args.gradient_checkpointing:
         apply_recompute_plan(model, estimate.setup.recompute)
     collator = PreferenceCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of)
-    train_dataset, eval_dataset = train.dataset, evaluation.dataset if evaluation is not None else None
-    if pref_args.needs_reference and not method.reference_on_the_fly:
-        logger.info("computing the reference log-probabilities of %d pairs (cached with the data)", len(train_dataset))
-        batch_size = training_args.per_device_eval_batch_size
-        train_dataset = cache_reference_log_probs(model, train_dataset, collator, batch_size)
-        if eval_dataset is not None:
-            eval_dataset = cache_reference_log_probs(model, eval_dataset, collator, batch_size)
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None:
             config.bos_token_id = tokenizer.bos_token_id
@@ -334,8 +360,8 @@ def run(
         model=model,
         args=training_args,
         data_collator=collator,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=train.dataset,
+        eval_dataset=evaluation.dataset if evaluation is not None else None,
         processing_class=tokenizer,
         callbacks=[ThroughputCallback(), LossCurveCallback(training_args.output_dir), *extra_callbacks, stop],
         model_args=model_args,
@@ -343,8 +369,13 @@ def run(
         eval_data_collator=collator,
         max_new_tokens=1,
         pref_args=pref_args,
-        reference=reference_description(method, pref_args, model_args),
+        reference=reference_description(method, pref_args, model_args, adapter_start),
     )
+    if adapter_start is not None:
+        logger.info("starting from the %s weights of %s", method.name, adapter_start)
+        trainer.load_checkpoint_weights(adapter_start)
+    if pref_args.needs_reference and (adapter_start is not None or not method.reference_on_the_fly):
+        cache_reference(trainer)
     outcome = TrainingRun(trainer)
     if already_finished(resume, training_args):
         logger.info("%s already reached max_steps=%d; nothing left to train", resume, training_args.max_steps)
@@ -354,7 +385,7 @@ def run(
         outcome.metrics["train"] = result.metrics
         save_metrics(trainer, "train", result.metrics)
     trainer.save_final_model()
-    if training_args.do_eval and eval_dataset is not None:
+    if training_args.do_eval and trainer.eval_dataset is not None:
         outcome.metrics["eval"] = trainer.evaluate(metric_key_prefix="eval")
         save_metrics(trainer, "eval", outcome.metrics["eval"])
     return outcome

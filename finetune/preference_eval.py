@@ -2,7 +2,8 @@
 PAIRS` when the data holds pairs).
 
 For every pair the implicit reward of each reply is beta * (log pi(reply) - log ref(reply)), summed over the reply's
-tokens, with the reference of training: LoRA and P-Tuning v2 checkpoints are compared with the same model with the
+tokens, with the reference of training: a run started from an SFT checkpoint (--init_checkpoint) is compared with that
+checkpoint, loaded after the tuned model's pass; other LoRA and P-Tuning v2 checkpoints with the same model with the
 adapter or prefix disabled; full and freeze checkpoints with the model they started from (the base_model of their
 training_record.json), loaded after the tuned model's pass; a checkpoint without a method (a base model) with itself.
 beta is the recorded preference beta (else 0.1). preference_accuracy is the share of pairs whose chosen reward
@@ -18,7 +19,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data_tools.atomic_files import write_json_atomically
-from finetune.checkpoints import checkpoint_method, load_from_arguments, read_training_record, require_checkpoint_folder
+from finetune.checkpoints import (
+    checkpoint_method,
+    load_for_inference,
+    load_from_arguments,
+    read_training_record,
+    require_checkpoint_folder,
+)
 from finetune.data.preference import PreferenceCollator, load_preference_data
 from finetune.preference import sequence_log_probs
 
@@ -78,7 +85,13 @@ def evaluate_preferences(args: argparse.Namespace, output_dir: Path) -> dict[str
     collator = PreferenceCollator(tokenizer.pad_token_id)
     chosen, rejected = pair_log_probs(model, dataset, collator, args.batch_size)
     method = checkpoint_method(folder)
-    if method is not None and method.reference_on_the_fly:
+    init_checkpoint = (record.get("preference") or {}).get("init_checkpoint")
+    if init_checkpoint and Path(init_checkpoint).is_dir():
+        del model
+        reference_model, _tokenizer, _kind = load_for_inference(init_checkpoint, device=args.device, dtype=args.dtype)
+        reference = pair_log_probs(reference_model, dataset, collator, args.batch_size)
+        described = f"the SFT checkpoint the run started from, {init_checkpoint}"
+    elif method is not None and method.reference_on_the_fly:
         reference = pair_log_probs(model, dataset, collator, args.batch_size, method.reference_context)
         described = method.reference_description()
     elif method is not None and record.get("base_model") and Path(record["base_model"]).resolve() != folder.resolve():

@@ -75,19 +75,32 @@ def test_preference_tuning_learns_held_out_pairs(case, tiny_model_dir, pair_file
     assert model.generate(**_tokenizer("类型#裙", return_tensors="pt"), max_new_tokens=2).shape[1] > 0
 
 
-def test_a_run_starts_from_a_whole_model_sft_checkpoint_which_is_its_reference(tiny_model_dir, pair_files, tmp_path):
+def test_a_run_starts_from_an_sft_checkpoint_which_is_its_reference(tiny_model_dir, pair_files, tmp_path):
+    # A whole model (freeze tuning's output) becomes the run's base.
     sft = tmp_path / "sft"
     preference_main(preference_arguments(tiny_model_dir, pair_files[0], sft, tmp_path / "cache", lora_rank=None,
                                          trainable_layers=1, max_steps=1, save_steps=1))  # fmt: skip
     output_dir = tmp_path / "run"
     preference_main(preference_arguments(tiny_model_dir, pair_files[0], output_dir, tmp_path / "cache",
-                                         init_checkpoint=sft, max_steps=1, save_steps=1))  # fmt: skip
+                                         init_checkpoint=sft, max_steps=2, save_steps=2))  # fmt: skip
     record = json.loads((output_dir / "training_record.json").read_text(encoding="utf-8"))
     assert record["base_model"] == str(sft.resolve()) and record["preference"]["init_checkpoint"] == str(sft)
     assert record["preference"]["reference"].startswith(str(sft.resolve()))
-    with pytest.raises(ValueError, match="holds only what it trained; merge it into a whole model first"):
-        preference_main(preference_arguments(tiny_model_dir, pair_files[0], tmp_path / "again", tmp_path / "cache",
-                                             init_checkpoint=output_dir))  # fmt: skip
+    # A LoRA checkpoint keeps its base; its adapter trains on, and the reference is that checkpoint (cached): the
+    # first step's policy equals it, so the loss is log 2 with zero rewards (adapter-disabled would differ).
+    again = tmp_path / "again"
+    run = preference_main(preference_arguments(tiny_model_dir, pair_files[0], again, tmp_path / "cache",
+                                               init_checkpoint=output_dir, max_steps=2, save_steps=2))  # fmt: skip
+    first = next(entry for entry in run.trainer.state.log_history if "loss" in entry)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    record = json.loads((again / "training_record.json").read_text(encoding="utf-8"))
+    assert record["base_model"] == str(sft.resolve()) and record["method"] == "lora"
+    assert "log-probabilities of this SFT checkpoint" in record["preference"]["reference"]
+    metrics = evaluate_pairs(again, pair_files[1], tmp_path / "eval")
+    assert 0 <= metrics["preference_accuracy"] <= 1 and metrics["pairs"] == 8
+    with pytest.raises(ValueError, match="can start a lora preference run only .this run is ptuning."):
+        preference_main(preference_arguments(tiny_model_dir, pair_files[0], tmp_path / "other", tmp_path / "cache",
+                                             init_checkpoint=output_dir, lora_rank=None, pre_seq_len=4))  # fmt: skip
 
 
 def test_known_errors_end_a_preference_run_with_one_line(tiny_model_dir, pair_files, tmp_path):
