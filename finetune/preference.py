@@ -7,8 +7,9 @@ The loss is ours (finetune.preference_loss) inside our Trainer, not TRL's DPOTra
 fused per-token log-probabilities (`fused_lm_head=True`), which ChatGLM3 does not have, and re-tokenizes prompts and
 completions its own way, not with our ChatGLM3 encoding (docs/preference.md). The reference needs no second model:
 the method's `reference_context` (LoRA: adapter disabled, P-Tuning v2: prefix disabled) runs the same model as the
-reference; full and freeze tuning change the base weights, so the reference log-probabilities are computed once
-before training and cached with the data. Checkpoints are ordinary checkpoints of their method; training_record.json
+reference; full and freeze tuning change the base weights, and a run continuing an SFT adapter or prefix starts from
+weights that disabling would not give back, so there the reference log-probabilities are computed once before
+training and cached with the data. Checkpoints are ordinary checkpoints of their method; training_record.json
 adds stage, loss, beta and reference.
 """
 
@@ -72,8 +73,9 @@ class PreferenceArguments:
     init_checkpoint: str | None = field(
         default=None,
         metadata={
-            "help": "Start from this whole-model SFT checkpoint (full or freeze tuning, or a LoRA checkpoint merged by "
-            "inference/export.py): the run trains on top of it and it is the reference. Default: the base model."
+            "help": "Start from this SFT checkpoint, which is then the reference: a whole model (full or freeze "
+            "tuning, or merged by inference/export.py), or a LoRA/P-Tuning v2 checkpoint of this run's method (its "
+            "weights train on). Default: the base model."
         },
     )
 

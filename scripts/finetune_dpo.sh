@@ -2,7 +2,8 @@
 # Preference tuning (DPO, or the reference-free SimPO) on chosen/rejected pairs, with any fine-tuning method.
 # Usage: [KNOB=value ...] bash scripts/finetune_dpo.sh [extra finetune.preference flags]
 # Knobs: METHOD [lora] (lora, qlora, ptuning, freeze or full), PREF_LOSS [dpo] (dpo or simpo), PREF_BETA [0.1],
-# INIT_CHECKPOINT (a whole-model SFT checkpoint to start from; it is then the reference), LR, MAX_SEQ_LEN [1024]
+# INIT_CHECKPOINT (the SFT checkpoint to start from: a whole model, or a LoRA/P-Tuning checkpoint of METHOD; it is then
+# the reference), LR, MAX_SEQ_LEN [1024]
 # (pairs whose longer side exceeds it are dropped and counted), LORA_RANK [8], LORA_ALPHA, LORA_DROPOUT, LORA_TARGET,
 # QUANTIZATION_BIT (qlora: 4), PRE_SEQ_LEN [128], TRAINABLE_LAYERS [2] (freeze), DS_CONFIG (a DeepSpeed config,
 # e.g. ds_configs/zero2.json), and the shared ones in _common.sh. DEV_BATCH_SIZE counts pairs (two rows each);
