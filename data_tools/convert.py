@@ -17,6 +17,7 @@ CONVERTERS = {
     "openai": "data_tools.format_openai",
     "glm4": "data_tools.format_glm4",
     "sharegpt": "data_tools.format_sharegpt",
+    "preference": "data_tools.format_preference",
 }
 
 

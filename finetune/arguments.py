@@ -331,16 +331,17 @@ def _renamed_flag(argument: str) -> str:
 
 
 def parse_arguments(
-    argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
-    """Parse `[CONFIG.yaml|.json] [--flag value ...]` into the three argument objects: the config file's values
-    replace the dataclasses' defaults and the flags go on top of the file."""
+    argv: list[str] | None = None, argument_classes: tuple[type, ...] = ARGUMENT_CLASSES
+) -> tuple:
+    """Parse `[CONFIG.yaml|.json] [--flag value ...]` into one object per argument class (ModelArguments,
+    DataArguments, Seq2SeqTrainingArguments unless other classes are given): the config file's values replace the
+    dataclasses' defaults and the flags go on top of the file."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = HfArgumentParser(argument_classes)
     if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
         path = Path(argv.pop(0))
         values = read_config_file(path)
-        unknown = sorted(set(values) - {item.name for cls in ARGUMENT_CLASSES for item in dataclasses.fields(cls)})
+        unknown = sorted(set(values) - {item.name for cls in argument_classes for item in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
         parser.set_defaults(**{RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
@@ -349,7 +350,7 @@ def parse_arguments(
     values = vars(namespace)
     return tuple(
         argument_class(**{item.name: values[item.name] for item in dataclasses.fields(argument_class) if item.init})
-        for argument_class in ARGUMENT_CLASSES
+        for argument_class in argument_classes
     )
 
 

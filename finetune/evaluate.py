@@ -13,6 +13,8 @@ writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and f
 predicted tool calls) and the metrics (ROUGE-1/2/L, BLEU-4, and tool-call metrics when the data has tool calls) with
 the metric convention, the number of evaluated turns and the checkpoint: `metrics.json` in the default convention,
 `metrics.<convention>.json` in another, so a rerun in one convention never overwrites the other's numbers.
+Preference data (chosen/rejected pairs) is detected and scored instead by finetune.preference_eval: preference accuracy,
+reward margin, chosen and rejected log-probabilities.
 """
 
 import argparse
@@ -45,8 +47,9 @@ from finetune.data.encoding import (
     conversation_tokens,
     encode_input_output,
 )
-from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
+from finetune.data.preference import detect_preference_file
 from finetune.data.source_formats import check_not_source_format
+from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
 from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics, metric_scale
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.tokenization import reply_stop_ids
@@ -61,6 +64,7 @@ from finetune.prediction_log import (
     read_partial_rows,
     settings_path,
 )
+from finetune.preference_eval import evaluate_preferences
 from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
@@ -485,6 +489,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     """
     set_seed(args.seed)
     require_checkpoint_folder(args.model)
+    if detect_preference_file(args.data):
+        output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
+        check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
+        return evaluate_preferences(args, output_dir)
     recorded_length, recorded_format = training_defaults(args.model)
     max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
     records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)

@@ -64,6 +64,10 @@ class TrainingSetup:
     offload_optimizer: bool = False
     offload_params: bool = False
     logits_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    # Preference tuning: rows per example (2: the chosen and the rejected side of a pair, batch_size counts pairs),
+    # and whether each step first runs the reference forward pass without gradients.
+    sequences_per_example: int = 1
+    reference_pass: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -88,6 +92,11 @@ class TrainingSetup:
             raise ValueError("parameter offload needs ZeRO stage 3")
 
     @property
+    def rows(self) -> int:
+        """Sequences in one micro-batch: batch_size examples times the sequences of each."""
+        return self.batch_size * self.sequences_per_example
+
+    @property
     def layer_modes(self) -> tuple[int, int]:
         """(layers recomputed whole, layers recomputing their MLP); --gradient_checkpointing means every layer whole."""
         if self.gradient_checkpointing:
@@ -108,6 +117,7 @@ class MemoryEstimate:
     activations: int
     logits: int
     cpu_offload: int
+    reference: int = 0
     num_layers: int = 0
     device_memory: int | None = None
     advice: tuple[str, ...] = ()
@@ -115,7 +125,7 @@ class MemoryEstimate:
     @property
     def total(self) -> int:
         """Everything held on the GPU at the peak of a training step."""
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits + self.reference
 
     @property
     def fits(self) -> bool | None:
@@ -129,7 +139,9 @@ class MemoryEstimate:
         setup = self.setup
         counts = f"{_count(self.total_parameters)} total, {_count(self.trainable_parameters)} trainable"
         lines = [
-            f"Memory estimate per GPU for {setup.method} (batch {setup.batch_size} x {setup.seq_length} tokens, "
+            f"Memory estimate per GPU for {setup.method} (batch {setup.batch_size}"
+            + (f" pairs = {setup.rows} rows" if setup.sequences_per_example > 1 else "")
+            + f" x {setup.seq_length} tokens, "
             f"{str(setup.weight_dtype).removeprefix('torch.')}"
             + (f", {setup.quantization_bit}-bit weights" if setup.quantization_bit else "")
             + (", gradient checkpointing" if setup.gradient_checkpointing else "")
@@ -142,6 +154,7 @@ class MemoryEstimate:
             f"  optimizer       {_size(self.optimizer_states):>10}",
             f"  activations     {_size(self.activations):>10}",
             f"  logits chunk    {_size(self.logits):>10}",
+            *([f"  reference pass  {_size(self.reference):>10}"] if setup.reference_pass else []),
             f"  total           {_size(self.total):>10}",
         ]
         if self.cpu_offload:
@@ -219,7 +232,7 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     recomputed activations and their gradients.
     """
     element_bytes = _DTYPE_BYTES[setup.weight_dtype]
-    tokens = setup.batch_size * setup.seq_length
+    tokens = setup.rows * setup.seq_length
     full_layers, mlp_layers = setup.layer_modes
     full_layers = config.num_layers if full_layers < 0 else full_layers
     first_trained = config.num_layers - method_named(setup.method).trained_layer_count(config, setup)
@@ -239,7 +252,7 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     embedding_and_final_norm = 3 * config.hidden_size * element_bytes
     activations = tokens * (per_token + backward_working_set + embedding_and_final_norm)
     prefix_keys_values = (
-        setup.batch_size
+        setup.rows
         * config.num_layers
         * 2
         * config.num_key_value_groups
@@ -251,9 +264,19 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
 
 def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     """Peak memory of one chunk of the chunked loss: vocabulary logits of at most `logits_chunk_tokens` tokens."""
-    chunk = min(setup.logits_chunk_tokens, setup.batch_size * setup.seq_length)
+    chunk = min(setup.logits_chunk_tokens, setup.rows * setup.seq_length)
     per_entry = _DTYPE_BYTES[setup.weight_dtype] + LOGITS_BYTES_PER_ENTRY_EXTRA
     return chunk * config.padded_vocab_size * per_entry
+
+
+def _reference_pass_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
+    """Working memory of the reference forward pass (no gradients, so nothing is kept between layers): one layer's
+    activations for every row, while the next layer's input is formed. Counted on top of the training step's peak
+    (an upper bound: the pass runs before the step's own forward keeps its activations)."""
+    if not setup.reference_pass:
+        return 0
+    tokens = setup.rows * setup.seq_length
+    return int(2 * tokens * layer_activation_bytes(config, setup, RECOMPUTE_NONE, trained=False))
 
 
 def _base_weight_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
@@ -319,6 +342,7 @@ def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> Mem
         activations=_activation_bytes(config, setup),
         logits=_logits_bytes(config, setup),
         cpu_offload=cpu_offload,
+        reference=_reference_pass_bytes(config, setup),
         num_layers=config.num_layers,
     )
 
@@ -475,6 +499,8 @@ def setup_from_arguments(
     training_args: object,
     seq_length: int | None = None,
     attention_stretch: float | None = None,
+    sequences_per_example: int = 1,
+    reference_pass: bool = False,
 ) -> TrainingSetup:
     """Derive the TrainingSetup from the run's model, data and training arguments (read duck-typed).
 
@@ -510,6 +536,8 @@ def setup_from_arguments(
         num_gpus=max(1, int(getattr(training_args, "world_size", 1))),
         offload_optimizer=offload_optimizer,
         offload_params=offload_params,
+        sequences_per_example=sequences_per_example,
+        reference_pass=reference_pass,
     )
 
 
@@ -529,6 +557,8 @@ def run_preflight(
     device_memory: int | None = None,
     seq_length: int | None = None,
     attention_stretch: float | None = None,
+    sequences_per_example: int = 1,
+    reference_pass: bool = False,
 ) -> MemoryEstimate:
     """Estimate the run's memory, plan `--recompute auto`, log it, and warn with advice when it will not fit.
 
@@ -537,7 +567,10 @@ def run_preflight(
     `setup.recompute` is the plan to apply (finetune.recompute.apply_recompute_plan). `attention_stretch`: see
     TrainingSetup (packed rows).
     """
-    setup = setup_from_arguments(model_config, model_args, data_args, training_args, seq_length, attention_stretch)
+    setup = setup_from_arguments(
+        model_config, model_args, data_args, training_args, seq_length, attention_stretch, sequences_per_example,
+        reference_pass,
+    )
     if device_memory is None and not getattr(training_args, "use_cpu", False):
         device_memory = free_device_memory()
     budget = recompute_budget(getattr(model_args, "memory_budget_gib", None), device_memory)

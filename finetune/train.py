@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -481,8 +482,13 @@ def is_known_error(error: BaseException) -> bool:
 def cli(argv: list[str] | None = None) -> None:
     """Command-line entry point: known errors end the run with one line and exit status 2 (set FINETUNE_TRACEBACK=1
     for the traceback); a run stopped by a signal exits with 128 + the signal number after saving."""
+    run_cli(main, argv)
+
+
+def run_cli(entry: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a training entry point as `cli` describes (also used by finetune.preference)."""
     try:
-        main(argv)
+        entry(argv)
     except TrainingInterrupted as stopped:
         if os.environ.get("RANK", "0") == "0":  # every process stopped at the same step; one says so
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)

@@ -182,7 +182,11 @@ class FinetuneTrainer(Seq2SeqTrainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
         record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
-        write_json_atomically(folder / TRAINING_RECORD, record)
+        write_json_atomically(folder / TRAINING_RECORD, {**record, **self.stage_record()})
+
+    def stage_record(self) -> dict:
+        """Fields of training_record.json beyond the method's: none here; preference tuning records its stage."""
+        return {}
 
     def checkpoint_bytes(self, run_dir: Path) -> int:
         """About how many bytes the next checkpoint takes: the newest complete one's size, else an estimate."""

@@ -55,7 +55,8 @@ LAUNCHER_KNOBS=(
     MAX_TARGET_LEN MAX_SEQ_LEN BASE_MODEL_PATH DATASET_PATH RUN_NAME OUTPUT_DIR AUTORESUME_FROM_CHECKPOINT NNODES
     NODE_RANK MASTER_ADDR MASTER_PORT REPORT_TO PACKING STOP_TIMEOUT PRE_SEQ_LEN QUANTIZATION_BIT LORA_RANK LORA_ALPHA
     LORA_DROPOUT LORA_TARGET DS_CONFIG CHECKPOINT BATCH_SIZE MAX_NEW_TOKENS EVAL_SAMPLES EVAL_BATCH_SIZE PROMPT
-    TINY_MODEL_DIR QUICKSTART_DIR QUICKSTART_INSTALL ADVERTISE_GEN_DIR
+    TINY_MODEL_DIR QUICKSTART_DIR QUICKSTART_INSTALL ADVERTISE_GEN_DIR METHOD PREF_LOSS PREF_BETA INIT_CHECKPOINT
+    TRAINABLE_LAYERS
 )
 
 # Warns on stderr about environment variables whose names are close to a knob's but not one (e.g. MAX_STEPS).
@@ -205,7 +206,7 @@ data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or se
         starter=(python)
     fi
 
-    local command=("${starter[@]}" -m finetune.train
+    local command=("${starter[@]}" -m "${_LAUNCHER_ENTRY_MODULE:-finetune.train}"
         --model_name_or_path "$base_model"
         --train_file "$DATASET_PATH"
         --output_dir "$output_dir"

@@ -18,6 +18,11 @@ Realistic mode (AdvertiseGen-shaped examples: prompts of 20-60 tokens, responses
     python scripts/benchmark.py --method lora --realistic fixed       # official v1: every row padded to 1153
 CPU mode (a small shape, for regression tracking without a GPU):
     python scripts/benchmark.py --cpu --method lora
+Preference (DPO) mode: each step trains --batch pairs, two rows of --seq tokens each, with the reference pass (the
+method's reference context: LoRA adapter / P-Tuning prefix disabled); reports pairs/s. SFT at the same shape is the
+fixed-shape mode with twice the batch:
+    python scripts/benchmark.py --cpu --method lora --preference --batch 1 --seq 512
+    python scripts/benchmark.py --cpu --method lora --batch 2 --seq 512
 Every target of the performance issue, with the official-recipe anchor at the same shapes, in one command (a JSON
 line per run, then a Markdown table):
     python scripts/benchmark.py --suite [--anchor ../shared/bench/anchor_native_glm.py]
@@ -53,10 +58,11 @@ from finetune.memory_preflight import (
     plan_recompute,
     recompute_budget,
 )
-from finetune.methods import apply_method
+from finetune.methods import apply_method, method_named
 from finetune.methods.base import load_base_model
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
+from finetune.preference_loss import dpo_loss
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan, apply_recompute_plan
 
 OFFICIAL_V1_ROW_LENGTH = 1024 + 128 + 1
@@ -90,6 +96,8 @@ def parse_args() -> argparse.Namespace:
                         help="instead: batched evaluation vs one example at a time (scripts/bench_evaluation.py)")
     parser.add_argument("--anchor", default=None, help="the anchor script (default: $CHATGLM_SHARED_DIR or ../shared)")
     parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
+    parser.add_argument("--preference", action="store_true",
+                        help="DPO steps on --batch pairs of two --seq-token rows, reference pass included")
     return parser.parse_args()
 
 
@@ -146,6 +154,8 @@ def training_setup(
         pre_seq_len=args.pre_seq_len if method == "ptuning" else None,
         lora_rank=args.lora_rank if method != "ptuning" else None,
         attention_stretch=stretch,
+        sequences_per_example=2 if args.preference else 1,
+        reference_pass=args.preference,
     )
 
 
@@ -158,8 +168,10 @@ def recompute_plan(args: argparse.Namespace, config: ChatGLMConfig, setup: Train
 
 
 def fixed_batches(args: argparse.Namespace, vocab: int, device: str):
-    """The same batch x seq batch every step, first third of each row's labels masked."""
-    input_ids = torch.randint(10, vocab - 100, (args.batch, args.seq), device=device)
+    """The same batch x seq batch every step, first third of each row's labels masked (preference mode: 2 x batch
+    rows, the chosen sides then the rejected sides)."""
+    rows = 2 * args.batch if args.preference else args.batch
+    input_ids = torch.randint(10, vocab - 100, (rows, args.seq), device=device)
     labels = input_ids.clone()
     labels[:, : args.seq // 3] = -100
     batch = {"input_ids": input_ids, "labels": labels}
@@ -301,6 +313,8 @@ def main() -> None:
     if args.suite:
         run_suite(args)
         return
+    if args.preference and args.realistic:
+        sys.exit("error: --preference runs the fixed shape (--batch pairs x --seq tokens); drop --realistic")
     torch.manual_seed(args.seed)
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
@@ -320,10 +334,19 @@ def main() -> None:
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     mixed_precision = dtype != torch.float32
 
+    reference_context = method_named(args.method).reference_context
+
+    def preference_loss(batch: dict) -> torch.Tensor:
+        with torch.no_grad(), reference_context(model):
+            reference = model(**batch, sequence_log_probs=True).log_probs
+        log_probs = model(**batch, sequence_log_probs=True).log_probs
+        pairs = args.batch
+        return dpo_loss(log_probs[:pairs], log_probs[pairs:], reference[:pairs], reference[pairs:], 0.1).losses.mean()
+
     def step() -> tuple[torch.Tensor, int, int]:
         batch, samples = next(batches)
         with torch.autocast(device, dtype=dtype) if mixed_precision else contextlib.nullcontext():
-            loss = model(**batch).loss
+            loss = preference_loss(batch) if args.preference else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -345,13 +368,15 @@ def main() -> None:
     synchronize()
     elapsed = time.perf_counter() - start
     result = {
-        "impl": "ours", "method": args.method, "mode": args.realistic or "fixed", "device": device,
+        "impl": "ours", "method": args.method, "mode": "preference" if args.preference else args.realistic or "fixed",
+        "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "batch": args.batch, "seq": None if args.realistic else args.seq,
         "recompute": plan.describe(config.num_layers),
         "layers": config.num_layers, "dtype": str(dtype).replace("torch.", ""),
         "trainable": sum(p.numel() for p in parameters),
         "tokens_per_s": round(tokens / elapsed, 1), "samples_per_s": round(samples / elapsed, 2),
+        **({"pairs_per_s": round(samples / elapsed, 2)} if args.preference else {}),
         "step_s": round(elapsed / args.steps, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "estimated_gib": round(estimate.total / GIB, 2),

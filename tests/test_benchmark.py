@@ -55,3 +55,12 @@ def test_suite_prints_a_row_per_target_and_the_realistic_ratios(monkeypatch, cap
     assert all("samples_per_s" in result for result in results)
     assert "| lora-2x64 |" in output and "peak not measured (no CUDA)" in output
     assert "realistic samples/s: packed" in output and "target >= 4x" in output
+
+
+@pytest.mark.slow
+def test_preference_mode_reports_pairs_per_second_with_the_reference_pass():
+    dpo = run("--method", "lora", "--preference", "--batch", "1", "--seq", "64")
+    assert dpo["mode"] == "preference" and dpo["pairs_per_s"] > 0 and dpo["samples_per_s"] == dpo["pairs_per_s"]
+    # First step: a fresh LoRA adapter (B = 0) equals its reference, the adapter disabled, so the loss is log 2.
+    assert dpo["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert dpo["tokens_per_s"] == pytest.approx(2 * 64 * dpo["pairs_per_s"], rel=0.05)

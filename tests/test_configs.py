@@ -59,3 +59,29 @@ def test_config_parses_and_matches_its_launcher(name, monkeypatch, tmp_path):
         assert training_args.deepspeed == defaults["DS_CONFIG"].replace("$_LAUNCHER_REPO_ROOT/", "")
     else:
         assert training_args.deepspeed is None
+
+
+def test_dpo_config_parses_with_the_preference_parser_and_matches_its_launcher(monkeypatch, tmp_path):
+    from finetune.preference import parse_preference_arguments
+
+    monkeypatch.setenv("BASE_MODEL_PATH", str(tmp_path / "chatglm3-6b"))
+    monkeypatch.chdir(REPO_ROOT)
+    config = tmp_path / "dpo.yaml"
+    text = (REPO_ROOT / "configs" / "dpo.yaml").read_text(encoding="utf-8")
+    assert "\nbf16: true\n" in text
+    config.write_text(text + ("" if torch.cuda.is_available() else "use_cpu: true\n"), encoding="utf-8")
+    model_args, data_args, pref_args, training_args = parse_preference_arguments([str(config)])
+    defaults = launcher_defaults("finetune_dpo.sh")
+    assert model_args.method == defaults["METHOD"] == "lora"
+    assert model_args.lora_rank == int(defaults["LORA_RANK"])
+    assert pref_args.pref_loss == defaults["PREF_LOSS"] and pref_args.pref_beta == float(defaults["PREF_BETA"])
+    assert pref_args.init_checkpoint is None
+    knobs = {"learning_rate": "LR", "max_seq_length": "MAX_SEQ_LEN", "per_device_train_batch_size": "DEV_BATCH_SIZE",
+             "max_steps": "MAX_STEP", "save_steps": "SAVE_INTERVAL"}  # fmt: skip
+    values = {**vars(model_args), **vars(data_args), **training_args.to_dict()}
+    for argument, knob in knobs.items():
+        assert float(values[argument]) == float(defaults[knob]), f"dpo.yaml: {argument} vs finetune_dpo.sh's {knob}"
+    assert training_args.gradient_accumulation_steps == 16
+    # The launcher's own PACKING default (0: pairs are not packed) comes before _common.sh reads ${PACKING:-1}.
+    assert data_args.packing is False and 'PACKING="${PACKING:-0}"' in (SCRIPTS / "finetune_dpo.sh").read_text()
+    assert data_args.train_file == defaults["DATASET_PATH"].replace("$_LAUNCHER_REPO_ROOT/", "")

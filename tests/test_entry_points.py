@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # (module name, or script path) of every Python command; each runs in this process as __main__, sharing imports.
 PYTHON_ENTRY_POINTS = [
     "finetune.train",
+    "finetune.preference",
     "finetune.evaluate",
     "finetune.tiny_model",
     "inference.py",
@@ -28,6 +29,7 @@ PYTHON_ENTRY_POINTS = [
     "data_tools.format_advertise_gen",
     "data_tools.format_tool_alpaca",
     "data_tools.make_sample_advertise_gen",
+    "data_tools/format_preference.py",
     "scripts/benchmark.py",
     "scripts/bench_encoding.py",
 ]
@@ -37,6 +39,7 @@ SHELL_ENTRY_POINTS = [
     "finetune_lora.sh",
     "finetune_ds.sh",
     "finetune_ds_multiturn.sh",
+    "finetune_dpo.sh",
     "quickstart.sh",
 ]
 

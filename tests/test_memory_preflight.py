@@ -223,3 +223,19 @@ def test_all_lora_targets():
     names = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     each = sum(lora_parameter_count(config, 2, (name,)) for name in names)
     assert lora_parameter_count(config, 2, ("all",)) == each
+
+
+def test_preference_pairs_count_two_rows_and_the_reference_pass():
+    sft = TrainingSetup("lora", batch_size=1, seq_length=1024, lora_rank=8)
+    dpo = dataclasses.replace(sft, sequences_per_example=2, reference_pass=True)
+    sft_estimate, dpo_estimate = estimate_training_memory(CHATGLM3_6B, sft), estimate_training_memory(CHATGLM3_6B, dpo)
+    assert dpo_estimate.activations == pytest.approx(2 * sft_estimate.activations, rel=0.01)
+    assert dpo_estimate.weights == sft_estimate.weights and dpo_estimate.optimizer_states == sft_estimate.optimizer_states
+    assert 0 < dpo_estimate.reference < dpo_estimate.activations
+    assert dpo_estimate.total == (sft_estimate.total + dpo_estimate.activations - sft_estimate.activations
+                                  + dpo_estimate.reference)  # fmt: skip
+    simpo = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(dpo, reference_pass=False))
+    assert simpo.reference == 0 and simpo.total < dpo_estimate.total
+    summary = dpo_estimate.summary()
+    assert "batch 1 pairs = 2 rows x 1024 tokens" in summary and "reference pass" in summary
+    print(summary)

@@ -132,3 +132,16 @@ def test_ptuning_writes_the_official_prefix_bin_unless_turned_off(tiny_model_dir
     assert turned_off.save_official_bin is False
     method.save(model, tmp_path / "off", SaveContext(turned_off, tiny_tokenizer))
     assert not (tmp_path / "off" / "pytorch_model.bin").exists() and (tmp_path / "off" / "model.safetensors").is_file()
+@pytest.mark.parametrize("name", list(METHOD_FLAGS))
+def test_the_preference_reference_is_the_base_without_the_trained_part(name, tiny_model_dir, tiny_tokenizer):
+    model_args, model = trainable_model(name, tiny_model_dir)
+    method = method_of(model_args)
+    if not method.reference_on_the_fly:  # freeze and full change base weights: the reference is cached instead
+        assert method.reference_context(model) is None
+        return
+    base = load_base_model(ModelArguments(model_name_or_path=str(tiny_model_dir)), torch.float32).eval()
+    base_logits = probe_logits(base, tiny_tokenizer)
+    assert not torch.allclose(probe_logits(model, tiny_tokenizer), base_logits)
+    with method.reference_context(model):
+        torch.testing.assert_close(probe_logits(model, tiny_tokenizer), base_logits)
+    assert not torch.allclose(probe_logits(model, tiny_tokenizer), base_logits)  # the trained part is back afterwards

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("finetune", "inference", "data_tools")
 CONSOLE_SCRIPTS = (
     "chatglm3-train",
+    "chatglm3-dpo",
     "chatglm3-evaluate",
     "chatglm3-chat",
     "chatglm3-serve",
@@ -34,8 +35,14 @@ FILE_ENTRY_POINTS = (
     ["data_tools/format_glm4.py"],
     ["data_tools/format_sharegpt.py"],
     ["data_tools/format_tool_alpaca.py"],
+    ["data_tools/format_preference.py"],
 )
-MODULE_ENTRY_POINTS = (["-m", "finetune.train"], ["-m", "finetune.evaluate"], ["-m", "data_tools.convert"])
+MODULE_ENTRY_POINTS = (
+    ["-m", "finetune.train"],
+    ["-m", "finetune.preference"],
+    ["-m", "finetune.evaluate"],
+    ["-m", "data_tools.convert"],
+)
 
 
 def _project_modules() -> list[Path]:

@@ -6,6 +6,7 @@ Whatever the base model's dtype, every trainable parameter is kept in fp32: the 
 """
 
 import abc
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ class FinetuneMethod(abc.ABC):
     trains_base_weights: bool = False
     # Why the method cannot train under DeepSpeed ZeRO-3, or None when it can.
     zero3_problem: str | None = None
+    # True when `reference_context` gives the preference reference during training (the trained part switched off);
+    # False: the reference log-probabilities are computed once before training and cached with the data.
+    reference_on_the_fly: bool = False
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -128,6 +132,18 @@ class FinetuneMethod(abc.ABC):
     def quantized_variant(self) -> "str | None":
         """The method to suggest with a 4-bit base when memory is short (None: quantization does not apply)."""
         return None
+
+    # ---- preference tuning --------------------------------------------------------------------------------------
+
+    def reference_context(self, model: nn.Module) -> "contextlib.AbstractContextManager | None":
+        """A context in which the (unwrapped) training model computes as the preference reference, i.e. without
+        what this method trains; None when the method changes the base weights themselves, so the reference
+        log-probabilities must be computed once before training (finetune.preference caches them with the data)."""
+        return None
+
+    def reference_description(self) -> str:
+        """How the preference reference is obtained, for training_record.json."""
+        return "log-probabilities of the starting model, computed in one pass before training and cached with the data"
 
 
 def mixed_precision_dtype(training_args: object) -> torch.dtype:

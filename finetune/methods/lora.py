@@ -1,5 +1,6 @@
 """LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -148,6 +149,7 @@ class LoRA(FinetuneMethod):
     selecting_option = "lora_rank"
     # DoRA (finetune.methods.dora) is LoRA with PEFT's use_dora; the adapter config says which one a folder holds.
     uses_dora = False
+    reference_on_the_fly = True
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Wrap the base in a PeftModel with the LoRA settings of the arguments."""
@@ -227,3 +229,11 @@ class LoRA(FinetuneMethod):
     def quantized_variant(self) -> str:
         """LoRA on a 4-bit base is QLoRA."""
         return "qlora"
+
+    def reference_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The same model with its adapters disabled (PEFT's disable_adapter)."""
+        return model.disable_adapter()
+
+    def reference_description(self) -> str:
+        """The base with the adapter disabled."""
+        return "the same model with the LoRA adapter disabled"

@@ -1,6 +1,8 @@
 """P-Tuning v2: a trained prefix encoder (pre_seq_len virtual tokens per layer) on a frozen base model."""
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import nn
@@ -54,6 +56,7 @@ class PTuningV2(FinetuneMethod):
     name = "ptuning"
     checkpoint_kind = CheckpointKind.PREFIX
     selecting_option = "pre_seq_len"
+    reference_on_the_fly = True
     zero3_problem = (
         "P-Tuning v2 trains only the small prefix encoder and is saved from the model itself, which ZeRO-3 "
         "partitions; use a ZeRO-2 DeepSpeed config (ds_configs/zero2.json) or none"
@@ -122,3 +125,23 @@ class PTuningV2(FinetuneMethod):
     def quantized_variant(self) -> str:
         """P-Tuning v2 itself trains on a 4-bit base."""
         return self.name
+
+    def reference_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The same model with its prefix disabled: no prefix keys/values and no prefix columns in attention."""
+        return prefix_disabled(model)
+
+    def reference_description(self) -> str:
+        """The base without the prefix."""
+        return "the same model with the P-Tuning v2 prefix disabled"
+
+
+@contextlib.contextmanager
+def prefix_disabled(model: nn.Module) -> Iterator[None]:
+    """Run a P-Tuning v2 model as its base: the prefix encoder is detached and pre_seq_len set to 0 meanwhile."""
+    transformer = model.transformer
+    encoder, pre_seq_len = transformer.prefix_encoder, transformer.config.pre_seq_len
+    transformer.prefix_encoder, transformer.config.pre_seq_len = None, None
+    try:
+        yield
+    finally:
+        transformer.prefix_encoder, transformer.config.pre_seq_len = encoder, pre_seq_len

@@ -52,3 +52,40 @@ def chunked_causal_lm_loss(
         else:
             total = total + _chunk_loss_sum(output_layer, chunk_hidden, chunk_targets)
     return total / count
+
+
+def _chunk_token_log_probs(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = output_layer(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def chunked_sequence_log_probs(
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    output_layer: nn.Module,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens (fp32, shape (batch,)) and how many there are.
+
+    Same shift, chunking and recomputation as `chunked_causal_lm_loss`, so no full batch x sequence x vocabulary
+    logits are held; preference losses (finetune.preference_loss) need the sum per sequence, not the batch mean.
+    """
+    shifted_hidden = hidden_states[:, :-1, :]
+    shifted_labels = labels[:, 1:].to(hidden_states.device)
+    selected = shifted_labels != IGNORE_INDEX
+    rows = torch.arange(labels.shape[0], device=hidden_states.device).unsqueeze(1).expand_as(shifted_labels)[selected]
+    hidden = shifted_hidden[selected]
+    targets = shifted_labels[selected]
+    counts = selected.sum(dim=1)
+    sums = hidden_states.new_zeros(labels.shape[0], dtype=torch.float32) + hidden_states.sum() * 0.0
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, targets.numel(), chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        if recompute:
+            token_log_probs = checkpoint(
+                _chunk_token_log_probs, output_layer, hidden[chunk], targets[chunk], use_reentrant=False
+            )
+        else:
+            token_log_probs = _chunk_token_log_probs(output_layer, hidden[chunk], targets[chunk])
+        sums = sums.index_add(0, rows[chunk], token_log_probs)
+    return sums, counts

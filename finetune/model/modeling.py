@@ -25,15 +25,24 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .chat import ChatMixin
 from .checkpoint_files import check_chatglm_folder
 from .configuration import ChatGLMConfig
 from .lean_ops import rms_norm, swiglu
-from .loss import chunked_causal_lm_loss
+from .loss import chunked_causal_lm_loss, chunked_sequence_log_probs
 from .prefix_encoder import PrefixEncoder
 
 PrefixKeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SequenceLogProbsOutput(ModelOutput):
+    """Per row: the summed log-probability of the labelled tokens (fp32) and how many tokens are labelled."""
+
+    log_probs: torch.Tensor | None = None
+    label_counts: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -584,13 +593,16 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         shift_labels: torch.LongTensor | None = None,
+        sequence_log_probs: bool = False,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> "CausalLMOutputWithPast | SequenceLogProbsOutput | tuple":
         """Logits and/or loss. In training mode with labels, only the loss is computed (no full logits).
 
         `return_dict=False` gives the official tuple: (loss,) logits, cache (and hidden states when asked).
         `shift_labels` are targets already aligned with each position (transformers' convention); they replace
         `labels` for the loss.
+        `sequence_log_probs=True` (with labels) returns instead each row's summed log-probability of its labelled
+        tokens and their count (SequenceLogProbsOutput), for preference training.
         """
         refuse_attention_weights(output_attentions, self.config)
         outputs = self.transformer(
@@ -605,6 +617,11 @@ class ChatGLMForConditionalGeneration(ChatMixin, ChatGLMPreTrainedModel, Generat
         )
         hidden_states = outputs.last_hidden_state
         output_layer = self.transformer.output_layer
+        if sequence_log_probs:
+            if labels is None:
+                raise ValueError("sequence_log_probs=True needs labels: the tokens whose log-probabilities to sum")
+            sums, counts = chunked_sequence_log_probs(hidden_states, labels, output_layer)
+            return SequenceLogProbsOutput(log_probs=sums, label_counts=counts)
         loss = None
         logits = None
         has_targets = labels is not None or shift_labels is not None
