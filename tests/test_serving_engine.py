@@ -126,3 +126,47 @@ def test_sampling_follows_the_seed_and_top_p():
     nucleus = [sample_token(logits, 1.0, 1e-6, torch.Generator().manual_seed(seed)) for seed in range(5)]
     assert nucleus == [int(logits.argmax())] * 5
     assert sample_token(logits, 0.0, 1.0, None) == int(logits.argmax())
+
+
+def test_a_request_failing_in_its_preparation_fails_alone(loaded):
+    model, tokenizer = loaded
+    engine = ServingEngine(model, max_batch_size=8)
+    good, bad = [Collector() for _ in PROMPTS[:2]], Collector()
+    for prompt, collector in zip(PROMPTS[:2], good, strict=True):
+        engine.submit(request_for(tokenizer, prompt, collector))
+    # 2**64 overflows torch.Generator.manual_seed inside the engine (the server refuses it with a 400 before).
+    engine.submit(request_for(tokenizer, PROMPTS[2], bad, temperature=1.0, seed=2**64))
+    engine.start()
+    try:
+        assert all(collector.done.wait(60) for collector in [*good, bad]), "a request was left hanging"
+    finally:
+        engine.stop(timeout=30)
+    assert bad.reason.startswith("error: ValueError") and "Overflow" in bad.reason and not bad.tokens
+    assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS[:2]]
+    assert engine.running == 0
+
+
+def test_failing_batched_steps_are_retried_row_by_row_and_only_the_failing_rows_end(loaded):
+    model, tokenizer = loaded
+    engine = ServingEngine(model, max_batch_size=8).start()
+    good = [Collector() for _ in PROMPTS]
+    out_of_vocabulary, faulty = Collector(), Collector()
+    try:
+        engine.submit(request_for(tokenizer, PROMPTS[0], good[0]))
+        good[0].first_token.wait(30)  # running: the others join a batch that is decoding
+        for prompt, collector in zip(PROMPTS[1:], good[1:], strict=True):
+            engine.submit(request_for(tokenizer, prompt, collector))
+        bad_prompt = GenerationRequest([model.config.padded_vocab_size + 7], 4, frozenset(), out_of_vocabulary.on_token,
+                                       out_of_vocabulary.on_finish)
+        engine.submit(bad_prompt)  # fails the batched prefill (an embedding index out of range)
+        engine.submit(request_for(tokenizer, PROMPTS[1], faulty, fail_after_tokens=3))  # fails a batched decoding step
+        assert all(collector.done.wait(60) for collector in [*good, out_of_vocabulary, faulty])
+        assert out_of_vocabulary.reason.startswith("error: IndexError")
+        assert faulty.reason.startswith("error: InjectedFault") and len(faulty.tokens) == 3
+        assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS]
+        after = Collector()  # a model failing in every step would fail each request the same way; this one still runs
+        engine.submit(request_for(tokenizer, PROMPTS[3], after))
+        assert after.done.wait(60) and after.tokens == greedy_alone(model, tokenizer, PROMPTS[3])
+    finally:
+        engine.stop(timeout=30)
+    assert engine.running == 0
