@@ -321,11 +321,11 @@ class ChatService:
             "usage": completion.usage(),
         }
 
-    async def stream(self, completion: Completion, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Server-sent events of a streamed completion whose first piece was taken (see start_stream); a client that
-        goes away cancels it (finally below). An engine failure midway ends the stream with an error event."""
+    async def stream(self, completion: Completion, first: str, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Server-sent events of a streamed completion: its `first` piece (see start_stream), then the other `pieces`;
+        a client that goes away cancels it (finally below). An engine failure midway ends it with an error event."""
         try:
-            yield completion.chunk({"role": "assistant", "content": ""})
+            yield completion.chunk({"role": "assistant", "content": first})
             try:
                 async for piece in pieces:
                     if piece:
@@ -350,16 +350,17 @@ class ChatService:
             await pieces.aclose()
             self.release(completion)
 
-    async def start_stream(self, completion: Completion, http_request: Request) -> AsyncIterator[str] | None:
+    async def start_stream(
+        self, completion: Completion, http_request: Request
+    ) -> tuple[str, AsyncIterator[str]] | None:
         """Start a streamed completion and wait for its first token, so that a request the engine fails on still gets
-        a 500; the pieces to stream, or None when the client disconnected first. GenerationError on failure."""
+        a 500: the first piece and the rest, or None when the client disconnected first. GenerationError on failure."""
         pieces = self.events(completion)
         first = asyncio.ensure_future(anext(pieces))
         if not await self._wait(first, http_request):
             await pieces.aclose()
             return None
-        first.result()
-        return pieces
+        return first.result(), pieces
 
     async def complete(self, completion: Completion, http_request: Request) -> dict | None:
         """Run a non-streamed completion; None when the client disconnected (its batch slot is freed at once).
@@ -481,22 +482,26 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
                 body = json.loads(await http_request.body())
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
                 raise RequestError(f"the request body is not valid JSON: {error}") from error
-            request = parse_chat_request(body)
+            try:
+                request = parse_chat_request(body)
+            except RecursionError as error:
+                raise RequestError("the request body is nested too deeply") from error
             if request.ignored_fields:
-                LOG.warning("ignored request fields (they cannot change the reply): %s", ", ".join(request.ignored_fields))
+                ignored = ", ".join(request.ignored_fields)
+                LOG.warning("ignored request fields (they cannot change the reply): %s", ignored)
             completion = service.prepare(request)
             service.admit()
         except RequestError as error:
             return error_response(error)
         try:
             if request.stream:
-                pieces = await service.start_stream(completion, http_request)
-                if pieces is None:
+                started = await service.start_stream(completion, http_request)
+                if started is None:
                     service.release(completion)
                     return Response(status_code=CLIENT_CLOSED_REQUEST)
                 # The background task also counts the request out when the client left before the stream started.
                 return StreamingResponse(
-                    service.stream(completion, pieces),
+                    service.stream(completion, *started),
                     media_type="text/event-stream",
                     background=BackgroundTask(service.release_after_response, completion),
                 )

@@ -306,7 +306,8 @@ class ServingEngine:
         generators = {}
         for request in list(requests):
             try:
-                generators[id(request)] = None if request.seed is None else torch.Generator().manual_seed(request.seed)
+                seed = request.seed
+                generators[id(request)] = None if seed is None else torch.Generator().manual_seed(seed)
             except (RuntimeError, ValueError, TypeError) as error:
                 self._fail(request, error, "its preparation (the seed's generator)")
                 requests.remove(request)
@@ -318,7 +319,8 @@ class ServingEngine:
             if len(requests) == 1:
                 self._fail(requests[0], error, "the prefill")
                 return
-            LOG.warning("a prefill of %d requests failed (%s: %s); retrying each alone", len(requests), type(error).__name__, error)
+            name = type(error).__name__
+            LOG.warning("a prefill of %d requests failed (%s: %s); retrying each alone", len(requests), name, error)
             for request in requests:
                 self._prefill(key, [request])
             return
@@ -432,14 +434,17 @@ class ServingEngine:
             group.rows = []
             return torch.empty(0)
         LOG.warning(
-            "a decoding step of %d rows failed (%s: %s); retrying each alone", len(group.rows), type(error).__name__, error
+            "a decoding step of %d rows failed (%s: %s); retrying each alone",
+            len(group.rows),
+            type(error).__name__,
+            error,
         )
         kept, logits, caches = [], [], []
         for index, row in enumerate(group.rows):
             cache = RowCache([(key[index : index + 1], value[index : index + 1]) for key, value in layers])
-            mask = group.mask[index : index + 1]
+            alone = slice(index, index + 1)
             try:
-                logits.append(self._forward([row], input_ids[index : index + 1], mask, positions[index : index + 1], cache))
+                logits.append(self._forward([row], input_ids[alone], group.mask[alone], positions[alone], cache))
             except Exception as row_error:  # reported to this row's request
                 self._fail(row.request, row_error, "a decoding step")
                 continue
@@ -451,7 +456,7 @@ class ServingEngine:
         group.mask = group.mask[kept]
         group.cache = RowCache(
             [
-                (torch.cat([cache.layers[layer][0] for cache in caches]), torch.cat([cache.layers[layer][1] for cache in caches]))
+                tuple(torch.cat([cache.layers[layer][part] for cache in caches]) for part in (0, 1))
                 for layer in range(len(caches[0].layers))
             ]
         )

@@ -189,7 +189,9 @@ def test_what_real_openai_clients_send_is_accepted():
         {
             "role": "assistant",
             "content": [],
-            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}],
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}
+            ],
         },
         {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "晴"}]},
     ]
@@ -241,7 +243,10 @@ def test_tool_choice_is_honoured_or_refused():
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
          "messages[0].content[0].type"),
         ({"messages": [{"role": "user", "content": "bad \ud800 text"}]}, "messages[0].content"),
-        ({"messages": [{"role": "assistant", "tool_calls": 5}, {"role": "tool", "content": "x"}]}, "messages[0].tool_calls"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": 5}, {"role": "tool", "content": "x"}]},
+            "messages[0].tool_calls",
+        ),
     ],
 )
 def test_unsupported_or_out_of_range_fields_get_a_400_naming_them(fields, field):

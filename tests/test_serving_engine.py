@@ -146,27 +146,40 @@ def test_a_request_failing_in_its_preparation_fails_alone(loaded):
     assert engine.running == 0
 
 
-def test_failing_batched_steps_are_retried_row_by_row_and_only_the_failing_rows_end(loaded):
+def run_with_others(loaded, failing: GenerationRequest, failing_collector: Collector) -> list[Collector]:
+    """Run `failing` among greedy requests that join a running batch; every collector must end. Returns theirs."""
     model, tokenizer = loaded
     engine = ServingEngine(model, max_batch_size=8).start()
     good = [Collector() for _ in PROMPTS]
-    out_of_vocabulary, faulty = Collector(), Collector()
     try:
         engine.submit(request_for(tokenizer, PROMPTS[0], good[0]))
         good[0].first_token.wait(30)  # running: the others join a batch that is decoding
-        for prompt, collector in zip(PROMPTS[1:], good[1:], strict=True):
+        for prompt, collector in zip(PROMPTS[1:3], good[1:3], strict=True):
             engine.submit(request_for(tokenizer, prompt, collector))
-        bad_prompt = GenerationRequest([model.config.padded_vocab_size + 7], 4, frozenset(), out_of_vocabulary.on_token,
-                                       out_of_vocabulary.on_finish)
-        engine.submit(bad_prompt)  # fails the batched prefill (an embedding index out of range)
-        engine.submit(request_for(tokenizer, PROMPTS[1], faulty, fail_after_tokens=3))  # fails a batched decoding step
-        assert all(collector.done.wait(60) for collector in [*good, out_of_vocabulary, faulty])
-        assert out_of_vocabulary.reason.startswith("error: IndexError")
-        assert faulty.reason.startswith("error: InjectedFault") and len(faulty.tokens) == 3
-        assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS]
-        after = Collector()  # a model failing in every step would fail each request the same way; this one still runs
+        engine.submit(failing)
+        engine.submit(request_for(tokenizer, PROMPTS[3], good[3]))
+        assert all(collector.done.wait(60) for collector in [*good, failing_collector]), "a request was left hanging"
+        after = Collector()  # the engine still runs requests afterwards
         engine.submit(request_for(tokenizer, PROMPTS[3], after))
         assert after.done.wait(60) and after.tokens == greedy_alone(model, tokenizer, PROMPTS[3])
     finally:
         engine.stop(timeout=30)
     assert engine.running == 0
+    assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS]
+    return good
+
+
+def test_a_prompt_failing_the_batched_prefill_fails_alone(loaded):
+    model, _ = loaded
+    bad = Collector()
+    # An id beyond the embedding fails the batched prefill it is part of; retried alone, only it fails.
+    failing = GenerationRequest([model.config.padded_vocab_size + 7], 4, frozenset(), bad.on_token, bad.on_finish)
+    run_with_others(loaded, failing, bad)
+    assert bad.reason.startswith("error: IndexError") and not bad.tokens
+
+
+def test_a_row_failing_a_batched_decoding_step_fails_alone(loaded):
+    _, tokenizer = loaded
+    bad = Collector()
+    run_with_others(loaded, request_for(tokenizer, PROMPTS[1], bad, fail_after_tokens=3), bad)
+    assert bad.reason.startswith("error: InjectedFault") and len(bad.tokens) == 3
