@@ -61,7 +61,7 @@ OWNER = "chatglm3-finetune"
 CLIENT_CLOSED_REQUEST = 499
 RETRY_AFTER_SECONDS = 1
 # Test hook for fault tests (see docs/serving.md): a request whose last message contains this variable's value fails in
-# the engine after its first token, as a CUDA out-of-memory error or a broken model would.
+# the engine once it has two tokens, as a CUDA out-of-memory error or a broken model would.
 TEST_FAULT_ENV = "CHATGLM_SERVER_TEST_FAULT"
 LOG = logging.getLogger("inference.api_server")
 
@@ -258,7 +258,7 @@ class ChatService:
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
-            fail_after_tokens=1 if marker and marker in (request.messages[-1]["content"] or "") else None,
+            fail_after_tokens=2 if marker and marker in (request.messages[-1]["content"] or "") else None,
         )
         try:
             served.engine.submit(job)

@@ -264,17 +264,20 @@ def test_client_disconnect_frees_the_slot(server):
 
 
 def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpoints):
-    running = RunningServer([str(checkpoints["lora"])], "--max_concurrency", "1", "--max_queue", "1")
+    options = ("--max_concurrency", "1", "--max_queue", "1", "--grace_period", "120")
+    running = RunningServer([str(checkpoints["lora"])], *options)
     client = running.client()
-    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "temperature": 0}
+    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0}
     streams = []
+
+    def open_stream(max_tokens: int) -> None:
+        streams.append(client.chat.completions.create(**{**body, "max_tokens": max_tokens}, stream=True))
+
     # A stream's headers come with its first token (the queued one waits for the running one): open them in threads.
-    openers = [
-        threading.Thread(target=lambda: streams.append(client.chat.completions.create(**body, stream=True)))
-        for _ in range(2)
-    ]
-    for opener in openers:
-        opener.start()
+    openers = [threading.Thread(target=open_stream, args=(max_tokens,)) for max_tokens in (300, 20)]
+    openers[0].start()
+    wait_for(lambda: running.health()["running"] == 1, 30, "the first request to run")
+    openers[1].start()
     wait_for(lambda: running.health()["in_flight"] == 2, 30, "one request running and one queued")
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(**body)
@@ -290,7 +293,7 @@ def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpo
         reader.start()
     running.process.send_signal(signal.SIGTERM)
     for reader in readers:
-        reader.join(60)
+        reader.join(150)
     assert finished == ["length", "length"]
     assert running.process.wait(60) == -signal.SIGTERM
     with pytest.raises(httpx.TransportError):
@@ -304,11 +307,11 @@ def failing_request(server, name: str, stream: bool) -> str:
     response = httpx.post(
         f"{server.url}/v1/chat/completions", json={**body, "stream": stream}, headers=server.headers(), timeout=60
     )
-    if stream:
+    if stream and response.status_code == 200:  # it failed midway: the stream's last event is the error
         events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
         errors = [json.loads(event)["error"] for event in events if event.startswith('{"error"')]
-        failed = response.status_code == 200 and len(errors) == 1 and events[-1] != "[DONE]"
-    else:
+        failed = len(errors) == 1 and events[-1] == json.dumps({"error": errors[0]}, ensure_ascii=False)
+    else:  # it failed before its first piece was sent (always so without streaming)
         errors = [response.json()["error"]]
         failed = response.status_code == 500 and errors[0]["type"] == "server_error"
     return "failed" if failed and "InjectedFault" in errors[0]["message"] else f"wrong failure: {response.text!r}"
@@ -489,7 +492,8 @@ def test_unloadable_models_exit_with_a_message(tmp_path, checkpoints, capsys):
 
 def test_an_engine_failure_answers_only_that_request_with_a_500_and_is_logged(server, expected):
     assert failing_request(server, "lora", stream=False) == "failed"
-    assert failing_request(server, "prefix", stream=True) == "failed"
+    for _ in range(3):
+        assert failing_request(server, "prefix", stream=True) == "failed"
     assert "InjectedFault" in server.output() and "a request failed during a decoding step" in server.output()
     wait_for(lambda: server.health()["in_flight"] == 0, 10, "the failed requests to leave")
     assert server.health()["status"] == "ok"
@@ -541,7 +545,7 @@ def test_what_real_openai_clients_send_is_served(server, expected):
     assert "is not served here" in missing.value.message
 
 
-def test_tool_choice_none_returns_no_call_and_a_named_function_is_called(server):
+def test_tool_choice_none_returns_no_call_and_a_named_function_is_called(server, checkpoints):
     client = server.client()
     tools = [{"type": "function", "function": TOOL}, {"type": "function", "function": {"name": "get_time"}}]
     messages = [{"role": "user", "content": "北京天气怎么样？"}]
@@ -551,9 +555,14 @@ def test_tool_choice_none_returns_no_call_and_a_named_function_is_called(server)
     none = client.chat.completions.create(tools=tools[:1], tool_choice="none", **options)
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
     named = {"type": "function", "function": {"name": "get_weather"}}
-    forced = client.chat.completions.create(tools=tools, tool_choice=named, **options)
-    [call] = forced.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+    forced_prefix = len(AutoTokenizer.from_pretrained(checkpoints["tools"]).sp_model.encode("get_weather\n"))
+    for choice in (named, "required"):  # "required" with one tool names it
+        forced = client.chat.completions.create(tools=tools[:1], tool_choice=choice, **options)
+        [call] = forced.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        # The name was given: the reply started with it (the metadata line) in the prompt, not generated.
+        assert forced.usage.prompt_tokens == auto.usage.prompt_tokens + forced_prefix
+        assert forced.usage.completion_tokens == auto.usage.completion_tokens - forced_prefix
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(tools=tools, tool_choice="required", **options)
     assert refused.value.body["param"] == "tool_choice"
