@@ -325,7 +325,9 @@ class ChatService:
         """Server-sent events of a streamed completion: its `first` piece (see start_stream), then the other `pieces`;
         a client that goes away cancels it (finally below). An engine failure midway ends it with an error event."""
         try:
-            yield completion.chunk({"role": "assistant", "content": first})
+            yield completion.chunk({"role": "assistant", "content": ""})
+            if first:
+                yield completion.chunk({"content": first})
             try:
                 async for piece in pieces:
                     if piece:

@@ -380,7 +380,7 @@ def assistant_reply(text: str, tools: list[dict] | None) -> tuple[str | None, li
     return _plain_content(reply), None
 
 
-def streamable_content(text: str, tools: list[dict] | None) -> str:
+def streamable_content(text: str, tools: list[dict] | None = None) -> str:
     """The start of the reply's content that no later output can change, while `text` is still being generated.
 
     Without tools, content streams at once. With tools, nothing streams while the first line may still name a tool
