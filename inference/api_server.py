@@ -4,19 +4,24 @@
     python inference/api_server.py --model ad=output/lora --model tools=output/pt      # several, one base
     python inference/api_server.py --model CKPT --host 0.0.0.0 --port 8000 --api_key SECRET
 
-Endpoints: GET /v1/models, POST /v1/chat/completions (streaming as server-sent events or not), GET /health, and the
-chat page at /. Binds 127.0.0.1 unless --host says otherwise. With --api_key (or CHATGLM_API_KEY), /v1/* requests
-need `Authorization: Bearer KEY`. At most --max_concurrency requests decode together; --max_queue more wait; beyond
-that the server answers 429. SIGTERM stops accepting connections and lets running requests finish within
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions (streaming as server-sent events or not),
+GET /health, and the chat page at /. Binds 127.0.0.1 unless --host says otherwise. With --api_key (or
+CHATGLM_API_KEY), /v1/* requests need `Authorization: Bearer KEY`. At most --max_concurrency requests decode together;
+--max_queue more wait; beyond that the server answers 429 with Retry-After. A request the engine fails on gets a 500
+naming the reason (other requests go on). SIGTERM stops accepting connections and lets running requests finish within
 --grace_period seconds; the process then ends by SIGTERM's default action, as uvicorn does (exit status 143).
+What requests may hold, and what is refused or ignored: docs/serving.md.
 """
 
 import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
+import signal
+import socket
 import sys
 import threading
 import time
@@ -50,6 +55,15 @@ WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 DISCONNECT_POLL_SECONDS = 0.25
 OWNER = "chatglm3-finetune"
 CLIENT_CLOSED_REQUEST = 499
+RETRY_AFTER_SECONDS = 1
+# Test hook for fault tests (see docs/serving.md): a request whose last message contains this variable's value fails in
+# the engine once it has two tokens, as a CUDA out-of-memory error or a broken model would.
+TEST_FAULT_ENV = "CHATGLM_SERVER_TEST_FAULT"
+LOG = logging.getLogger("inference.api_server")
+
+
+class GenerationError(RuntimeError):
+    """The engine could not run a request; the message gives the reason."""
 
 
 @dataclass
@@ -59,6 +73,7 @@ class ServerSettings:
     api_key: str | None = None
     max_concurrency: int = 16
     max_queue: int = 64
+    test_fault_marker: str | None = None
 
 
 @dataclass
@@ -69,6 +84,7 @@ class Completion:
     request: ChatRequest
     prompt_ids: list[int]
     max_new_tokens: int
+    reply_prefix: str = ""
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     generated: list[int] = field(default_factory=list)
@@ -141,8 +157,14 @@ def ids_through_stop(ids: list[int], checked: int, decode: Callable[[list[int]],
 
 
 def error_response(error: RequestError) -> JSONResponse:
-    """The HTTP response of a RequestError."""
-    return JSONResponse(error.body(), status_code=error.status)
+    """The HTTP response of a RequestError (a 429 says when to retry)."""
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 429 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def generation_error(error: GenerationError) -> RequestError:
+    """The 500 answer of a request the engine failed on."""
+    return RequestError(f"generation failed: {error}", status=500, kind="server_error")
 
 
 class ChatService:
@@ -166,6 +188,10 @@ class ChatService:
             )
         history, query, role = chatglm_turns(request)
         prompt_ids = served.tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
+        reply_prefix = ""
+        if request.forced_tool is not None:  # the reply starts as a call of that tool: its name is the metadata line
+            reply_prefix = f"{request.forced_tool}\n"
+            prompt_ids += served.tokenizer.sp_model.encode(reply_prefix)
         room = served.seq_length - len(prompt_ids)
         if room <= 0:
             raise RequestError(
@@ -179,7 +205,7 @@ class ChatService:
                 f"(seq_length {served.seq_length}); ask for at most {room}",
                 field="max_tokens",
             )
-        return Completion(served, request, prompt_ids, request.max_tokens or room)
+        return Completion(served, request, prompt_ids, request.max_tokens or room, reply_prefix)
 
     def admit(self) -> None:
         """Count a request in, or raise a 429 RequestError when the batch and the queue are full."""
@@ -204,7 +230,10 @@ class ChatService:
         self.release(completion)
 
     async def events(self, completion: Completion) -> AsyncIterator[str]:
-        """Run a completion on its engine and yield content pieces as they become final (stream order)."""
+        """Run a completion on its engine and yield content pieces as they become final (stream order).
+
+        The first piece, possibly empty, comes once the engine has produced the first token or ended the request;
+        GenerationError when the engine failed on it."""
         events: asyncio.Queue = asyncio.Queue()
         request, served = completion.request, completion.served
         stop_ids = frozenset(
@@ -214,6 +243,7 @@ class ChatService:
                 served.tokenizer.get_command("<|observation|>"),
             ]
         )
+        marker = self.settings.test_fault_marker
         job = GenerationRequest(
             prompt_ids=completion.prompt_ids,
             max_new_tokens=completion.max_new_tokens,
@@ -224,11 +254,19 @@ class ChatService:
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
+            fail_after_tokens=2 if marker and marker in (request.messages[-1]["content"] or "") else None,
         )
-        served.engine.submit(job)
-        decode = served.tokenizer.decode_ids
+        try:
+            served.engine.submit(job)
+        except RuntimeError as error:
+            raise GenerationError(str(error)) from error
+
+        def decode(ids: list[int]) -> str:
+            return completion.reply_prefix + served.tokenizer.decode_ids(ids)
+
         hold_back = max((len(sequence) for sequence in request.stop), default=1) - 1
         sent = ""
+        first = True
         try:
             while completion.finish_reason is None:
                 arrived = [await events.get()]
@@ -238,8 +276,8 @@ class ChatService:
                 for kind, value in arrived:
                     if kind == "token":
                         completion.generated.append(value)
-                    elif value.startswith("error") or value == "cancelled":
-                        raise RuntimeError(f"generation failed: {value}")
+                    elif value.startswith("error: ") or value == "cancelled":
+                        raise GenerationError(value.removeprefix("error: "))
                     else:
                         completion.finish_reason = value
                 text = decode(completion.generated)
@@ -250,10 +288,12 @@ class ChatService:
                 if completion.finish_reason is not None:
                     continue
                 # Text that may still turn out to start a stop sequence is not sent yet.
-                content = streamable_content(text[: len(text) - hold_back])
-                if len(content) > len(sent):
+                content = streamable_content(text[: len(text) - hold_back], request.tools)
+                if len(content) > len(sent) or first:
                     yield content[len(sent) :]
-                    sent = content
+                    sent, first = content, False
+            if first:
+                yield ""
             content, _ = assistant_reply(completion.text, request.tools)
             if content and content.startswith(sent) and len(content) > len(sent):
                 yield content[len(sent) :]
@@ -277,12 +317,21 @@ class ChatService:
             "usage": completion.usage(),
         }
 
-    async def stream(self, completion: Completion) -> AsyncIterator[str]:
-        """Server-sent events of a streamed completion; a client that goes away cancels it (finally below)."""
+    async def stream(self, completion: Completion, first: str, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Server-sent events of a streamed completion: its `first` piece (see start_stream), then the other `pieces`;
+        a client that goes away cancels it (finally below). An engine failure midway ends it with an error event."""
         try:
             yield completion.chunk({"role": "assistant", "content": ""})
-            async for piece in self.events(completion):
-                yield completion.chunk({"content": piece})
+            if first:
+                yield completion.chunk({"content": first})
+            try:
+                async for piece in pieces:
+                    if piece:
+                        yield completion.chunk({"content": piece})
+            except GenerationError as error:
+                LOG.error("request %s failed midway: %s", completion.id, error)
+                yield f"data: {json.dumps(generation_error(error).body(), ensure_ascii=False)}\n\n"
+                return
             _, tool_calls = assistant_reply(completion.text, completion.request.tools)
             finish_reason = completion.finish_reason
             closing = []  # sent in one write
@@ -296,22 +345,45 @@ class ChatService:
             closing.append("data: [DONE]\n\n")
             yield "".join(closing)
         finally:
+            await pieces.aclose()
             self.release(completion)
 
+    async def start_stream(
+        self, completion: Completion, http_request: Request
+    ) -> tuple[str, AsyncIterator[str]] | None:
+        """Start a streamed completion and wait for its first token, so that a request the engine fails on still gets
+        a 500: the first piece and the rest, or None when the client disconnected first. GenerationError on failure."""
+        pieces = self.events(completion)
+        first = asyncio.ensure_future(anext(pieces))
+        if not await self._wait(first, http_request):
+            await pieces.aclose()
+            return None
+        return first.result(), pieces
+
     async def complete(self, completion: Completion, http_request: Request) -> dict | None:
-        """Run a non-streamed completion; None when the client disconnected (its batch slot is freed at once)."""
+        """Run a non-streamed completion; None when the client disconnected (its batch slot is freed at once).
+        GenerationError when the engine failed on it."""
         try:
             task = asyncio.ensure_future(self._drain(completion))
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-                if done:
-                    task.result()
-                    return self.response(completion)
-                if await http_request.is_disconnected():
-                    task.cancel()
-                    return None
+            if not await self._wait(task, http_request):
+                return None
+            task.result()
+            return self.response(completion)
         finally:
             self.release(completion)
+
+    @staticmethod
+    async def _wait(task: asyncio.Future, http_request: Request) -> bool:
+        """Wait for `task`; False (and `task` cancelled) when the client disconnects first."""
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return True
+            if await http_request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return False
 
     async def _drain(self, completion: Completion) -> None:
         async for _ in self.events(completion):
@@ -365,17 +437,37 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
 
     @app.get("/health")
     async def health() -> dict:
+        failures = [engine.failure for engine in service.engines if engine.failure]
         return {
-            "status": "ok",
+            "status": "error: " + "; ".join(failures) if failures else "ok",
             "models": list(models),
             "in_flight": service.in_flight,
             "running": sum(engine.running for engine in service.engines),
         }
 
+    def model_card(served: ServedModel) -> dict:
+        """The OpenAI model object, with the context length (vLLM's max_model_len) and the checkpoint kind."""
+        return {
+            "id": served.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": OWNER,
+            "max_model_len": served.seq_length,
+            "checkpoint_kind": served.kind.value,
+        }
+
     @app.get("/v1/models")
     async def list_models() -> dict:
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": OWNER} for name in models]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(served) for served in models.values()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        if model_id not in models:
+            error = RequestError(
+                f"model {model_id!r} is not served here; served models: {', '.join(models)}", "model", status=404
+            )
+            return error_response(error)
+        return model_card(models[model_id])
 
     @app.get("/")
     async def web_page() -> FileResponse:
@@ -386,21 +478,36 @@ def create_app(models: dict[str, ServedModel], settings: ServerSettings) -> Fast
         try:
             try:
                 body = json.loads(await http_request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
                 raise RequestError(f"the request body is not valid JSON: {error}") from error
-            request = parse_chat_request(body)
+            try:
+                request = parse_chat_request(body)
+            except RecursionError as error:
+                raise RequestError("the request body is nested too deeply") from error
+            if request.ignored_fields:
+                ignored = ", ".join(request.ignored_fields)
+                LOG.warning("ignored request fields (they cannot change the reply): %s", ignored)
             completion = service.prepare(request)
             service.admit()
         except RequestError as error:
             return error_response(error)
-        if request.stream:
-            # The background task also counts the request out when the client left before the stream started.
-            return StreamingResponse(
-                service.stream(completion),
-                media_type="text/event-stream",
-                background=BackgroundTask(service.release_after_response, completion),
-            )
-        reply = await service.complete(completion, http_request)
+        try:
+            if request.stream:
+                started = await service.start_stream(completion, http_request)
+                if started is None:
+                    service.release(completion)
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
+                # The background task also counts the request out when the client left before the stream started.
+                return StreamingResponse(
+                    service.stream(completion, *started),
+                    media_type="text/event-stream",
+                    background=BackgroundTask(service.release_after_response, completion),
+                )
+            reply = await service.complete(completion, http_request)
+        except GenerationError as error:
+            service.release(completion)
+            LOG.error("request %s failed: %s", completion.id, error)
+            return error_response(generation_error(error))
         if reply is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(reply)
@@ -425,6 +532,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for a server reachable from other machines without an API key (None when there is none to give)."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (
+        f"warning: --host {host} makes the server reachable from other machines, and without --api_key (or "
+        f"${API_KEY_ENV}) anyone who can reach it can use it"
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn (bound before the models load, so a taken port fails at once)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError:
+        listener.close()
+        raise
+    listener.set_inheritable(True)
+    return listener
+
+
+class QuietInterruptServer(uvicorn.Server):
+    """uvicorn's server, where Ctrl-C prints one line instead of uvicorn's shutdown messages."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """Note the signal as uvicorn does; on the first Ctrl-C say so and quiet the shutdown messages."""
+        if sig == signal.SIGINT and not self.should_exit:
+            print("interrupted (Ctrl-C): the server stops", file=sys.stderr, flush=True)
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load the models and serve until SIGTERM/SIGINT; returns the exit status."""
     parser = build_parser()
@@ -433,23 +575,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_concurrency must be at least 1 and --max_queue at least 0")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    options = LoadOptions(args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     try:
-        models = load_served_models(args.model, options, args.max_concurrency)
-    except (CheckpointError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for served in models.values():
-        print(f"serving {served.name}: {served.kind.value} checkpoint {served.path}", file=sys.stderr)
-    settings = ServerSettings(args.api_key, args.max_concurrency, args.max_queue)
-    config = uvicorn.Config(
-        create_app(models, settings),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.grace_period,
-    )
-    uvicorn.Server(config).run()
+        listener = bind_socket(args.host, args.port)
+    except OSError as error:
+        print(f"error: cannot listen on {args.host}:{args.port}: {error.strerror}; stop what uses it or pick another "
+              "--port", file=sys.stderr)
+        return 2
+    with listener:
+        options = LoadOptions(args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit)
+        try:
+            models = load_served_models(args.model, options, args.max_concurrency)
+        except (CheckpointError, ModelLoadError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C) while loading the models", file=sys.stderr)
+            return 130
+        for served in models.values():
+            print(f"serving {served.name}: {served.kind.value} checkpoint {served.path}", file=sys.stderr)
+        settings = ServerSettings(args.api_key, args.max_concurrency, args.max_queue, os.environ.get(TEST_FAULT_ENV))
+        config = uvicorn.Config(
+            create_app(models, settings),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.grace_period,
+        )
+        try:
+            QuietInterruptServer(config).run(sockets=[listener])
+        except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it has shut down
+            return 130
     return 0
 
 

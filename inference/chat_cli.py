@@ -8,7 +8,9 @@ Interactive chat streams the reply; `/clear` forgets the history, `exit`, `quit`
 input) quits. `python inference.py` at the repository root and the `chatglm3-chat` command run this module.
 Batch mode reads input-output records ({"prompt"}: encoded as in training, `[gMASK] sop` + prompt) or
 conversation records ({"conversations"}: ChatGLM3 chat turns, the reply follows them) and writes one
-{"prompt" or "conversations", "response"} line per record.
+{"prompt" or "conversations", "response"} line per record. A record with "tools" keeps them, and a reply that calls
+one of them is written as the chat API returns it: "response": null and
+"tool_calls": [{"type": "function", "function": {"name", "arguments" (a JSON string)}}].
 """
 
 import argparse
@@ -36,6 +38,7 @@ from finetune.prediction_log import (
     prepare_resume,
     read_partial_rows,
 )
+from inference.openai_protocol import assistant_reply  # noqa: E402
 
 CLEAR_COMMAND = "/clear"
 EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
@@ -111,6 +114,19 @@ def batch_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+def batch_row(record: dict, prompt: str | list[dict], ids: list[int], tokenizer, has_metadata: bool) -> dict:
+    """The output line of one record: its prompt or conversations, its tools, and the reply or tool call."""
+    prompt_key = "conversations" if isinstance(prompt, list) else "prompt"
+    tools = record.get("tools") if prompt_key == "conversations" else None
+    if not tools:
+        return {prompt_key: prompt, "response": decode_reply(ids, tokenizer, has_metadata)}
+    content, calls = assistant_reply(decode_reply(ids, tokenizer, False), tools)
+    row = {prompt_key: prompt, "tools": tools, "response": content}
+    if calls:
+        row["tool_calls"] = [{"type": call["type"], "function": call["function"]} for call in calls]
+    return row
+
+
 def run_batch(model, tokenizer, args: argparse.Namespace, records: list[dict]) -> int:
     """Generate a reply for every checked record and write them to --output_file; return the count.
 
@@ -129,10 +145,10 @@ def run_batch(model, tokenizer, args: argparse.Namespace, records: list[dict]) -
     def write_batch(batch: list[int], new_ids: list[list[int]]) -> None:
         rows = []
         for position, ids in zip(batch, new_ids, strict=True):
-            example = examples[pending[position]]
-            prompt_key = "conversations" if isinstance(example.prompt, list) else "prompt"
-            reply = decode_reply(ids, tokenizer, example.reply_has_metadata)
-            rows.append({"id": str(pending[position]), prompt_key: example.prompt, "response": reply})
+            index = pending[position]
+            example = examples[index]
+            row = batch_row(records[index], example.prompt, ids, tokenizer, example.reply_has_metadata)
+            rows.append({"id": str(index), **row})
         writer.write(rows)
 
     writer = PartialWriter(partial_path(final, 0))

@@ -9,8 +9,14 @@ worker thread. Each step it:
   3. drops rows that finished or were cancelled and trims cache columns that only padding uses.
 Rows are grouped by P-Tuning prefix length (0 = no prefix): each group is one batch, and a prefix is per-row K/V put
 in front of the row's keys. LoRA adapters are routed per row with PEFT's `adapter_names`.
+
+Failures stay with the requests they hit: a request whose own preparation (its seed's generator, its sampling) fails
+ends with "error: ..." alone; when a batched forward fails (a bad row, CUDA out of memory, a model that cannot run
+here), each of its rows is retried alone from the cache as it was before the step, and only the rows that fail alone
+end with the error. Every failure is logged with its traceback.
 """
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -24,6 +30,11 @@ from finetune.model.prefix_encoder import PrefixEncoder
 
 BASE_ADAPTER = "__base__"
 GREEDY_TEMPERATURE = 1e-5
+LOG = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """The failure GenerationRequest.fail_after_tokens asks for (a test hook, see there)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,9 @@ class GenerationRequest:
     """One prompt to continue. `on_token(token_id)` gets every generated id; `on_finish(reason)` ends it once.
 
     reason: "stop" (a stop id was generated; it is not passed to on_token), "length" (max_new_tokens reached),
-    "cancelled" (cancel() was called) or "error: ..." (the worker failed).
+    "cancelled" (cancel() was called) or "error: ..." (running this request failed; the reason follows).
+    `fail_after_tokens` is a test hook for fault tests: once the row has generated that many tokens, every batched
+    forward that includes it raises InjectedFault (the server sets it only under CHATGLM_SERVER_TEST_FAULT).
     """
 
     prompt_ids: list[int]
@@ -51,6 +64,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    fail_after_tokens: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -148,6 +162,7 @@ class ServingEngine:
         self.steps = 0
         self.after_step: Callable[[], None] | None = None
         self._stopping = False
+        self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name="serving-engine", daemon=True)
 
     def start(self) -> "ServingEngine":
@@ -163,6 +178,8 @@ class ServingEngine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; it joins the batch at the next step with a free slot."""
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         if self._stopping:
             raise RuntimeError("the serving engine is stopping; no new requests are accepted")
         self.pending.put(request)
@@ -173,18 +190,21 @@ class ServingEngine:
         return sum(len(group.rows) for group in list(self.groups.values()))
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                if not self._take_pending(block=self.running == 0 and not self.waiting):
-                    break
-                try:
+        reason = "cancelled"
+        try:
+            with torch.inference_mode():
+                while self._take_pending(block=self.running == 0 and not self.waiting):
                     self._admit()
                     self._decode()
-                except (RuntimeError, ValueError) as error:
-                    self._fail_all(f"error: {type(error).__name__}: {error}")
-                self._notify()
-        self._fail_all("cancelled")
-        self._notify()
+                    self._notify()
+        except BaseException as error:  # a bug in the engine itself: end every request with it, then re-raise
+            LOG.exception("the serving engine stopped")
+            self.failure = f"the serving engine stopped: {type(error).__name__}: {error}"
+            reason = f"error: {self.failure}"
+            raise
+        finally:
+            self._fail_all(reason)
+            self._notify()
 
     def _notify(self) -> None:
         """Tell the listener that this step's callbacks are done (lets it deliver them in one go)."""
@@ -203,7 +223,21 @@ class ServingEngine:
         except queue.Empty:
             return True
 
+    @staticmethod
+    def _fail(request: GenerationRequest, error: BaseException, where: str) -> None:
+        """End one request with the error that hit it, and log it."""
+        LOG.error("a request failed during %s: %s: %s", where, type(error).__name__, error, exc_info=error)
+        request.on_finish(f"error: {type(error).__name__}: {error}")
+
     def _fail_all(self, reason: str) -> None:
+        """End every submitted request (queued, waiting or running) with `reason`."""
+        while True:
+            try:
+                item = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.waiting.append(item)
         for request in self.waiting:
             request.on_finish(reason)
         self.waiting = []
@@ -220,6 +254,10 @@ class ServingEngine:
 
     def _forward(self, rows: list[Row] | list[GenerationRequest], input_ids, attention_mask, position_ids, cache):
         """One model forward with each row's prefix and adapter; returns the last position's logits (batch, vocab)."""
+        for row in rows:
+            if isinstance(row, Row) and row.request.fail_after_tokens is not None:
+                if row.generated >= row.request.fail_after_tokens:
+                    raise InjectedFault(f"injected fault after {row.generated} tokens (test hook fail_after_tokens)")
         variants = [row.request.variant if isinstance(row, Row) else row.variant for row in rows]
         encoders = [variant.prefix for variant in variants]
         if encoders[0] is None:
@@ -264,7 +302,47 @@ class ServingEngine:
             self._prefill(key, requests)
 
     def _prefill(self, key: int, requests: list[GenerationRequest]) -> None:
-        """Run the prompts of `requests` in one left-padded batch, sample their first tokens, merge the live rows."""
+        """Prefill `requests` together; when the batch fails, each alone (only those that fail alone get the error)."""
+        generators = {}
+        for request in list(requests):
+            try:
+                seed = request.seed
+                generators[id(request)] = None if seed is None else torch.Generator().manual_seed(seed)
+            except (RuntimeError, ValueError, TypeError) as error:
+                self._fail(request, error, "its preparation (the seed's generator)")
+                requests.remove(request)
+        if not requests:
+            return
+        try:
+            logits, new = self._prefill_batch(requests)
+        except Exception as error:  # reported: to the request when it fails alone, else retried row by row
+            if len(requests) == 1:
+                self._fail(requests[0], error, "the prefill")
+                return
+            name = type(error).__name__
+            LOG.warning("a prefill of %d requests failed (%s: %s); retrying each alone", len(requests), name, error)
+            for request in requests:
+                self._prefill(key, [request])
+            return
+        live = []
+        for index, request in enumerate(requests):
+            generator = generators[id(request)]
+            row = Row(request=request, generator=generator, next_token=-1, position=len(request.prompt_ids))
+            new.rows.append(row)
+            try:
+                row.next_token = sample_token(logits[index], request.temperature, request.top_p, generator)
+            except (RuntimeError, ValueError) as error:
+                self._fail(request, error, "sampling")
+                continue
+            if self._emit(row, row.next_token):
+                live.append(index)
+        self._keep(new, live)
+        if new.rows:
+            self._merge(key, new)
+
+    def _prefill_batch(self, requests: list[GenerationRequest]) -> tuple[torch.Tensor, Group]:
+        """One left-padded forward of the prompts of `requests`: their last logits and a group (no rows yet) with the
+        cache and mask of every request, in order."""
         length = max(len(request.prompt_ids) for request in requests)
         padding = [length - len(request.prompt_ids) for request in requests]
         input_ids = torch.tensor(
@@ -275,20 +353,7 @@ class ServingEngine:
         positions = torch.tensor([[0] * pad + list(range(length - pad)) for pad in padding], device=self.device)
         cache = RowCache()
         logits = self._forward(requests, input_ids, mask, positions, cache)
-        new = Group(cache=cache, mask=mask)
-        live = []
-        for index, request in enumerate(requests):
-            generator = None
-            if request.seed is not None:
-                generator = torch.Generator().manual_seed(request.seed)
-            token = sample_token(logits[index], request.temperature, request.top_p, generator)
-            row = Row(request=request, generator=generator, next_token=token, position=len(request.prompt_ids))
-            new.rows.append(row)
-            if self._emit(row, token):
-                live.append(index)
-        self._keep(new, live)
-        if new.rows:
-            self._merge(key, new)
+        return logits, Group(cache=cache, mask=mask)
 
     def _emit(self, row: Row, token: int) -> bool:
         """Hand a sampled token to its request; False when the row is finished."""
@@ -337,14 +402,22 @@ class ServingEngine:
             input_ids = torch.tensor([[row.next_token] for row in group.rows], device=self.device)
             positions = torch.tensor([[row.position] for row in group.rows], device=self.device)
             group.mask = torch.cat((group.mask, torch.ones_like(group.mask[:, :1])), dim=1)
-            logits = self._forward(group.rows, input_ids, group.mask, positions, group.cache)
-            greedy_tokens = logits.argmax(dim=-1).tolist()
+            layers_before = list(group.cache.layers)
+            try:
+                logits = self._forward(group.rows, input_ids, group.mask, positions, group.cache)
+            except Exception as error:  # reported: to the rows that fail alone, the others go on
+                logits = self._decode_rows_alone(group, layers_before, input_ids, positions, error)
+            greedy_tokens = logits.argmax(dim=-1).tolist() if group.rows else []
             live = []
             for index, row in enumerate(group.rows):
                 request = row.request
                 token = greedy_tokens[index]
                 if request.temperature > GREEDY_TEMPERATURE:
-                    token = sample_token(logits[index], request.temperature, request.top_p, row.generator)
+                    try:
+                        token = sample_token(logits[index], request.temperature, request.top_p, row.generator)
+                    except (RuntimeError, ValueError) as error:
+                        self._fail(request, error, "sampling")
+                        continue
                 row.next_token, row.position, row.generated = token, row.position + 1, row.generated + 1
                 if self._emit(row, token):
                     live.append(index)
@@ -352,6 +425,42 @@ class ServingEngine:
             if not group.rows:
                 del self.groups[key]
         self.steps += 1
+
+    def _decode_rows_alone(self, group: Group, layers: list, input_ids, positions, error: Exception) -> torch.Tensor:
+        """After a failed batched decoding step, run each row alone from the cache `layers` as they were before it.
+        Rows that fail alone end with their error and leave the group; returns the logits of the rows kept."""
+        if len(group.rows) == 1:
+            self._fail(group.rows[0].request, error, "a decoding step")
+            group.rows = []
+            return torch.empty(0)
+        LOG.warning(
+            "a decoding step of %d rows failed (%s: %s); retrying each alone",
+            len(group.rows),
+            type(error).__name__,
+            error,
+        )
+        kept, logits, caches = [], [], []
+        for index, row in enumerate(group.rows):
+            cache = RowCache([(key[index : index + 1], value[index : index + 1]) for key, value in layers])
+            alone = slice(index, index + 1)
+            try:
+                logits.append(self._forward([row], input_ids[alone], group.mask[alone], positions[alone], cache))
+            except Exception as row_error:  # reported to this row's request
+                self._fail(row.request, row_error, "a decoding step")
+                continue
+            kept.append(index)
+            caches.append(cache)
+        group.rows = [group.rows[index] for index in kept]
+        if not kept:
+            return torch.empty(0)
+        group.mask = group.mask[kept]
+        group.cache = RowCache(
+            [
+                tuple(torch.cat([cache.layers[layer][part] for cache in caches]) for part in (0, 1))
+                for layer in range(len(caches[0].layers))
+            ]
+        )
+        return torch.cat(logits)
 
     def _keep(self, group: Group, indices: list[int]) -> None:
         """Keep only the rows at `indices`, and drop leading cache columns that are padding in every kept row."""

@@ -9,6 +9,7 @@ records say (they must agree) unless --quantization_bit is given. Each loaded mo
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +25,8 @@ from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 from finetune.model.prefix_encoder import PrefixEncoder
 from finetune.quantization import recorded_bits
 from inference.serving_engine import ServingEngine, Variant
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -51,11 +54,18 @@ class LoadOptions:
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
-    """(name, path) of each `--model` value: `NAME=CKPT`, or `CKPT` named after its folder."""
+    """(name, path) of each `--model` value: `NAME=CKPT`, or `CKPT` named after its folder.
+
+    A value is split at its first `=` only when what is left of it is a plain name (letters, digits, `.`, `_`, `-`)
+    and the whole value is not an existing path whose right side is not one, so `--model runs/lr=1e-4/ckpt` works.
+    """
     parsed = []
     for spec in specs:
         name, separator, path = spec.partition("=")
-        if not separator:
+        named = bool(separator) and MODEL_NAME.fullmatch(name) is not None
+        if named and os.path.exists(spec) and not os.path.exists(path):
+            named = False
+        if not named:
             name, path = Path(spec.rstrip("/")).name, spec
         if not name or not path:
             raise CheckpointError(f"--model {spec!r}: expected CKPT or NAME=CKPT")

@@ -1,8 +1,10 @@
 """Start a real inference/api_server.py process on a free loopback port and talk to it (shared by the server tests)."""
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +24,9 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """A server process with its base URL; `stop()` sends SIGTERM and waits."""
+    """A server process with its base URL; `stop()` sends SIGTERM and waits; `output()` is what it printed."""
 
-    def __init__(self, models: list[str], *extra: str, api_key: str | None = None):
+    def __init__(self, models: list[str], *extra: str, api_key: str | None = None, env: dict | None = None):
         self.port = free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,16 +35,26 @@ class RunningServer:
             command += ["--model", model]
         if api_key:
             command += ["--api_key", api_key]
+        self.log = tempfile.NamedTemporaryFile(prefix="api_server_", suffix=".log")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT.parent
+            [*command, *extra],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO_ROOT.parent,
+            env={**os.environ, **(env or {})},
         )
         self._wait_until_healthy()
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return Path(self.log.name).read_text(encoding="utf-8", errors="replace")
 
     def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.process.stdout.read()}")
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return

@@ -23,12 +23,13 @@ from transformers import AutoTokenizer
 
 from finetune.checkpoints import load_for_inference
 from finetune.data.encoding import TOOLS_SYSTEM_PROMPT, encode_conversation, format_tool_call
-from inference.api_server import ids_through_stop
+from inference.api_server import exposure_warning, ids_through_stop
 from inference.api_server import main as api_server_main
 from inference.chat_cli import main as inference_main
 from inference.chat_cli import reply_text
 
 API_KEY = "test-key"
+FAULT_MARKER = "<fail here>"  # requests holding it fail in the engine (the server's CHATGLM_SERVER_TEST_FAULT hook)
 MAX_TOKENS = 12
 TOOL = {"name": "get_weather", "description": "Weather of a city", "parameters": {"city": "string"}}
 TOOL_EXAMPLE = {
@@ -74,9 +75,10 @@ def fine_tune_tool_caller(base_dir: Path, folder: Path, steps: int = 120) -> Non
 
 @pytest.fixture(scope="module")
 def server(checkpoints: dict[str, Path]):
-    """One server for all of them, with an API key and a batch of 8."""
+    """One server for all of them, with an API key, a batch of 8 and the engine fault hook armed."""
     models = [f"{name}={path}" for name, path in checkpoints.items()]
-    running = RunningServer(models, "--max_concurrency", "8", "--max_queue", "64", api_key=API_KEY)
+    options = ("--max_concurrency", "8", "--max_queue", "64")
+    running = RunningServer(models, *options, api_key=API_KEY, env={"CHATGLM_SERVER_TEST_FAULT": FAULT_MARKER})
     yield running
     assert running.stop() == -signal.SIGTERM
 
@@ -262,13 +264,27 @@ def test_client_disconnect_frees_the_slot(server):
 
 
 def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpoints):
-    running = RunningServer([str(checkpoints["lora"])], "--max_concurrency", "1", "--max_queue", "1")
+    options = ("--max_concurrency", "1", "--max_queue", "1", "--grace_period", "120")
+    running = RunningServer([str(checkpoints["lora"])], *options)
     client = running.client()
-    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 0}
-    streams = [client.chat.completions.create(**body, stream=True) for _ in range(2)]
+    body = {"model": "lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0}
+    streams = []
+
+    def open_stream(max_tokens: int) -> None:
+        streams.append(client.chat.completions.create(**{**body, "max_tokens": max_tokens}, stream=True))
+
+    # A stream's headers come with its first token (the queued one waits for the running one): open them in threads.
+    openers = [threading.Thread(target=open_stream, args=(max_tokens,)) for max_tokens in (300, 20)]
+    openers[0].start()
+    wait_for(lambda: running.health()["running"] == 1, 30, "the first request to run")
+    openers[1].start()
+    wait_for(lambda: running.health()["in_flight"] == 2, 30, "one request running and one queued")
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(**body)
     assert refused.value.status_code == 429 and "--max_queue" in refused.value.message
+    assert refused.value.response.headers["Retry-After"] == "1"
+    for opener in openers:
+        opener.join(60)
     finished = []
     readers = [
         threading.Thread(target=lambda s=s: finished.append(list(s)[-1].choices[0].finish_reason)) for s in streams
@@ -277,20 +293,40 @@ def test_full_queue_answers_429_and_sigterm_lets_running_requests_finish(checkpo
         reader.start()
     running.process.send_signal(signal.SIGTERM)
     for reader in readers:
-        reader.join(60)
+        reader.join(150)
     assert finished == ["length", "length"]
     assert running.process.wait(60) == -signal.SIGTERM
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{running.url}/health", timeout=2)
 
 
+def failing_request(server, name: str, stream: bool) -> str:
+    """A request the engine fails on midway (the fault hook): "failed" when it is answered as such."""
+    body = {"model": name, "messages": [{"role": "user", "content": f"hi {FAULT_MARKER}"}], "max_tokens": MAX_TOKENS}
+    body["temperature"] = 0
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json={**body, "stream": stream}, headers=server.headers(), timeout=60
+    )
+    if stream and response.status_code == 200:  # it failed midway: the stream's last event is the error
+        events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+        errors = [json.loads(event)["error"] for event in events if event.startswith('{"error"')]
+        failed = len(errors) == 1 and events[-1] == json.dumps({"error": errors[0]}, ensure_ascii=False)
+    else:  # it failed before its first piece was sent (always so without streaming)
+        errors = [response.json()["error"]]
+        failed = response.status_code == 500 and errors[0]["type"] == "server_error"
+    return "failed" if failed and "InjectedFault" in errors[0]["message"] else f"wrong failure: {response.text!r}"
+
+
 def test_load_200_requests_from_16_clients(server, expected):
-    """Streaming and not, some malformed, some cancelled midway: right answers, right errors, nothing hangs."""
+    """Streaming and not, some malformed, some cancelled midway, some failing in the engine midway: right answers,
+    right errors, only the failing requests fail, nothing hangs."""
     client = server.client(timeout=60)
     models = ["base", "lora", "prefix", "prefix5"]
 
     def one(index: int) -> str:
         name, prompt = models[index % len(models)], PROMPTS[index % 3]
+        if index % 20 == 9:
+            return failing_request(server, name, stream=index % 40 == 9)
         if index % 10 == 3:
             response = httpx.post(
                 f"{server.url}/v1/chat/completions", content=b"{oops", headers=server.headers(), timeout=60
@@ -308,7 +344,8 @@ def test_load_200_requests_from_16_clients(server, expected):
 
     with ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(one, range(200), timeout=120))
-    assert sorted(set(outcomes)) == ["cancelled", "error", "ok"], [o for o in outcomes if o not in ("ok", "error")]
+    assert sorted(set(outcomes)) == ["cancelled", "error", "failed", "ok"], [o for o in set(outcomes) if " " in o]
+    assert [index for index, outcome in enumerate(outcomes) if outcome == "failed"] == list(range(9, 200, 20))
     wait_for(lambda: server.health()["in_flight"] == 0, 10, "every request to leave")
     assert greedy(client, "lora", PROMPTS[1]).choices[0].message.content == expected["lora", PROMPTS[1]]
 
@@ -400,6 +437,11 @@ def test_web_chat_page(server, browser, expected):
     wait.until(lambda _: len(Select(browser.find_element(By.ID, "model")).options) == 6)
     Select(browser.find_element(By.ID, "model")).select_by_value("lora")
     field("temperature", "0")
+    # The default max new tokens fits the tiny model's 512-token context: the first message works as it is.
+    assert browser.find_element(By.ID, "max_tokens").get_attribute("value") == "256"
+    _, finish = say(PROMPTS[1])
+    assert finish in ("length", "stop")
+    browser.find_element(By.ID, "clear").click()
     field("max_tokens", str(MAX_TOKENS))
     assert say(PROMPTS[0]) == (expected["lora", PROMPTS[0]], "length")
 
@@ -446,3 +488,134 @@ def test_unloadable_models_exit_with_a_message(tmp_path, checkpoints, capsys):
     twice = ["--model", f"a={checkpoints['lora']}", "--model", f"a={checkpoints['prefix']}"]
     assert api_server_main(twice) == 1
     assert "the name 'a' is used twice" in capsys.readouterr().err
+
+
+def test_an_engine_failure_answers_only_that_request_with_a_500_and_is_logged(server, expected):
+    assert failing_request(server, "lora", stream=False) == "failed"
+    for _ in range(3):
+        assert failing_request(server, "prefix", stream=True) == "failed"
+    assert "InjectedFault" in server.output() and "a request failed during a decoding step" in server.output()
+    wait_for(lambda: server.health()["in_flight"] == 0, 10, "the failed requests to leave")
+    assert server.health()["status"] == "ok"
+    assert greedy(server.client(), "lora", PROMPTS[1]).choices[0].message.content == expected["lora", PROMPTS[1]]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "lora", "messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+        b'{"model": "lora", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}',
+        b'{"model": "lora", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1}',
+        b'{"model": "lora", "messages": [{"role": "assistant", "tool_calls": 5}, {"role": "tool", "content": "x"}]}',
+        b'{"model": "lora", "messages": [{"role": "user", "content": 5}]}',
+        b'{"model": "lora", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}',
+        b'{"model": "lora", "messages": "hi"}',
+        b'{"model": ["lora"], "messages": []}',
+        b"[" * 100_000,
+        b"\xff\xfe\x00",
+        b"null",
+        b"",
+    ],
+)
+def test_malformed_bodies_get_a_4xx_never_a_500(server, content):
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=server.headers(), timeout=30)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_what_real_openai_clients_send_is_served(server, expected):
+    client = server.client()
+    parts = [{"type": "text", "text": PROMPTS[1]}]
+    reply = client.chat.completions.create(model="lora", messages=[{"role": "user", "content": parts}], temperature=0,
+                                           max_tokens=MAX_TOKENS)
+    assert reply.choices[0].message.content == expected["lora", PROMPTS[1]]
+    system = client.chat.completions.create(
+        model="lora", temperature=0, max_tokens=MAX_TOKENS,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}],
+    )
+    developer = client.chat.completions.create(
+        model="lora", temperature=0, max_tokens=MAX_TOKENS,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": PROMPTS[1]}],
+    )
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    card = client.models.retrieve("prefix5")
+    assert card.id == "prefix5" and card.model_extra["max_model_len"] == 512
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("nope")
+    assert "is not served here" in missing.value.message
+
+
+def test_tool_choice_none_returns_no_call_and_a_named_function_is_called(server, checkpoints):
+    client = server.client()
+    tools = [{"type": "function", "function": TOOL}, {"type": "function", "function": {"name": "get_time"}}]
+    messages = [{"role": "user", "content": "北京天气怎么样？"}]
+    options = {"model": "tools", "messages": messages, "temperature": 0, "max_tokens": 40}
+    auto = client.chat.completions.create(tools=tools[:1], **options)
+    assert auto.choices[0].finish_reason == "tool_calls"
+    none = client.chat.completions.create(tools=tools[:1], tool_choice="none", **options)
+    assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason != "tool_calls"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced_prefix = len(AutoTokenizer.from_pretrained(checkpoints["tools"]).sp_model.encode("get_weather\n"))
+    for choice in (named, "required"):  # "required" with one tool names it
+        forced = client.chat.completions.create(tools=tools[:1], tool_choice=choice, **options)
+        [call] = forced.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        # The name was given: the reply started with it (the metadata line) in the prompt, not generated.
+        assert forced.usage.prompt_tokens == auto.usage.prompt_tokens + forced_prefix
+        assert forced.usage.completion_tokens == auto.usage.completion_tokens - forced_prefix
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(tools=tools, tool_choice="required", **options)
+    assert refused.value.body["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("tools", [None, [{"type": "function", "function": TOOL}]])
+def test_plain_text_streams_token_by_token(server, tools):
+    # The tiny model's replies have no ChatGLM3 metadata line; they used to arrive in one piece at the end.
+    options = {"tools": tools} if tools else {}
+    chunks = list(greedy(server.client(), "base", PROMPTS[1], stream=True, **options))
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) > MAX_TOKENS // 2 and "".join(pieces) == greedy(server.client(), "base", PROMPTS[1], **options
+                                                                       ).choices[0].message.content
+
+
+def test_batch_inference_writes_tool_calls_as_the_chat_api_returns_them(server, checkpoints, tmp_path):
+    tools = [TOOL]
+    records = [{"tools": tools, "conversations": [{"role": "user", "content": "北京天气怎么样？"}]}]
+    input_file, output_file = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    input_file.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    command = ["--model", str(checkpoints["tools"]), "--input_file", str(input_file), "--output_file", str(output_file)]
+    assert inference_main([*command, "--max_new_tokens", "40"]) == 0
+    [row] = [json.loads(line) for line in output_file.read_text(encoding="utf-8").splitlines()]
+    served = server.client().chat.completions.create(
+        model="tools", messages=records[0]["conversations"], tools=[{"type": "function", "function": TOOL}],
+        temperature=0, max_tokens=40,
+    )
+    [call] = served.choices[0].message.tool_calls
+    assert row["tools"] == tools and row["response"] is None
+    assert row["tool_calls"] == [
+        {"type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}
+    ]
+
+
+def test_a_port_in_use_is_refused_before_the_models_load(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert api_server_main(["--model", str(tmp_path / "not-loaded"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "not-loaded" not in err
+
+
+def test_listening_on_all_interfaces_without_an_api_key_warns():
+    assert "without --api_key" in exposure_warning("0.0.0.0", None)
+    assert exposure_warning("0.0.0.0", "key") is None and exposure_warning("127.0.0.1", None) is None
+
+
+def test_ctrl_c_on_an_idle_server_exits_with_one_line(checkpoints):
+    running = RunningServer([str(checkpoints["lora"])])
+    before = running.output()
+    running.process.send_signal(signal.SIGINT)
+    assert running.process.wait(60) == 130
+    added = running.output()[len(before) :]
+    assert added.strip().splitlines() == ["interrupted (Ctrl-C): the server stops"], added

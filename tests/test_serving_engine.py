@@ -126,3 +126,60 @@ def test_sampling_follows_the_seed_and_top_p():
     nucleus = [sample_token(logits, 1.0, 1e-6, torch.Generator().manual_seed(seed)) for seed in range(5)]
     assert nucleus == [int(logits.argmax())] * 5
     assert sample_token(logits, 0.0, 1.0, None) == int(logits.argmax())
+
+
+def test_a_request_failing_in_its_preparation_fails_alone(loaded):
+    model, tokenizer = loaded
+    engine = ServingEngine(model, max_batch_size=8)
+    good, bad = [Collector() for _ in PROMPTS[:2]], Collector()
+    for prompt, collector in zip(PROMPTS[:2], good, strict=True):
+        engine.submit(request_for(tokenizer, prompt, collector))
+    # 2**64 overflows torch.Generator.manual_seed inside the engine (the server refuses it with a 400 before).
+    engine.submit(request_for(tokenizer, PROMPTS[2], bad, temperature=1.0, seed=2**64))
+    engine.start()
+    try:
+        assert all(collector.done.wait(60) for collector in [*good, bad]), "a request was left hanging"
+    finally:
+        engine.stop(timeout=30)
+    assert bad.reason.startswith("error: ValueError") and "Overflow" in bad.reason and not bad.tokens
+    assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS[:2]]
+    assert engine.running == 0
+
+
+def run_with_others(loaded, failing: GenerationRequest, failing_collector: Collector) -> list[Collector]:
+    """Run `failing` among greedy requests that join a running batch; every collector must end. Returns theirs."""
+    model, tokenizer = loaded
+    engine = ServingEngine(model, max_batch_size=8).start()
+    good = [Collector() for _ in PROMPTS]
+    try:
+        engine.submit(request_for(tokenizer, PROMPTS[0], good[0]))
+        good[0].first_token.wait(30)  # running: the others join a batch that is decoding
+        for prompt, collector in zip(PROMPTS[1:3], good[1:3], strict=True):
+            engine.submit(request_for(tokenizer, prompt, collector))
+        engine.submit(failing)
+        engine.submit(request_for(tokenizer, PROMPTS[3], good[3]))
+        assert all(collector.done.wait(60) for collector in [*good, failing_collector]), "a request was left hanging"
+        after = Collector()  # the engine still runs requests afterwards
+        engine.submit(request_for(tokenizer, PROMPTS[3], after))
+        assert after.done.wait(60) and after.tokens == greedy_alone(model, tokenizer, PROMPTS[3])
+    finally:
+        engine.stop(timeout=30)
+    assert engine.running == 0
+    assert [collector.tokens for collector in good] == [greedy_alone(model, tokenizer, p) for p in PROMPTS]
+    return good
+
+
+def test_a_prompt_failing_the_batched_prefill_fails_alone(loaded):
+    model, _ = loaded
+    bad = Collector()
+    # An id beyond the embedding fails the batched prefill it is part of; retried alone, only it fails.
+    failing = GenerationRequest([model.config.padded_vocab_size + 7], 4, frozenset(), bad.on_token, bad.on_finish)
+    run_with_others(loaded, failing, bad)
+    assert bad.reason.startswith("error: IndexError") and not bad.tokens
+
+
+def test_a_row_failing_a_batched_decoding_step_fails_alone(loaded):
+    _, tokenizer = loaded
+    bad = Collector()
+    run_with_others(loaded, request_for(tokenizer, PROMPTS[1], bad, fail_after_tokens=3), bad)
+    assert bad.reason.startswith("error: InjectedFault") and len(bad.tokens) == 3

@@ -7,7 +7,7 @@ import pytest
 
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.quantization import quantization_record
-from inference.serving_models import LoadOptions, shared_base_quantization
+from inference.serving_models import LoadOptions, parse_model_specs, shared_base_quantization
 
 
 def checkpoint(folder: Path, bits: int | None) -> str:
@@ -36,3 +36,13 @@ def test_checkpoints_trained_on_differently_quantized_bases_cannot_share_one(tmp
     members = [("a", checkpoint(tmp_path / "a", 4)), ("c", checkpoint(tmp_path / "c", None))]
     with pytest.raises(CheckpointError, match="differently quantized bases"):
         shared_base_quantization(members, LoadOptions())
+
+
+def test_model_values_are_split_at_the_first_equals_sign_only_after_a_plain_name(tmp_path: Path):
+    folder = tmp_path / "runs" / "lr=1e-4" / "checkpoint-100"
+    folder.mkdir(parents=True)
+    assert parse_model_specs([str(folder)]) == [("checkpoint-100", str(folder))]
+    assert parse_model_specs([f"ad={folder}"]) == [("ad", str(folder))]
+    assert parse_model_specs(["ad=path/with=sign"]) == [("ad", "path/with=sign")]
+    relative = Path("runs") / "lr=1e-4" / "checkpoint-100"
+    assert parse_model_specs([str(relative)]) == [("checkpoint-100", str(relative))]
