@@ -312,12 +312,24 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
-        schedule: the saved state holds the rate the checkpoint's own schedule reached (0 at its last step when the
-        run was planned with a smaller --max_steps), which the first resumed step would otherwise use."""
+        schedule: the saved state holds the peak rate and the rate the checkpoint's own schedule reached (0 at its
+        last step when the run was planned with a smaller --max_steps), which the resumed steps would otherwise use.
+        A --learning_rate changed on resume becomes the schedule's peak rate, as a changed --max_steps its length."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
         saved_rate = self.lr_scheduler.get_last_lr()[0]
+        saved_peaks = list(self.lr_scheduler.base_lrs)
+        one_peak = bool(saved_peaks) and all(peak == saved_peaks[0] for peak in saved_peaks)
+        if one_peak and saved_peaks[0] != self.args.learning_rate:
+            logger.info(
+                "learning rate changed on resume: peak %.3g instead of the checkpoint's %.3g",
+                self.args.learning_rate,
+                saved_peaks[0],
+            )
+            self.lr_scheduler.base_lrs = [self.args.learning_rate] * len(saved_peaks)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.args.learning_rate
         # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
         self.lr_scheduler.last_epoch -= 1
         self.lr_scheduler.step()
