@@ -149,12 +149,11 @@ def test_metadata_of_a_message_is_encoded(tokenizer: ChatGLMTokenizer):
 def test_tools_on_a_system_message_render_as_the_official_chat_input(reference: dict, tokenizer: ChatGLMTokenizer):
     chat = reference["tokenizer"]["build_chat_input"]  # history starts with {"role": "system", ..., "tools": [...]}
     history = chat["history"]
-    example = {"conversations": [*history, {"role": chat["role"], "content": chat["query"]}, {"role": "assistant",
-                                                                                              "content": "好的。"}]}
+    query = {"role": chat["role"], "content": chat["query"]}
+    example = {"conversations": [*history, query, {"role": "assistant", "content": "好的。"}]}
     encoded = encode_conversation(example, tokenizer, max_seq_length=None)["input_ids"]
     prompt = chat["input_ids"][:-1]  # build_chat_input ends with <|assistant|>; the training row goes on from there
     assert encoded[: len(prompt)] == prompt
-    assert encoded[: len(prompt)] == tokenizer.apply_chat_template(history + [
-        {"role": chat["role"], "content": chat["query"]}])["input_ids"]
+    assert encoded[: len(prompt)] == tokenizer.apply_chat_template([*history, query])["input_ids"]
     tools_json = json.dumps(history[0]["tools"], indent=4, ensure_ascii=False)
     assert tokenizer.decode(encoded).count(tools_json) == 1
