@@ -4,6 +4,7 @@ They come from the command line (`--name value`) or from one `.json` / `.yaml` f
 """
 
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -316,12 +318,33 @@ def _renamed_flag(argument: str) -> str:
     return f"--{new_name}{equals}{value}" if new_name else argument
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one-line ValueErrors (the entry point prints them, exit status 2), not the
+    usage text followed by argparse's message."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the argparse error as a ValueError with a pointer to --help."""
+        raise ValueError(f"{message} (python -m finetune.train --help lists the flags)")
+
+    def check_no_leftovers(self, leftovers: list[str]) -> None:
+        """Raise ValueError for the first argument no flag took: an unknown flag (with the closest known one)."""
+        if not leftovers:
+            return
+        first = next((argument for argument in leftovers if argument.startswith("-")), leftovers[0])
+        name = first.split("=", 1)[0]
+        if not name.startswith("-"):
+            self.error(f"unexpected argument {first!r}: flags are written --name value")
+        flags = [option for option in self._option_string_actions if option.startswith("--")]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        self.error(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
     """Parse the command line, or the one .json/.yaml config file it names, into the three argument objects."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = ArgumentParser(ARGUMENT_CLASSES)
     if len(argv) == 1 and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
         path = Path(argv[0])
         values = read_config_file(path)
@@ -329,4 +352,8 @@ def parse_arguments(
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
         return parser.parse_dict({RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
-    return parser.parse_args_into_dataclasses(args=[_renamed_flag(argument) for argument in argv])
+    *parsed, leftovers = parser.parse_args_into_dataclasses(
+        args=[_renamed_flag(argument) for argument in argv], return_remaining_strings=True
+    )
+    parser.check_no_leftovers(leftovers)
+    return tuple(parsed)

@@ -18,9 +18,10 @@
 #                           optimizer step then sees more examples, which the log states); 0: one example per row
 #   STOP_TIMEOUT [600]      seconds torchrun gives its workers, after Ctrl-C / SIGTERM, to save a checkpoint and exit
 # Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs;
-# `--help` prints this list. An environment variable whose name is close to a knob's
-# (MAX_STEPS for MAX_STEP) gets a warning, since the launcher ignores it. One process on one node runs finetune.py
-# directly; several processes (or DeepSpeed) run it under torchrun.
+# `--help` prints this list. An environment variable whose name is close to a knob's (MAX_STEPS for MAX_STEP) or
+# another tool's name for one (LEARNING_RATE for LR, BATCH_SIZE for DEV_BATCH_SIZE, SAVE_STEPS for SAVE_INTERVAL,
+# AUTO_RESUME, OUTPUT_PATH, DATASET) gets a warning, since the launcher ignores it. One process on one node runs
+# finetune.py directly; several processes (or DeepSpeed) run it under torchrun.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -58,18 +59,33 @@ LAUNCHER_KNOBS=(
     TINY_MODEL_DIR QUICKSTART_DIR QUICKSTART_INSTALL ADVERTISE_GEN_DIR
 )
 
-# Warns on stderr about environment variables whose names are close to a knob's but not one (e.g. MAX_STEPS).
+# Names other tools use for a training launcher's knobs: set, they are ignored, so they are warned about.
+TRAINING_KNOB_ALIASES=(
+    LEARNING_RATE=LR BATCH_SIZE=DEV_BATCH_SIZE PER_DEVICE_TRAIN_BATCH_SIZE=DEV_BATCH_SIZE SAVE_STEPS=SAVE_INTERVAL
+    MAX_STEPS=MAX_STEP AUTO_RESUME=AUTORESUME_FROM_CHECKPOINT AUTORESUME=AUTORESUME_FROM_CHECKPOINT
+    OUTPUT_PATH=OUTPUT_DIR DATASET=DATASET_PATH DATA_PATH=DATASET_PATH TRAIN_FILE=DATASET_PATH
+    MODEL_PATH=BASE_MODEL_PATH GRADIENT_ACCUMULATION_STEPS=GRAD_ACCUMULATION_STEPS
+)
+
+# Usage: warn_misspelled_knobs [ALIAS=KNOB ...]. Warns on stderr about environment variables that are another
+# tool's name for a knob (an ALIAS) or whose names are close to a knob's but not one (e.g. MAX_STEPS for MAX_STEP).
 warn_misspelled_knobs() {
-    python - "${LAUNCHER_KNOBS[@]}" <<'PY'
+    python - "$@" -- "${LAUNCHER_KNOBS[@]}" <<'PY'
 import difflib
 import os
 import sys
 
-knobs = sys.argv[1:]
+separator = sys.argv.index("--")
+aliases = dict(pair.split("=", 1) for pair in sys.argv[1:separator])
+knobs = sys.argv[separator + 1 :]
 for name in sorted(os.environ):
-    close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
-    if name not in knobs and close:
-        print(f"warning: {name} is not a launcher knob and is ignored; did you mean {close[0]}?", file=sys.stderr)
+    meant = aliases.get(name)
+    if meant is None and name not in knobs:
+        close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
+        meant = close[0] if close else None
+    if meant is not None:
+        what = "is not read by this launcher" if name in knobs else "is not a launcher knob"
+        print(f"warning: {name} {what} and is ignored; did you mean {meant}?", file=sys.stderr)
 PY
 }
 
@@ -109,7 +125,8 @@ run_finetune() {
             exit 0
         fi
     done
-    warn_misspelled_knobs
+    warn_misspelled_knobs "${TRAINING_KNOB_ALIASES[@]}"
+    [[ "${LR,,}" =~ ^[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?$ ]] || launcher_error "LR must be a number such as 2e-4, got '$LR'"
 
     if [ -n "${GRAD_ACCUMULARION_STEPS:-}" ] && [ -n "${GRAD_ACCUMULATION_STEPS:-}" ] \
         && [ "$GRAD_ACCUMULARION_STEPS" != "$GRAD_ACCUMULATION_STEPS" ]; then
