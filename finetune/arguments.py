@@ -99,6 +99,13 @@ class ModelArguments:
             "overrides it."
         },
     )
+    allow_other_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint although --model_name_or_path is not the base it was trained on (by "
+            "default refused: training_record.json holds a fingerprint of that base)."
+        },
+    )
     memory_budget_gib: float | None = field(
         default=None,
         metadata={

@@ -437,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max_concurrency must be at least 1 and --max_queue at least 0")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    options = LoadOptions(args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit)
+    options = LoadOptions(
+        args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit, args.allow_other_base
+    )
     try:
         models = load_served_models(args.model, options, args.max_concurrency)
     except (CheckpointError, ModelLoadError) as error:
