@@ -160,8 +160,8 @@ def test_a_data_error_ends_a_launcher_run_with_one_line(tiny_model_dir, tmp_path
     run = run_launcher("finetune_pt.sh", _knobs(tiny_model_dir, data, output_dir), *quick_run_flags(tmp_path / "c"))
     assert run.returncode == 2
     lines = run.output.strip().splitlines()
-    assert lines[-2] == f"error: a problem in the data: {data}:2 field 'response': is missing"
-    assert lines[-1] == f"training exited with status 2; full log: {output_dir / 'train.log'}"
+    assert lines[-2] == f"training exited with status 2; full log: {output_dir / 'train.log'}"
+    assert lines[-1] == f"error: a problem in the data: {data}:2 field 'response': is missing"
     assert "Traceback" not in run.output and "torch.distributed.run" not in run.output  # one process: no torchrun
     assert "effective settings:\n  method ptuning, model " in run.output
     assert "batch 2 per device x 1 accumulation x 1 process(es) = 2 rows per optimizer step (packed rows)" in run.output
