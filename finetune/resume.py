@@ -114,7 +114,8 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
 
 
 def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
-    """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run."""
+    """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run, or
+    on another base than --model_name_or_path (unless --allow_other_base; finetune.base_fingerprint)."""
     record = read_json_file(folder / TRAINING_RECORD)
     method = method_of(model_args)
     if record.get("method") != method.name:
