@@ -6,6 +6,7 @@ the same names: `python -m finetune.train configs/lora.yaml --learning_rate 1e-4
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import yaml
@@ -110,6 +112,13 @@ class ModelArguments:
             "layers (leanest, as --gradient_checkpointing), 'auto' picks the least recomputation whose memory "
             "estimate fits the GPU (or --memory_budget_gib); on CPU auto means none. --gradient_checkpointing "
             "overrides it."
+        },
+    )
+    allow_other_base: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint although --model_name_or_path is not the base it was trained on (by "
+            "default refused: training_record.json holds a fingerprint of that base)."
         },
     )
     memory_budget_gib: float | None = field(
@@ -330,6 +339,27 @@ def _renamed_flag(argument: str) -> str:
     return f"--{new_name}{equals}{value}" if new_name else argument
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one-line ValueErrors (the entry point prints them, exit status 2), not the
+    usage text followed by argparse's message."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the argparse error as a ValueError with a pointer to --help."""
+        raise ValueError(f"{message} (python -m finetune.train --help lists the flags)")
+
+    def check_no_leftovers(self, leftovers: list[str]) -> None:
+        """Raise ValueError for the first argument no flag took: an unknown flag (with the closest known one)."""
+        if not leftovers:
+            return
+        first = next((argument for argument in leftovers if argument.startswith("-")), leftovers[0])
+        name = first.split("=", 1)[0]
+        if not name.startswith("-"):
+            self.error(f"unexpected argument {first!r}: flags are written --name value")
+        flags = [option for option in self._option_string_actions if option.startswith("--")]
+        close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+        self.error(f"unknown flag {name}" + (f"; did you mean {close[0]}?" if close else ""))
+
+
 def parse_arguments(
     argv: list[str] | None = None, argument_classes: tuple[type, ...] = ARGUMENT_CLASSES
 ) -> tuple:
@@ -337,7 +367,7 @@ def parse_arguments(
     DataArguments, Seq2SeqTrainingArguments unless other classes are given): the config file's values replace the
     dataclasses' defaults and the flags go on top of the file."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(argument_classes)
+    parser = ArgumentParser(argument_classes)
     if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in CONFIG_FILE_SUFFIXES:
         path = Path(argv.pop(0))
         values = read_config_file(path)
@@ -345,7 +375,8 @@ def parse_arguments(
         if unknown:
             raise ValueError(f"{path}: unknown argument name(s) {unknown}; see `--help` for the accepted names")
         parser.set_defaults(**{RENAMED_TRAINING_ARGUMENTS.get(key, key): value for key, value in values.items()})
-    namespace = parser.parse_args([_renamed_flag(argument) for argument in argv])
+    namespace, leftovers = parser.parse_known_args([_renamed_flag(argument) for argument in argv])
+    parser.check_no_leftovers(leftovers)
     fall_back_from_unsupported_precision(namespace)
     values = vars(namespace)
     return tuple(

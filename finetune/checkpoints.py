@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
+from finetune.base_fingerprint import ALLOW_OTHER_BASE_FLAG, check_base_matches
 from finetune.checkpoint_layout import (
     ADAPTER_CONFIG,
     CONFIG_FILE,
@@ -136,6 +137,14 @@ def resolve_base(path: str | Path, override: str | None = None) -> str:
     return base
 
 
+def open_base(path: str | Path, override: str | None = None, allow_other_base: bool = False) -> str:
+    """The base an adapter or prefix checkpoint loads on (see resolve_base), checked to be the base it was trained on
+    (finetune.base_fingerprint): the one check inference, evaluation, export and the server make."""
+    base = resolve_base(path, override)
+    check_base_matches(path, read_training_record(path), base, allow_other_base)
+    return base
+
+
 def resolve_device(device: str) -> str:
     """The torch device for "auto" (cuda, then mps, then cpu); ModelLoadError for an unavailable one."""
     if device not in DEVICES:
@@ -194,8 +203,10 @@ def load_for_inference(
     dtype: str = "auto",
     quantization_bit: int | None = None,
     merge_lora: bool = False,
+    allow_other_base: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizer, CheckpointKind]:
-    """Load any checkpoint kind ready for generation: (model in eval mode, tokenizer, kind)."""
+    """Load any checkpoint kind ready for generation: (model in eval mode, tokenizer, kind). An adapter or prefix
+    checkpoint on another base than it was trained on is refused unless `allow_other_base`."""
     folder = require_checkpoint_folder(checkpoint)
     method = checkpoint_method(folder)
     kind = method.checkpoint_kind if method is not None else CheckpointKind.BASE
@@ -208,7 +219,7 @@ def load_for_inference(
         "quantization_config": quantization_config(bits) if bits else None,
     }
     if method is not None and method.needs_base:
-        base_path = resolve_base(folder, base)
+        base_path = open_base(folder, base, allow_other_base)
         tokenizer_fallback = base_path
         if Path(base_path).is_dir():
             check_base_model_folder(base_path, knob="--base")
@@ -253,6 +264,17 @@ def add_loading_arguments(parser: argparse.ArgumentParser, several_models: bool 
         choices=QUANTIZATION_BITS,
         help="load the base in 4/8 bit (bitsandbytes; default: as the checkpoint's training_record.json says)",
     )
+    add_allow_other_base_argument(parser)
+
+
+def add_allow_other_base_argument(parser: argparse.ArgumentParser) -> None:
+    """The --allow_other_base option (inference, evaluation, export and the server)."""
+    parser.add_argument(
+        ALLOW_OTHER_BASE_FLAG,
+        action="store_true",
+        help="load an adapter or prefix checkpoint on a base other than the one it was trained on (by default "
+        "refused: its training_record.json holds a fingerprint of that base)",
+    )
 
 
 def load_from_arguments(
@@ -267,6 +289,7 @@ def load_from_arguments(
         dtype=args.dtype,
         quantization_bit=args.quantization_bit,
         merge_lora=merge_lora,
+        allow_other_base=args.allow_other_base,
     )
     print(f"loaded {kind.value} checkpoint {args.model} on {model.device}", file=sys.stderr)
     return model, tokenizer, kind

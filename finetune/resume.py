@@ -10,7 +10,10 @@ import logging
 import os
 from pathlib import Path
 
-from finetune.arguments import ModelArguments
+from transformers import TrainingArguments
+
+from finetune.arguments import DataArguments, ModelArguments
+from finetune.base_fingerprint import check_base_matches
 from finetune.checkpoint_layout import (
     INCOMPLETE_MARKER,
     TRAINER_STATE_FILE,
@@ -111,7 +114,8 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
 
 
 def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
-    """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run."""
+    """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run, or
+    on another base than --model_name_or_path (unless --allow_other_base; finetune.base_fingerprint)."""
     record = read_json_file(folder / TRAINING_RECORD)
     method = method_of(model_args)
     if record.get("method") != method.name:
@@ -122,3 +126,38 @@ def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
         raise CheckpointError(
             f"{folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new output_dir"
         )
+    check_base_matches(folder, record, model_args.model_name_or_path, model_args.allow_other_base)
+
+
+def _same_file(recorded: str | None, current: str | None) -> bool:
+    """True when two data-file arguments name the same file (or both name none)."""
+    if not recorded or not current:
+        return recorded == current
+    return os.path.realpath(recorded) == os.path.realpath(current)
+
+
+def check_resumed_data_and_processes(
+    folder: Path, data_args: DataArguments, training_args: TrainingArguments, data_format: str | None
+) -> list[str]:
+    """Notices for a training file, data format or process count other than the checkpoint's; CheckpointError for
+    another process count when the checkpoint holds DeepSpeed's per-process optimizer state."""
+    record = read_json_file(folder / TRAINING_RECORD)
+    recorded_data = record.get("data_args") or {}
+    recorded_format = record.get("data_format") or recorded_data.get("data_format")
+    processes = record.get("world_size")
+    if processes is not None and processes != training_args.world_size and deepspeed_state_folder(folder):
+        raise CheckpointError(
+            f"{folder}: its DeepSpeed state is split over {processes} process(es) but this run has "
+            f"{training_args.world_size}; resume with {processes} (NUM_GPUS={processes}) or use a new output_dir"
+        )
+    notices = []
+    if not _same_file(recorded_data.get("train_file"), data_args.train_file):
+        notices.append(f"trained on {recorded_data.get('train_file')}, now continues on {data_args.train_file}")
+    if recorded_format and data_format and recorded_format != data_format:
+        notices.append(f"trained on {recorded_format} data, now continues on {data_format} data")
+    if processes is not None and processes != training_args.world_size:
+        notices.append(
+            f"trained with {processes} process(es), now {training_args.world_size}: each step sees another number "
+            "of rows and the resumed epoch skips rows by the new count"
+        )
+    return [f"notice: resuming from {folder}, which was {notice}" for notice in notices]

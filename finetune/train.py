@@ -42,7 +42,12 @@ from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, method_of
 from finetune.quantization import check_4bit_layer_widths, check_quantization_available
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, apply_recompute_plan
-from finetune.resume import check_checkpoint_matches, resolve_resume_checkpoint, resume_requested
+from finetune.resume import (
+    check_checkpoint_matches,
+    check_resumed_data_and_processes,
+    resolve_resume_checkpoint,
+    resume_requested,
+)
 from finetune.trainer import FinetuneTrainer
 
 logger = logging.getLogger("finetune.train")  # named, so `python -m finetune.train` logs too
@@ -381,6 +386,10 @@ def run(
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     splits = load_data(data_args, training_args, tokenizer)
     record_detected_format(data_args, splits)
+    if resume is not None and training_args.do_train:
+        for notice in check_resumed_data_and_processes(resume, data_args, training_args, splits["train"].data_format):
+            if training_args.should_log:
+                logger.warning(notice)
     if "train" in splits and training_args.should_log:
         if data_args.print_first_example:
             print_learned_spans(splits["train"].dataset[0], tokenizer)

@@ -25,6 +25,8 @@ from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
 from data_tools.atomic_files import replace_folder, write_json_atomically
 from finetune.arguments import DataArguments, ModelArguments
+from finetune.base_fingerprint import RECORD_FIELD as BASE_FINGERPRINT_FIELD
+from finetune.base_fingerprint import base_fingerprint
 from finetune.checkpoint_layout import (
     FINAL_STAGING_NAME,
     FORMAT_VERSION,
@@ -93,14 +95,22 @@ def base_model_reference(model_name_or_path: str) -> str:
 
 
 def training_record(
-    model_args: ModelArguments, data_args: DataArguments, training_args_dict: dict, global_step: int
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args_dict: dict,
+    global_step: int,
+    base: dict | None = None,
+    world_size: int | None = None,
 ) -> dict:
-    """The content of training_record.json for a checkpoint saved at `global_step`."""
+    """The content of training_record.json for a checkpoint saved at `global_step`; `base` is the base model's
+    fingerprint (finetune.base_fingerprint), `world_size` the number of training processes."""
     method = method_of(model_args)
     return {
         "format_version": FORMAT_VERSION,
         "method": method.name,
         "base_model": base_model_reference(model_args.model_name_or_path),
+        BASE_FINGERPRINT_FIELD: base,
+        "world_size": world_size,
         "pre_seq_len": model_args.pre_seq_len,
         "prefix_projection": model_args.prefix_projection,
         "quantization_bit": model_args.quantization_bit,
@@ -138,6 +148,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         **kwargs,
     ):
         self.model_args = model_args
+        self.base_fingerprint = base_fingerprint(model_args.model_name_or_path)
         self.method = method_of(model_args)
         self.data_args = data_args
         self.eval_data_collator = eval_data_collator
@@ -181,7 +192,14 @@ class FinetuneTrainer(Seq2SeqTrainer):
         logger.info("Saving %s checkpoint files to %s", self.method.name, folder)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
-        record = training_record(self.model_args, self.data_args, self.args.to_dict(), self.state.global_step)
+        record = training_record(
+            self.model_args,
+            self.data_args,
+            self.args.to_dict(),
+            self.state.global_step,
+            base=self.base_fingerprint,
+            world_size=self.args.world_size,
+        )
         write_json_atomically(folder / TRAINING_RECORD, {**record, **self.stage_record()})
 
     def stage_record(self) -> dict:
@@ -316,12 +334,24 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
-        schedule: the saved state holds the rate the checkpoint's own schedule reached (0 at its last step when the
-        run was planned with a smaller --max_steps), which the first resumed step would otherwise use."""
+        schedule: the saved state holds the peak rate and the rate the checkpoint's own schedule reached (0 at its
+        last step when the run was planned with a smaller --max_steps), which the resumed steps would otherwise use.
+        A --learning_rate changed on resume becomes the schedule's peak rate, as a changed --max_steps its length."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
         saved_rate = self.lr_scheduler.get_last_lr()[0]
+        saved_peaks = list(self.lr_scheduler.base_lrs)
+        one_peak = bool(saved_peaks) and all(peak == saved_peaks[0] for peak in saved_peaks)
+        if one_peak and saved_peaks[0] != self.args.learning_rate:
+            logger.info(
+                "learning rate changed on resume: peak %.3g instead of the checkpoint's %.3g",
+                self.args.learning_rate,
+                saved_peaks[0],
+            )
+            self.lr_scheduler.base_lrs = [self.args.learning_rate] * len(saved_peaks)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.args.learning_rate
         # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
         self.lr_scheduler.last_epoch -= 1
         self.lr_scheduler.step()

@@ -586,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
               "--port", file=sys.stderr)
         return 2
     with listener:
-        options = LoadOptions(args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit)
+        options = LoadOptions(
+            args.base, args.tokenizer, args.device, args.dtype, args.quantization_bit, args.allow_other_base
+        )
         try:
             models = load_served_models(args.model, options, args.max_concurrency)
         except (CheckpointError, ModelLoadError) as error:

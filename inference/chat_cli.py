@@ -4,8 +4,9 @@
     python inference.py --model CKPT --prompt "..."                     # one reply
     python inference.py --model CKPT --input_file in.jsonl --output_file out.jsonl
 
-Interactive chat streams the reply; `/clear` forgets the history, `exit`, `quit`, `/exit` or `/quit` (or end of
-input) quits. `python inference.py` at the repository root and the `chatglm3-chat` command run this module.
+Interactive chat streams the reply; Ctrl-C stops a reply and returns to the prompt (the stopped turn is not
+kept); `/clear` forgets the history, `exit`, `quit`, `/exit` or `/quit` (or end of input, or Ctrl-C at the prompt)
+quits. `python inference.py` at the repository root and the `chatglm3-chat` command run this module.
 Batch mode reads input-output records ({"prompt"}: encoded as in training, `[gMASK] sop` + prompt) or
 conversation records ({"conversations"}: ChatGLM3 chat turns, the reply follows them) and writes one
 {"prompt" or "conversations", "response"} line per record. A record with "tools" keeps them, and a reply that calls
@@ -14,6 +15,7 @@ one of them is written as the chat API returns it: "response": null and
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,6 +44,7 @@ from inference.openai_protocol import assistant_reply  # noqa: E402
 
 CLEAR_COMMAND = "/clear"
 EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
+REPLY_STOPPED = "[reply stopped]"
 
 
 def chat_generation_kwargs(args: argparse.Namespace) -> dict:
@@ -59,17 +62,31 @@ def reply_text(reply: str | dict) -> str:
     return reply if isinstance(reply, str) else json.dumps(reply, ensure_ascii=False)
 
 
-def stream_reply(model, tokenizer, query: str, history: list[dict], generation_kwargs: dict) -> list[dict]:
-    """Print the reply to `query` as it is generated; return the history with this turn added."""
+def stream_reply(
+    model, tokenizer, query: str, history: list[dict], generation_kwargs: dict, stoppable: bool = False
+) -> list[dict]:
+    """Print the reply to `query` as it is generated; return the history with this turn added.
+
+    With `stoppable`, Ctrl-C stops the reply (generation ends, the turn is left out of the history) instead of
+    propagating KeyboardInterrupt.
+    """
     printed = ""
     text = ""
     turn_history = history
-    for reply, updated_history in model.stream_chat(tokenizer, query, history=history, **generation_kwargs):
-        text = reply_text(reply)
-        turn_history = updated_history
-        if text.startswith(printed):
-            print(text[len(printed) :], end="", flush=True)
-            printed = text
+    replies = model.stream_chat(tokenizer, query, history=history, **generation_kwargs)
+    try:
+        with contextlib.closing(replies):
+            for reply, updated_history in replies:
+                text = reply_text(reply)
+                turn_history = updated_history
+                if text.startswith(printed):
+                    print(text[len(printed) :], end="", flush=True)
+                    printed = text
+    except KeyboardInterrupt:
+        if not stoppable:
+            raise
+        print(f"\n{REPLY_STOPPED}", flush=True)
+        return history
     if text != printed:
         # The final reply no longer extends what was streamed (e.g. it turned out to be a tool call): show it whole.
         print(f"\n{text}", end="")
@@ -96,7 +113,7 @@ def chat_loop(model, tokenizer, generation_kwargs: dict) -> None:
             print("History cleared.", flush=True)
             continue
         print("ChatGLM: ", end="", flush=True)
-        history = stream_reply(model, tokenizer, query, history, generation_kwargs)
+        history = stream_reply(model, tokenizer, query, history, generation_kwargs, stoppable=True)
 
 
 def check_batch_files(args: argparse.Namespace) -> list[dict]:

@@ -21,6 +21,7 @@ from finetune.checkpoints import (
     DTYPES,
     CheckpointKind,
     ModelLoadError,
+    add_allow_other_base_argument,
     checkpoint_method,
     load_for_inference,
     resolve_base,
@@ -61,6 +62,7 @@ def export_checkpoint(
     dtype: str | None = None,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    allow_other_base: bool = False,
 ) -> CheckpointKind:
     """Write `checkpoint` (with its base for LoRA/prefix) as a standalone model folder; return its kind."""
     method = checkpoint_method(checkpoint)
@@ -76,6 +78,7 @@ def export_checkpoint(
         dtype=dtype or stored_dtype(base_path),
         quantization_bit=0,
         merge_lora=True,
+        allow_other_base=allow_other_base,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix=f".{target.name}.exporting-", dir=target.parent))
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the base's stored dtype)")
     parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, help="largest safetensors shard")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add_allow_other_base_argument(parser)
     return parser
 
 
@@ -111,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         kind = export_checkpoint(
-            args.model, args.output_dir, args.base, args.tokenizer, args.dtype, args.max_shard_size, args.overwrite
+            args.model,
+            args.output_dir,
+            args.base,
+            args.tokenizer,
+            args.dtype,
+            args.max_shard_size,
+            args.overwrite,
+            args.allow_other_base,
         )
     except (CheckpointError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from peft import PeftModel
 
 from finetune.checkpoint_layout import CheckpointKind, read_training_record
-from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, resolve_base
+from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, open_base
 from finetune.methods.lora import load_lora_adapter
 from finetune.methods.ptuning import prefix_settings
 from finetune.model.checkpoint_files import CheckpointError
@@ -51,6 +51,7 @@ class LoadOptions:
     device: str = "auto"
     dtype: str = "auto"
     quantization_bit: int | None = None
+    allow_other_base: bool = False
 
 
 def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -98,7 +99,12 @@ def _variant_of(model, kind: CheckpointKind) -> Variant:
 
 
 def _load_options(options: LoadOptions) -> dict:
-    return {"device": options.device, "dtype": options.dtype, "quantization_bit": options.quantization_bit}
+    return {
+        "device": options.device,
+        "dtype": options.dtype,
+        "quantization_bit": options.quantization_bit,
+        "allow_other_base": options.allow_other_base,
+    }
 
 
 def shared_base_quantization(members: list[tuple[str, str]], options: LoadOptions) -> int | None:
@@ -133,7 +139,8 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
     bases: dict[str, list[tuple[str, str]]] = {}
     for name, path in parsed:
         if kinds[name] in (CheckpointKind.LORA, CheckpointKind.PREFIX):
-            bases.setdefault(os.path.realpath(resolve_base(path, options.base)), []).append((name, path))
+            base = open_base(path, options.base, options.allow_other_base)
+            bases.setdefault(os.path.realpath(base), []).append((name, path))
     for name, path in parsed:
         real = os.path.realpath(path)
         if kinds[name] is CheckpointKind.BASE and real in bases:

@@ -16,11 +16,14 @@
 #   REPORT_TO [tensorboard when installed, else none]  where the Trainer reports metrics (none, tensorboard, wandb...)
 #   PACKING [1]             1: several examples per training row (segment masks; much faster on short examples; each
 #                           optimizer step then sees more examples, which the log states); 0: one example per row
-#   STOP_TIMEOUT [600]      seconds torchrun gives its workers, after Ctrl-C / SIGTERM, to save a checkpoint and exit
+#   STOP_TIMEOUT [600]      seconds training gets, after Ctrl-C / SIGTERM / SIGHUP to the launcher (or to its process
+#                           group, as timeout, Slurm and Kubernetes send), to save a checkpoint and exit; the launcher
+#                           waits that long, prints the `stopped:` line last, then kills what is left
 # Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs;
-# `--help` prints this list. An environment variable whose name is close to a knob's
-# (MAX_STEPS for MAX_STEP) gets a warning, since the launcher ignores it. One process on one node runs finetune.py
-# directly; several processes (or DeepSpeed) run it under torchrun.
+# `--help` prints this list. An environment variable whose name is close to a knob's (MAX_STEPS for MAX_STEP) or
+# another tool's name for one (LEARNING_RATE for LR, BATCH_SIZE for DEV_BATCH_SIZE, SAVE_STEPS for SAVE_INTERVAL,
+# AUTO_RESUME, OUTPUT_PATH, DATASET) gets a warning, since the launcher ignores it. One process on one node runs
+# finetune.py directly; several processes (or DeepSpeed) run it under torchrun.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -59,18 +62,33 @@ LAUNCHER_KNOBS=(
     TRAINABLE_LAYERS
 )
 
-# Warns on stderr about environment variables whose names are close to a knob's but not one (e.g. MAX_STEPS).
+# Names other tools use for a training launcher's knobs: set, they are ignored, so they are warned about.
+TRAINING_KNOB_ALIASES=(
+    LEARNING_RATE=LR BATCH_SIZE=DEV_BATCH_SIZE PER_DEVICE_TRAIN_BATCH_SIZE=DEV_BATCH_SIZE SAVE_STEPS=SAVE_INTERVAL
+    MAX_STEPS=MAX_STEP AUTO_RESUME=AUTORESUME_FROM_CHECKPOINT AUTORESUME=AUTORESUME_FROM_CHECKPOINT
+    OUTPUT_PATH=OUTPUT_DIR DATASET=DATASET_PATH DATA_PATH=DATASET_PATH TRAIN_FILE=DATASET_PATH
+    MODEL_PATH=BASE_MODEL_PATH GRADIENT_ACCUMULATION_STEPS=GRAD_ACCUMULATION_STEPS
+)
+
+# Usage: warn_misspelled_knobs [ALIAS=KNOB ...]. Warns on stderr about environment variables that are another
+# tool's name for a knob (an ALIAS) or whose names are close to a knob's but not one (e.g. MAX_STEPS for MAX_STEP).
 warn_misspelled_knobs() {
-    python - "${LAUNCHER_KNOBS[@]}" <<'PY'
+    python - "$@" -- "${LAUNCHER_KNOBS[@]}" <<'PY'
 import difflib
 import os
 import sys
 
-knobs = sys.argv[1:]
+separator = sys.argv.index("--")
+aliases = dict(pair.split("=", 1) for pair in sys.argv[1:separator])
+knobs = sys.argv[separator + 1 :]
 for name in sorted(os.environ):
-    close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
-    if name not in knobs and close:
-        print(f"warning: {name} is not a launcher knob and is ignored; did you mean {close[0]}?", file=sys.stderr)
+    meant = aliases.get(name)
+    if meant is None and name not in knobs:
+        close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
+        meant = close[0] if close else None
+    if meant is not None:
+        what = "is not read by this launcher" if name in knobs else "is not a launcher knob"
+        print(f"warning: {name} {what} and is ignored; did you mean {meant}?", file=sys.stderr)
 PY
 }
 
@@ -110,7 +128,8 @@ run_finetune() {
             exit 0
         fi
     done
-    warn_misspelled_knobs
+    warn_misspelled_knobs "${TRAINING_KNOB_ALIASES[@]}"
+    [[ "${LR,,}" =~ ^[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?$ ]] || launcher_error "LR must be a number such as 2e-4, got '$LR'"
 
     if [ -n "${GRAD_ACCUMULARION_STEPS:-}" ] && [ -n "${GRAD_ACCUMULATION_STEPS:-}" ] \
         && [ "$GRAD_ACCUMULARION_STEPS" != "$GRAD_ACCUMULATION_STEPS" ]; then
@@ -230,18 +249,68 @@ data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or se
         printf '%q ' "${command[@]}"
         echo
     } | tee -a "$log_file"
-    local status=0 log_start
+    local log_start
     log_start=$(($(wc -l <"$log_file") + 1))
-    # tee ignores SIGINT/SIGTERM, so that it keeps logging while training saves its checkpoint after Ctrl-C.
-    "${command[@]}" 2>&1 | (trap '' INT TERM && exec tee -a "$log_file") || status=$?
+    local status=0
+    run_and_forward_signals "$stop_timeout" "$log_file" "${command[@]}" || status=$?
     if ((status != 0)); then
         # The one useful line can sit above torchrun's report of the failed process: repeat it last.
         local reason
         reason="$(tail -n "+$log_start" "$log_file" | grep -m 1 -E '^(\[rank [0-9]+\] )?(error|stopped): ' || true)"
-        [ -n "$reason" ] && echo "$reason" >&2
         echo "training exited with status $status; full log: $log_file" >&2
+        [ -n "$reason" ] && echo "$reason" >&2
         exit "$status"
     fi
+}
+
+# Usage: run_and_forward_signals STOP_TIMEOUT LOG_FILE COMMAND... Runs COMMAND in its own process group, its output
+# teed into LOG_FILE, and returns its exit status. SIGINT/SIGTERM/SIGHUP to the launcher, or to the launcher's whole
+# process group (Ctrl-C, timeout, Slurm, Kubernetes), reach the command's group once, from here; the launcher then
+# waits for the checkpoint save and the command's last line, and kills the group after STOP_TIMEOUT seconds.
+run_and_forward_signals() {
+    local stop_timeout="$1" log_file="$2"
+    shift 2
+    local log_fd tee_pid child stop_signal="" deadline=0
+    # tee ignores SIGINT/SIGTERM, so that it keeps logging while training saves its checkpoint.
+    exec {log_fd}> >(trap '' INT TERM HUP && exec tee -a "$log_file")
+    tee_pid=$!
+    set -m # the command gets a process group of its own, which signals to the launcher's group do not reach
+    "$@" </dev/null >&"$log_fd" 2>&1 &
+    child=$!
+    set +m
+    exec {log_fd}>&-
+    local forwarded_at=0
+    forward_stop() {
+        # One request can arrive twice (timeout signals the launcher, then its group): forward it once; a signal
+        # repeated later is forwarded too (training then quits at once, without saving).
+        if [ -n "$stop_signal" ] && ((SECONDS - forwarded_at < 2)); then
+            return
+        fi
+        [ -n "$stop_signal" ] || deadline=$((SECONDS + stop_timeout))
+        stop_signal="$1"
+        forwarded_at=$SECONDS
+        kill "-$1" -- "-$child" 2>/dev/null || true
+    }
+    trap 'forward_stop INT' INT
+    trap 'forward_stop TERM' TERM HUP
+    while kill -0 "$child" 2>/dev/null; do
+        if [ -z "$stop_signal" ]; then
+            wait "$child" 2>/dev/null || true # returns when the command ends or a trapped signal arrives
+        else
+            ((SECONDS < deadline)) || kill -KILL -- "-$child" 2>/dev/null || true
+            sleep 1 || true # a signal to the whole group ends the sleep too
+        fi
+    done
+    trap - INT TERM HUP
+    local status=0
+    wait "$child" || status=$?
+    wait "$tee_pid" 2>/dev/null || true
+    if [ -n "$stop_signal" ] && ((status == 137)); then
+        echo "stopped: training did not finish saving within STOP_TIMEOUT=${stop_timeout}s after SIG$stop_signal and \
+was killed; the newest complete checkpoint-N in its output_dir is where --resume_from_checkpoint auto continues" \
+            >>"$log_file"
+    fi
+    return "$status"
 }
 
 # Appends "--FLAG VALUE" to the array named $1 when VALUE is not empty.

@@ -135,9 +135,12 @@ def changed_parameters(trained: torch.nn.Module, base: torch.nn.Module) -> list[
 LOSS_LOGS_BEFORE_SIGNAL = 3
 
 
-def run_until_logging_then_signal(command: list[str], env: dict[str, str], stop_signal: signal.Signals) -> tuple:
+def run_until_logging_then_signal(
+    command: list[str], env: dict[str, str], stop_signal: signal.Signals, to_group: bool = True
+) -> tuple:
     """Start `command` in its own process group, send `stop_signal` to the group (as Ctrl-C does to a terminal's
-    foreground job) after a few loss logs; returns (exit status, combined output)."""
+    foreground job, and timeout, Slurm and Kubernetes do), or with `to_group=False` to the command's process alone,
+    after a few loss logs; returns (exit status, combined output)."""
     process = subprocess.Popen(
         command,
         cwd=REPO_ROOT,
@@ -152,7 +155,10 @@ def run_until_logging_then_signal(command: list[str], env: dict[str, str], stop_
         for line in process.stdout:
             lines.append(line)
             if sum("'loss'" in seen for seen in lines) >= LOSS_LOGS_BEFORE_SIGNAL:
-                os.killpg(process.pid, stop_signal)
+                if to_group:
+                    os.killpg(process.pid, stop_signal)
+                else:
+                    process.send_signal(stop_signal)
                 break
         lines += process.stdout.readlines()
         return process.wait(timeout=300), "".join(lines)

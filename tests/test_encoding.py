@@ -144,3 +144,16 @@ def test_metadata_of_a_message_is_encoded(tokenizer: ChatGLMTokenizer):
     assert encoded["input_ids"][-1 - len(tokenizer.build_single_message("assistant", "m", "x")) : -1] == (
         tokenizer.build_single_message("assistant", "m", "x")
     )
+
+
+def test_tools_on_a_system_message_render_as_the_official_chat_input(reference: dict, tokenizer: ChatGLMTokenizer):
+    chat = reference["tokenizer"]["build_chat_input"]  # history starts with {"role": "system", ..., "tools": [...]}
+    history = chat["history"]
+    query = {"role": chat["role"], "content": chat["query"]}
+    example = {"conversations": [*history, query, {"role": "assistant", "content": "好的。"}]}
+    encoded = encode_conversation(example, tokenizer, max_seq_length=None)["input_ids"]
+    prompt = chat["input_ids"][:-1]  # build_chat_input ends with <|assistant|>; the training row goes on from there
+    assert encoded[: len(prompt)] == prompt
+    assert encoded[: len(prompt)] == tokenizer.apply_chat_template([*history, query])["input_ids"]
+    tools_json = json.dumps(history[0]["tools"], indent=4, ensure_ascii=False)
+    assert tokenizer.decode(encoded).count(tools_json) == 1

@@ -2,8 +2,12 @@
 
 import io
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ from finetune.evaluate import build_generation_config, generate_replies, read_pr
 from inference.chat_cli import main, reply_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "inference" / "inference.py"
+SCRIPT = REPO_ROOT / "inference.py"  # the command users run: python inference.py
 MAX_NEW_TOKENS = 5
 
 
@@ -195,3 +199,43 @@ def test_the_documented_command_works_from_the_repository_root(checkpoints: dict
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "loaded ptuning checkpoint" in result.stderr
+
+
+def read_until(stream, marker: bytes, seen: bytearray, deadline: float) -> None:
+    """Read `stream` (a pipe) into `seen` until `marker` appears after what `seen` held at the call."""
+    start = len(seen)
+    while marker not in seen[start:]:
+        assert time.monotonic() < deadline, bytes(seen).decode(errors="replace")
+        ready, _, _ = select.select([stream], [], [], 1.0)
+        if ready:
+            chunk = os.read(stream.fileno(), 4096)
+            assert chunk, bytes(seen).decode(errors="replace")  # the process ended
+            seen += chunk
+
+
+def test_ctrl_c_during_a_streamed_reply_stops_it_and_returns_to_the_prompt(reference_model_dir: Path):
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--model", str(reference_model_dir), "--device", "cpu", "--max_new_tokens", "400"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    seen = bytearray()
+    deadline = time.monotonic() + 240
+    try:
+        read_until(process.stdout, b"User: ", seen, deadline)
+        process.stdin.write(b"hello\n")
+        process.stdin.flush()
+        read_until(process.stdout, b"ChatGLM: ", seen, deadline)
+        read_until(process.stdout, b"is", seen, deadline)  # the reply is streaming (the tiny model repeats "is")
+        process.send_signal(signal.SIGINT)
+        read_until(process.stdout, b"User: ", seen, deadline)
+        process.stdin.write(b"/exit\n")
+        process.stdin.close()
+        status = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    errors = process.stderr.read().decode(errors="replace")
+    assert status == 0, errors
+    assert "terminate called" not in errors and "Traceback" not in errors
+    assert "[reply stopped]" in bytes(seen).decode(errors="replace")

@@ -160,8 +160,8 @@ def test_a_data_error_ends_a_launcher_run_with_one_line(tiny_model_dir, tmp_path
     run = run_launcher("finetune_pt.sh", _knobs(tiny_model_dir, data, output_dir), *quick_run_flags(tmp_path / "c"))
     assert run.returncode == 2
     lines = run.output.strip().splitlines()
-    assert lines[-2] == f"error: a problem in the data: {data}:2 field 'response': is missing"
-    assert lines[-1] == f"training exited with status 2; full log: {output_dir / 'train.log'}"
+    assert lines[-2] == f"training exited with status 2; full log: {output_dir / 'train.log'}"
+    assert lines[-1] == f"error: a problem in the data: {data}:2 field 'response': is missing"
     assert "Traceback" not in run.output and "torch.distributed.run" not in run.output  # one process: no torchrun
     assert "effective settings:\n  method ptuning, model " in run.output
     assert "batch 2 per device x 1 accumulation x 1 process(es) = 2 rows per optimizer step (packed rows)" in run.output
@@ -189,3 +189,17 @@ def test_missing_dataset_and_bad_knobs(tmp_path):
     assert bad_flag.returncode == 2 and "AUTORESUME_FROM_CHECKPOINT must be 1/true/yes" in bad_flag.output
     bad_ds = run_launcher("finetune_ds.sh", {**common, "DS_CONFIG": str(tmp_path / "zero9.json")})
     assert bad_ds.returncode == 2 and "no DeepSpeed config at DS_CONFIG=" in bad_ds.output
+
+
+def test_other_tools_names_for_knobs_and_a_bad_lr_are_one_line_each(tmp_path):
+    names = {
+        "LEARNING_RATE": "LR", "SAVE_STEPS": "SAVE_INTERVAL", "AUTO_RESUME": "AUTORESUME_FROM_CHECKPOINT",
+        "OUTPUT_PATH": "OUTPUT_DIR", "DATASET": "DATASET_PATH",
+    }  # fmt: skip
+    run = run_launcher("finetune_lora.sh", {**dict.fromkeys(names, "1"), "BATCH_SIZE": "4", "LR": "abc"})
+    for name, knob in names.items():
+        assert f"warning: {name} is not a launcher knob and is ignored; did you mean {knob}?" in run.output
+    assert "warning: BATCH_SIZE is not read by this launcher and is ignored; did you mean DEV_BATCH_SIZE?" in run.output
+    assert run.returncode == 2
+    assert run.output.strip().splitlines()[-1] == "error: LR must be a number such as 2e-4, got 'abc'"
+    assert len(run.output.strip().splitlines()) == len(names) + 2

@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
-from finetune.arguments import ModelArguments
+from transformers import Seq2SeqTrainingArguments
+
+from finetune.arguments import DataArguments, ModelArguments
 from finetune.checkpoint_layout import DEEPSPEED_LATEST_FILE, TRAINING_RECORD
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.resume import (
@@ -14,6 +16,7 @@ from finetune.resume import (
     INCOMPLETE_MARKER,
     autoresume_from_environment,
     check_checkpoint_matches,
+    check_resumed_data_and_processes,
     checkpoint_problem,
     find_latest_checkpoint,
     resolve_resume_checkpoint,
@@ -98,8 +101,8 @@ def test_checkpoint_problems_name_what_is_missing_or_unknown(finished_run, tmp_p
     (folder / TRAINING_RECORD).unlink()
     assert checkpoint_problem(folder) == f"{TRAINING_RECORD} is missing"
     record = json.loads((finished_run / "checkpoint-2" / TRAINING_RECORD).read_text(encoding="utf-8"))
-    (folder / TRAINING_RECORD).write_text(json.dumps({**record, "method": "dora"}), encoding="utf-8")
-    assert "unknown fine-tuning method 'dora'" in checkpoint_problem(folder)
+    (folder / TRAINING_RECORD).write_text(json.dumps({**record, "method": "ia3"}), encoding="utf-8")
+    assert "unknown fine-tuning method 'ia3'" in checkpoint_problem(folder)
     (folder / TRAINING_RECORD).write_text("{not json", encoding="utf-8")
     assert TRAINING_RECORD in checkpoint_problem(folder)
 
@@ -115,3 +118,22 @@ def test_deepspeed_state_counts_as_the_weights(finished_run, tmp_path):
     (folder / "global_step2").mkdir()
     assert checkpoint_problem(folder) is None
     assert find_latest_checkpoint(tmp_path) == folder
+
+
+def test_another_format_or_process_count_is_noticed_and_refused_on_deepspeed_state(finished_run, tmp_path):
+    checkpoint = shutil.copytree(finished_run / "checkpoint-2", tmp_path / "checkpoint-2")
+    record = json.loads((checkpoint / TRAINING_RECORD).read_text(encoding="utf-8"))
+    record["world_size"] = 2
+    record["data_args"]["data_format"] = "input_output"  # as given with --data_format (or recorded when detected)
+    (checkpoint / TRAINING_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    data_args = DataArguments(train_file=record["data_args"]["train_file"])
+    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    notices = check_resumed_data_and_processes(checkpoint, data_args, training_args, "conversations")
+    assert [notice.split("which was ")[1].split(":")[0] for notice in notices] == [
+        "trained on input_output data, now continues on conversations data",
+        "trained with 2 process(es), now 1",
+    ]
+    (checkpoint / DEEPSPEED_LATEST_FILE).write_text("global_step2", encoding="utf-8")
+    (checkpoint / "global_step2").mkdir()
+    with pytest.raises(CheckpointError, match="DeepSpeed state is split over 2 process.* resume with 2 .NUM_GPUS=2"):
+        check_resumed_data_and_processes(checkpoint, data_args, training_args, "input_output")

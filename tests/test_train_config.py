@@ -220,3 +220,20 @@ def test_argument_parsing_does_not_import_the_model_code():
         project = [name for name in imported if name and name.startswith("finetune")]
         assert all(not name.startswith("finetune.model") for name in project), (module, project)
         assert set(project) <= {"finetune.recompute", "finetune.quantization"}, (module, project)
+
+
+def test_a_misspelled_flag_or_a_bad_value_ends_with_one_line_and_status_2(tmp_path):
+    command = [sys.executable, "-m", "finetune.train", "--model_name_or_path", str(tmp_path), "--learnig_rate", "1"]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown flag --learnig_rate; did you mean --learning_rate? (python -m finetune.train --help lists "
+        "the flags)"
+    ]
+    with pytest.raises(ValueError, match=r"^argument --learning_rate/--learning-rate: invalid float value: 'abc' \("):
+        parse_arguments(["--model_name_or_path", str(tmp_path), "--learning_rate", "abc"])
+    with pytest.raises(ValueError, match=r"^unexpected argument 'stray': flags are written --name value"):
+        parse_arguments(["--model_name_or_path", str(tmp_path), "stray"])

@@ -1,15 +1,18 @@
 """Resuming training end to end: the same loss trajectory as an uninterrupted run, atomic checkpoint saves, finished
 runs and new schedules (which checkpoint resume picks: tests/test_resume.py)."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 from train_helpers import input_output_records, logged_losses, read_trainer_state, run_arguments, write_jsonl
 
 from finetune.resume import checkpoint_problem, find_latest_checkpoint, resolve_resume_checkpoint
-from finetune.train import main
+from finetune.arguments import parse_arguments
+from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
 
 
@@ -123,3 +126,34 @@ def test_resuming_with_a_larger_max_steps_continues_on_the_new_schedule(finished
     # The old schedule ended at 0 at step 2; the first resumed step (3) uses the new schedule's rate at step 2.
     assert rates[3] == pytest.approx(learning_rate * (1 - 2 / 4))
     assert rates[4] == pytest.approx(learning_rate * (1 - 3 / 4))
+
+
+class OptimizerRates(TrainerCallback):
+    """Records the rate the optimizer holds as each optimizer step begins (the rate that step uses)."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, list[float]] = {}
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs) -> None:
+        self.rates[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
+
+
+def test_a_learning_rate_changed_on_resume_is_the_one_used_logged_and_recorded(
+    finished_run, tiny_model_dir, train_file, tmp_path
+):
+    output_dir = tmp_path / "out"
+    shutil.copytree(finished_run, output_dir)
+    new_rate = 5e-2  # finished_run trained with 1e-2 for 2 steps; the new linear schedule runs to step 4
+    argv = run_arguments(
+        tiny_model_dir, train_file, output_dir, tmp_path / "cache", pre_seq_len=4, max_steps=4,
+        learning_rate=new_rate, resume_from_checkpoint="auto",
+    )  # fmt: skip
+    used = OptimizerRates()
+    trainer = run(*parse_arguments(argv), extra_callbacks=(used,)).trainer
+    expected = {3: new_rate * (1 - 2 / 4), 4: new_rate * (1 - 3 / 4)}
+    logged = {entry["step"]: entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry}
+    for step, rate in expected.items():
+        assert used.rates[step] == [pytest.approx(rate)] * len(trainer.optimizer.param_groups)
+        assert logged[step] == pytest.approx(rate)
+    record = json.loads((output_dir / "checkpoint-4" / "training_record.json").read_text(encoding="utf-8"))
+    assert record["training_args"]["learning_rate"] == new_rate

@@ -84,5 +84,37 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_from_both_processes(tiny_mod
     assert "find_unused_parameters=True" not in output  # DDP is not asked to search for unused parameters
     assert "PAD/BOS/EOS" not in output  # the config already has the tokenizer's bos id: no Trainer warning
     stopped_checkpoint_step(output, output_dir)
-    assert output.strip().splitlines()[-2].startswith("stopped: training stopped by SIGINT")
-    assert "training exited with status" in output.strip().splitlines()[-1]
+    assert "training exited with status" in output.strip().splitlines()[-2]
+    assert output.strip().splitlines()[-1].startswith("stopped: training stopped by SIGINT")
+
+
+def processes_naming(text: str) -> list[int]:
+    """Ids of the running processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [False, True], ids=["launcher-only", "whole-group"])
+def test_sigterm_to_a_launcher_waits_for_the_save_and_prints_stopped_last(to_group, tiny_model_dir, train_file, tmp_path):
+    output_dir = tmp_path / "run"
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
+    env.update(
+        BASE_MODEL_PATH=str(tiny_model_dir), DATASET_PATH=str(train_file), OUTPUT_DIR=str(output_dir),
+        MAX_STEP="100000", SAVE_INTERVAL="100000", DEV_BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="1", PRE_SEQ_LEN="4",
+        MAX_SOURCE_LEN="32", MAX_TARGET_LEN="16", CUDA_VISIBLE_DEVICES="", STOP_TIMEOUT="120",
+    )  # fmt: skip
+    command = ["bash", "scripts/finetune_pt.sh", *quick_run_flags(tmp_path / "cache")]
+    status, output = run_until_logging_then_signal(command, env, signal.SIGTERM, to_group=to_group)
+    assert status == 128 + signal.SIGTERM, output[-3000:]
+    assert not processes_naming(str(output_dir))  # the trainer has ended with the launcher, not been orphaned
+    stopped_checkpoint_step(output, output_dir)
+    lines = output.strip().splitlines()
+    assert lines[-1].startswith("stopped: training stopped by SIGTERM at step ")
+    assert lines[-2] == f"training exited with status 143; full log: {output_dir / 'train.log'}"

@@ -231,3 +231,35 @@ def test_first_example_is_shown_as_text_with_the_learned_span_marked(tokenizer: 
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "--print_token_table True" in lines[0]
     assert lines[1].endswith(">>>红色</s><<<") and "类型#裙" in lines[1].split(">>>")[0]
+
+
+def test_misspelled_record_keys_are_warned_about_with_their_line(tmp_path: Path, tokenizer: ChatGLMTokenizer, caplog):
+    records = [
+        {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", "lose": False},
+                           {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello"}],
+         "tool": [], "id": 7},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "keys.jsonl", records)
+    with caplog.at_level("WARNING", logger="finetune.data.loading"):
+        data = load_training_data(path, tokenizer, BOTH_LIMITS, cache_dir=None)
+    assert len(data.dataset) == 2
+    warnings = [record.getMessage() for record in caplog.records]
+    assert f"{path}:2 field 'conversations[1].lose': unknown key 'lose' is ignored; did you mean 'loss'?" in warnings
+    assert f"{path}:2 field 'tool': unknown key 'tool' is ignored; did you mean 'tools'?" in warnings
+    assert len(warnings) == 2  # "id" is no misspelling of a known key
+
+
+def test_tools_on_a_system_message_must_be_a_list_there(tmp_path: Path, tokenizer: ChatGLMTokenizer):
+    records = [
+        {"conversations": [{"role": "system", "content": "s", "tools": {"name": "f"}},
+                           {"role": "assistant", "content": "x"}]},
+        {"conversations": [{"role": "user", "content": "u", "tools": []}, {"role": "assistant", "content": "x"}]},
+    ]  # fmt: skip
+    with pytest.raises(DataValidationError) as error:
+        load_training_data(write_jsonl(tmp_path / "t.jsonl", records), tokenizer, BOTH_LIMITS, cache_dir=None)
+    found = [(problem.line, problem.field, problem.message) for problem in error.value.problems]
+    assert found == [
+        (1, "conversations[0].tools", "tools belong to the system message, as a list; got object"),
+        (2, "conversations[0].tools", "tools belong to the system message, as a list; got a user message"),
+    ]

@@ -2,7 +2,8 @@
 
 Two formats, both as in ChatGLM3's official fine-tuning code:
   input_output   {"prompt", "response"}: `[gMASK] sop` + prompt + response + eos; only response and eos learned.
-  conversations  {"conversations": [...], "tools"?: [...]}: ChatGLM3 chat turns; a token is learned when the
+  conversations  {"conversations": [...], "tools"?: [...]}: ChatGLM3 chat turns (a first system message may carry
+                 its own "tools" list, as in model.chat and GLM-4 data); a token is learned when the
                  token before it belongs to a loss-bearing message (assistant and tool calls, unless "loss": false;
                  an observation only with "loss": true).
 """
@@ -47,6 +48,14 @@ def tools_system_message(tools: list) -> str:
     return TOOLS_SYSTEM_PROMPT + json.dumps(tools, indent=4, ensure_ascii=False)
 
 
+def system_message_content(message: dict) -> str:
+    """A system message's text; with a `tools` list (as model.chat, apply_chat_template and GLM-4 data have it), the
+    content, a newline and the tools as indented JSON, as the official build_chat_input renders it."""
+    if "tools" not in message:
+        return message["content"]
+    return message["content"] + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
+
+
 def text_ids(tokenizer: ChatGLMTokenizer, text: str) -> list[int]:
     """Ids of plain text without special tokens: `tokenizer.encode(text, add_special_tokens=False)`.
 
@@ -74,6 +83,8 @@ def conversation_tokens(example: dict, tokenizer: ChatGLMTokenizer) -> tuple[lis
         if role == "tool":
             add_message("assistant", message["name"], format_tool_call(message["parameters"]), has_loss)
             add_message("observation", "", format_observation(message["observation"]), False)
+        elif role == "system":
+            add_message(role, message.get("metadata") or "", system_message_content(message), has_loss)
         else:
             add_message(role, message.get("metadata") or "", message["content"], has_loss)
     input_ids.append(tokenizer.eos_token_id)

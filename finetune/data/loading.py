@@ -21,6 +21,7 @@ from finetune.data.validation import (
     DataValidationError,
     check_records,
     detect_file_format,
+    misspelled_keys,
     read_source_records,
     summarize_lengths,
     untrainable_problem,
@@ -130,6 +131,8 @@ def load_training_data(
     limits.check_for(data_format)
     valid, record_problems = check_records(records, data_format)
     problems += record_problems
+    for warning in misspelled_keys(records, data_format):
+        logger.warning("%s", warning)
     if not valid:
         _raise_for_problems(path, problems, skip_invalid, examples_left=0)
 

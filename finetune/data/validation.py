@@ -6,6 +6,7 @@ AdvertiseGen's own `train.json`, one object per line). Checking: every record ag
 truncation. Also here: the data summary and the token/label sanity-check printout.
 """
 
+import difflib
 import itertools
 import json
 import sys
@@ -31,6 +32,9 @@ from finetune.model.tokenization import ChatGLMTokenizer
 SUPPORTED_SUFFIXES = (".json", ".jsonl")
 UTF8_BOM_BYTES = b"\xef\xbb\xbf"
 JSON_WHITESPACE = " \t\n\r"
+RECORD_KEYS = {INPUT_OUTPUT: ("prompt", "response"), CONVERSATIONS: ("conversations", "tools")}
+MESSAGE_KEYS = ("role", "content", "metadata", "loss", "name", "parameters", "observation", "tools")
+MISSPELLING_CUTOFF = 0.7  # difflib similarity above which an unknown key is taken for a misspelled known one
 FORMAT_ORIGIN = "(the format is taken from the first record unless data_format is given; one file holds one format)"
 
 
@@ -267,6 +271,9 @@ def _check_message(message: object, position: int) -> list[tuple[str, str]]:
         return [(f"{prefix}role", f"unknown role {role!r}; expected one of {', '.join(MESSAGE_ROLES)}")]
     if role == "system" and position != 0:
         problems.append((f"{prefix}role", "a system message is only allowed as the first message"))
+    if "tools" in message and (role != "system" or not isinstance(message["tools"], list)):
+        got = _describe_json_type(message["tools"]) if role == "system" else f"a {role} message"
+        problems.append((f"{prefix}tools", f"tools belong to the system message, as a list; got {got}"))
     if "loss" in message and not isinstance(message["loss"], bool):
         problems.append((f"{prefix}loss", f"must be true or false, got {_describe_json_type(message['loss'])}"))
     if role == "tool":
@@ -336,6 +343,34 @@ def check_records(records: Iterable[SourceRecord], data_format: str) -> tuple[li
         else:
             valid.append(record)
     return valid, problems
+
+
+def _misspelling(key: str, known: Sequence[str]) -> str | None:
+    """The known key an unknown `key` looks like a misspelling of, or None."""
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key, known, n=1, cutoff=MISSPELLING_CUTOFF)
+    return close[0] if close else None
+
+
+def misspelled_keys(records: Iterable[SourceRecord], data_format: str) -> list[DataProblem]:
+    """Warnings (as problems, with line and field) for keys that look like misspelled known ones ("lose" for
+    "loss"): they are ignored, so the record trains differently than its author meant."""
+    warnings: list[DataProblem] = []
+    for record in records:
+        if not isinstance(record.value, dict):
+            continue
+        keyed = [("", key, RECORD_KEYS[data_format]) for key in record.value]
+        if data_format == CONVERSATIONS and isinstance(record.value.get("conversations"), list):
+            for position, message in enumerate(record.value["conversations"]):
+                if isinstance(message, dict):
+                    keyed += [(f"conversations[{position}].", key, MESSAGE_KEYS) for key in message]
+        for prefix, key, known in keyed:
+            meant = _misspelling(key, known)
+            if meant is not None:
+                message = f"unknown key {key!r} is ignored; did you mean {meant!r}?"
+                warnings.append(record.problem(f"{prefix}{key}", message))
+    return warnings
 
 
 def untrainable_problem(record: SourceRecord, learned: int, length: int, full_length: int) -> DataProblem | None:

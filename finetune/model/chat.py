@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from data_tools.tool_calls import parse_tool_call
@@ -81,6 +82,16 @@ class _TokenQueueStreamer(BaseStreamer):
         self.queue.put(None)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once its event is set: the consumer of a stream stopped reading (closed, or Ctrl-C)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class ChatMixin:
     """Conversation helpers mixed into ChatGLMForConditionalGeneration (the official chat API)."""
 
@@ -133,6 +144,9 @@ class ChatMixin:
             kwargs["cache"] = cache
         streamer = _TokenQueueStreamer(prompt_length=input_ids.shape[1])
         errors: list[BaseException] = []
+        stop = threading.Event()
+        stopping = [*(kwargs.get("stopping_criteria") or []), _StopWhenSet(stop)]
+        kwargs["stopping_criteria"] = StoppingCriteriaList(stopping)
 
         def run_generate() -> None:
             try:
@@ -145,10 +159,15 @@ class ChatMixin:
         worker = threading.Thread(target=run_generate, daemon=True)
         worker.start()
         ids = input_ids
-        while (new_ids := streamer.queue.get()) is not None:
-            ids = torch.cat((ids, torch.tensor([new_ids], dtype=ids.dtype, device=ids.device)), dim=1)
-            yield (ids, cache) if return_past_key_values else ids
-        worker.join()
+        try:
+            while (new_ids := streamer.queue.get()) is not None:
+                ids = torch.cat((ids, torch.tensor([new_ids], dtype=ids.dtype, device=ids.device)), dim=1)
+                yield (ids, cache) if return_past_key_values else ids
+        finally:
+            # Also when the consumer stops early (the generator closed, or KeyboardInterrupt while waiting): end
+            # generation at the next token and wait for it, so no thread is left running in torch at exit.
+            stop.set()
+            worker.join()
         if errors:
             raise errors[0]
 
