@@ -48,7 +48,8 @@ def _calls(text: str, where: str) -> list[tuple[str, dict]]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f'{where}: a function_call value must be JSON {{"name", "arguments"}} ({error.msg})') from error
+        message = f'{where}: a function_call value must be JSON {{"name", "arguments"}} ({error.msg})'
+        raise ValueError(message) from error
     calls = value if isinstance(value, list) else [value]
     if not calls or not all(isinstance(call, dict) and isinstance(call.get("name"), str) for call in calls):
         raise ValueError(f'{where}: a function_call value must be JSON {{"name", "arguments"}} or a list of them')
