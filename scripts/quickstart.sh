@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
 # The whole pipeline in one command, showing that fine-tuning works: install, (build a tiny model,) convert data, score
-# the untrained model, fine-tune, score again, print the before/after table, answer a prompt.
+# the base model, fine-tune, score again, print the before/after table, answer a prompt.
 #
-#   bash scripts/quickstart.sh                                          # tiny model, about 2 minutes on 2 CPU cores
+#   bash scripts/quickstart.sh                                          # tiny model, about 3 minutes on 2 CPU cores
 #   BASE_MODEL_PATH=/path/to/chatglm3-6b bash scripts/quickstart.sh     # the real model (a GPU is strongly advised)
 #
-# With the tiny model (random weights, its tokenizer trained on ADVERTISE_GEN_DIR/train.json) it trains twice:
-# P-Tuning v2, which cannot teach a random model much through a prefix alone, and full fine-tuning of its 0.2 M
-# weights, which learns the style of the training answers within a minute. With BASE_MODEL_PATH it runs P-Tuning v2.
+# With the tiny model it first makes a stand-in for the pretrained chatglm3-6b: a random ChatGLM3-shaped model, fully
+# trained for a short while on general Chinese text that `python -m data_tools.make_general_text` writes (plain
+# requests for product descriptions, texts to continue, questions about them, copying, small talk; never AdvertiseGen's
+# keyword prompts nor its dev answers). Then, as on the real model, P-Tuning v2 and LoRA teach that base the
+# AdvertiseGen task; full fine-tuning of all its weights is the reference row.
+# With BASE_MODEL_PATH it runs P-Tuning v2 only.
 # Arguments after the script name go to finetune.py through scripts/finetune_pt.sh, e.g. --gradient_checkpointing.
 # Knobs (environment variables; defaults for the tiny model / for BASE_MODEL_PATH in brackets; relative paths are taken
 # from the current folder, the defaults from the repository root):
-#   BASE_MODEL_PATH     a ChatGLM3 folder; unset = build and use the tiny random model in TINY_MODEL_DIR
-#   TINY_MODEL_DIR      [output/tiny-chatglm3-quickstart] where the tiny model is built (kept and reused when present)
+#   BASE_MODEL_PATH     a ChatGLM3 folder; unset = build, pre-train and use the tiny model in TINY_MODEL_DIR
+#   TINY_MODEL_DIR      [output/tiny-chatglm3-quickstart] the pre-trained tiny model (kept and reused when present)
 #   QUICKSTART_DIR      [output/quickstart-tiny / output/quickstart-<model folder name>] where everything else goes
 #   ADVERTISE_GEN_DIR   [data/advertise_gen_sample] folder with AdvertiseGen-format train.json and dev.json
 #   QUICKSTART_INSTALL  [1] 0: use the Python environment as it is instead of installing requirements.txt into .venv
-#   PRE_SEQ_LEN [8 / 128]  LR [2e-2]  DEV_BATCH_SIZE [4 / 4]  GRAD_ACCUMULATION_STEPS [1 / 4]  MAX_STEP [20 / 100]
+#   QUICKSTART_SEED     [0] seed of the general text, the tiny model's random weights and every training run
+#   PRE_SEQ_LEN [16 / 128]  LR [2e-2]  DEV_BATCH_SIZE [4 / 4]  GRAD_ACCUMULATION_STEPS [1 / 4]  MAX_STEP [30 / 100]
 #   SAVE_INTERVAL [MAX_STEP / 50]  MAX_SOURCE_LEN [64 / 128]  MAX_TARGET_LEN [192 / 256]   P-Tuning v2 (finetune_pt.sh)
 #   NUM_GPUS, QUANTIZATION_BIT, REPORT_TO  passed on to finetune_pt.sh (see scripts/_common.sh)
-#   FULL_MAX_STEP [80]  FULL_LR [5e-3]  FULL_BATCH_SIZE [8]   full fine-tuning of the tiny model (packed rows)
+#   PRETRAIN_MAX_STEP [60]  PRETRAIN_LR [5e-3]  PRETRAIN_BATCH_SIZE [8]  GENERAL_TEXT_SIZE [600]   pre-training the tiny model
+#   LORA_RANK [8]  LORA_LR [1e-2]   LoRA of the tiny model (finetune_lora.sh; MAX_STEP, DEV_BATCH_SIZE as P-Tuning v2)
+#   FULL_MAX_STEP [20]  FULL_LR [5e-3]  FULL_BATCH_SIZE [8]   full fine-tuning of the tiny model (packed rows)
 #   EVAL_SAMPLES [all]  EVAL_BATCH_SIZE [8]  MAX_NEW_TOKENS [64 / 256]   evaluation and the answer
 #   PROMPT [类型#裙*颜色#红色*风格#简约*图案#条纹]   the message answered at the end
-# A second run reuses what is there: the tiny model, and training runs that already reached their last step (delete
-# QUICKSTART_DIR/run or QUICKSTART_DIR/run-full to train again); an interrupted run continues from its newest checkpoint.
+# A second run reuses what is there: the pre-trained tiny model, and training runs that already reached their last step
+# (delete TINY_MODEL_DIR, QUICKSTART_DIR/run, QUICKSTART_DIR/run-lora or QUICKSTART_DIR/run-full to train again); an
+# interrupted run continues from its newest checkpoint.
 set -euo pipefail
 
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
@@ -76,27 +83,36 @@ else
     TINY_MODEL_DIR="$(absolute_path "${TINY_MODEL_DIR:-$REPO_ROOT/output/tiny-chatglm3-quickstart}")"
     BASE_MODEL_PATH="$TINY_MODEL_DIR"
     QUICKSTART_DIR="$(absolute_path "${QUICKSTART_DIR:-$REPO_ROOT/output/quickstart-tiny}")"
-    PRE_SEQ_LEN="${PRE_SEQ_LEN:-8}"
+    PRE_SEQ_LEN="${PRE_SEQ_LEN:-16}"
     DEV_BATCH_SIZE="${DEV_BATCH_SIZE:-4}"
     GRAD_ACCUMULATION_STEPS="${GRAD_ACCUMULATION_STEPS:-1}"
-    MAX_STEP="${MAX_STEP:-20}"
+    MAX_STEP="${MAX_STEP:-30}"
     SAVE_INTERVAL="${SAVE_INTERVAL:-$MAX_STEP}"
     MAX_SOURCE_LEN="${MAX_SOURCE_LEN:-64}"
     MAX_TARGET_LEN="${MAX_TARGET_LEN:-192}"
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-64}"
 fi
 LR="${LR:-2e-2}"
-FULL_MAX_STEP="${FULL_MAX_STEP:-80}"
+QUICKSTART_SEED="${QUICKSTART_SEED:-0}"
+PRETRAIN_MAX_STEP="${PRETRAIN_MAX_STEP:-60}"
+PRETRAIN_LR="${PRETRAIN_LR:-5e-3}"
+PRETRAIN_BATCH_SIZE="${PRETRAIN_BATCH_SIZE:-8}"
+GENERAL_TEXT_SIZE="${GENERAL_TEXT_SIZE:-600}"
+LORA_RANK="${LORA_RANK:-8}"
+LORA_LR="${LORA_LR:-1e-2}"
+FULL_MAX_STEP="${FULL_MAX_STEP:-20}"
 FULL_LR="${FULL_LR:-5e-3}"
 FULL_BATCH_SIZE="${FULL_BATCH_SIZE:-8}"
-STEPS=$((TINY == 1 ? 9 : 8))
+STEPS=$((TINY == 1 ? 10 : 8))
 EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-8}"
 PROMPT="${PROMPT:-类型#裙*颜色#红色*风格#简约*图案#条纹}"
 ADVERTISE_GEN_DIR="$(absolute_path "${ADVERTISE_GEN_DIR:-$REPO_ROOT/data/advertise_gen_sample}")"
 for name in PRE_SEQ_LEN DEV_BATCH_SIZE GRAD_ACCUMULATION_STEPS MAX_STEP SAVE_INTERVAL MAX_SOURCE_LEN MAX_TARGET_LEN \
-    MAX_NEW_TOKENS EVAL_BATCH_SIZE FULL_MAX_STEP FULL_BATCH_SIZE ${EVAL_SAMPLES:+EVAL_SAMPLES}; do
+    MAX_NEW_TOKENS EVAL_BATCH_SIZE PRETRAIN_MAX_STEP PRETRAIN_BATCH_SIZE GENERAL_TEXT_SIZE LORA_RANK FULL_MAX_STEP \
+    FULL_BATCH_SIZE ${EVAL_SAMPLES:+EVAL_SAMPLES}; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name must be a positive integer, got '${!name}'"
 done
+[[ "$QUICKSTART_SEED" =~ ^[0-9]+$ ]] || fail "QUICKSTART_SEED must be a non-negative integer, got '$QUICKSTART_SEED'"
 for split in train dev; do
     [ -f "$ADVERTISE_GEN_DIR/$split.json" ] || fail "no $ADVERTISE_GEN_DIR/$split.json; ADVERTISE_GEN_DIR must be \
 a folder with AdvertiseGen's train.json and dev.json (JSON lines of {\"content\", \"summary\"})"
@@ -106,6 +122,7 @@ DATA_DIR="$QUICKSTART_DIR/data"
 TRAIN_FILE="$DATA_DIR/advertise_gen.jsonl"
 DEV_FILE="$DATA_DIR/advertise_gen_dev.jsonl"
 RUN_DIR="$QUICKSTART_DIR/run"
+LORA_RUN_DIR="$QUICKSTART_DIR/run-lora"
 FULL_RUN_DIR="$QUICKSTART_DIR/run-full"
 EVAL_DIR="$QUICKSTART_DIR/evaluation"
 ANSWER_FILE="$QUICKSTART_DIR/answer.txt"
@@ -134,25 +151,6 @@ print(f'Python {platform.python_version()}, torch {torch.__version__}, transform
     || fail "the Python environment ($(command -v python)) cannot import the project's dependencies; run with \
 QUICKSTART_INSTALL=1 (the default) to install requirements.txt into .venv"
 
-# ---- 2. base model ----------------------------------------------------------------------------------------------
-if [ "$TINY" = 1 ]; then
-    step 2 "Tiny ChatGLM3-shaped model (random weights) in $TINY_MODEL_DIR"
-    if [ -f "$TINY_MODEL_DIR/config.json" ] && [ -f "$TINY_MODEL_DIR/tokenizer.model" ]; then
-        echo "already built; reusing it (delete the folder to rebuild)"
-    else
-        python -m finetune.tiny_model --output_dir "$TINY_MODEL_DIR" --text_file "$ADVERTISE_GEN_DIR/train.json"
-    fi
-else
-    step 2 "Base model $BASE_MODEL_PATH"
-    echo "using it as given (no tiny model is built)"
-fi
-
-# ---- 3. data ----------------------------------------------------------------------------------------------------
-step 3 "Convert AdvertiseGen-format data from $ADVERTISE_GEN_DIR"
-python -m data_tools.format_advertise_gen \
-    --train_file "$ADVERTISE_GEN_DIR/train.json" --dev_file "$ADVERTISE_GEN_DIR/dev.json" \
-    --output "$TRAIN_FILE" --dev_output "$DEV_FILE"
-
 # Usage: trained_step RUN_DIR: the global_step of the run's final save (0 when there is none).
 trained_step() {
     if [ -f "$1/training_record.json" ]; then
@@ -171,6 +169,49 @@ newest_checkpoint() {
     echo "$1/$newest"
 }
 
+# Usage: full_finetune MODEL TRAIN_FILE RUN_DIR MAX_STEP LR BATCH_SIZE: train every weight of MODEL on packed rows.
+full_finetune() {
+    mkdir -p "$3"
+    python -m finetune.train --model_name_or_path "$1" --train_file "$2" \
+        --output_dir "$3" --resume_from_checkpoint auto --max_steps "$4" \
+        --save_steps "$4" --learning_rate "$5" --per_device_train_batch_size "$6" --seed "$QUICKSTART_SEED" \
+        --packing True --max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN" \
+        --logging_steps 5 --report_to none --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
+        --disable_tqdm True 2>&1 | (trap '' INT TERM && exec tee -a "$3/train.log")
+}
+
+# ---- 2. base model ----------------------------------------------------------------------------------------------
+if [ "$TINY" = 1 ]; then
+    step 2 "Tiny stand-in for the pretrained chatglm3-6b in $TINY_MODEL_DIR: a random ChatGLM3-shaped model \
+pre-trained for $PRETRAIN_MAX_STEP steps on general text (not the AdvertiseGen task)"
+    GENERAL_TEXT="$TINY_MODEL_DIR/general_text.jsonl"
+    RANDOM_MODEL_DIR="$TINY_MODEL_DIR/random-init"
+    finished_step="$(trained_step "$TINY_MODEL_DIR")"
+    if ((finished_step >= PRETRAIN_MAX_STEP)); then
+        echo "already pre-trained to step $finished_step (PRETRAIN_MAX_STEP=$PRETRAIN_MAX_STEP); reusing it (delete \
+the folder to build it again)"
+    else
+        mkdir -p "$TINY_MODEL_DIR"
+        python -m data_tools.make_general_text --output "$GENERAL_TEXT" --size "$GENERAL_TEXT_SIZE" \
+            --seed "$QUICKSTART_SEED" --exclude "$ADVERTISE_GEN_DIR/dev.json"
+        if [ ! -f "$RANDOM_MODEL_DIR/model.safetensors" ]; then
+            python -m finetune.tiny_model --output_dir "$RANDOM_MODEL_DIR" --seed "$QUICKSTART_SEED" --overwrite \
+                --text_file "$GENERAL_TEXT" "$ADVERTISE_GEN_DIR/train.json"
+        fi
+        full_finetune "$RANDOM_MODEL_DIR" "$GENERAL_TEXT" "$TINY_MODEL_DIR" "$PRETRAIN_MAX_STEP" "$PRETRAIN_LR" \
+            "$PRETRAIN_BATCH_SIZE"
+    fi
+else
+    step 2 "Base model $BASE_MODEL_PATH"
+    echo "using it as given (no tiny model is built)"
+fi
+
+# ---- 3. data ----------------------------------------------------------------------------------------------------
+step 3 "Convert AdvertiseGen-format data from $ADVERTISE_GEN_DIR"
+python -m data_tools.format_advertise_gen \
+    --train_file "$ADVERTISE_GEN_DIR/train.json" --dev_file "$ADVERTISE_GEN_DIR/dev.json" \
+    --output "$TRAIN_FILE" --dev_output "$DEV_FILE"
+
 # Usage: score NAME CHECKPOINT: ROUGE/BLEU of CHECKPOINT on the dev data into EVAL_DIR/NAME.
 eval_flags=(--max_source_length "$MAX_SOURCE_LEN")
 [ -n "${EVAL_SAMPLES:-}" ] && eval_flags+=(--max_samples "$EVAL_SAMPLES")
@@ -179,67 +220,88 @@ score() {
         MAX_NEW_TOKENS="$MAX_NEW_TOKENS" BASE_MODEL_PATH="$BASE_MODEL_PATH" bash scripts/evaluate.sh "${eval_flags[@]}"
 }
 
-# ---- 4. the untrained model -------------------------------------------------------------------------------------
-step 4 "ROUGE/BLEU of the untrained base model on $DEV_FILE"
+# Usage: skip_if_trained RUN_DIR MAX_STEP KNOB: succeeds (and says so) when RUN_DIR already reached MAX_STEP.
+skip_if_trained() {
+    local finished_step
+    finished_step="$(trained_step "$1")"
+    ((finished_step >= $2)) || return 1
+    echo "already trained to step $finished_step ($3=$2); skipping training (delete $1 to train again)"
+}
+
+# ---- 4. the base model ------------------------------------------------------------------------------------------
+if [ "$TINY" = 1 ]; then
+    step 4 "ROUGE/BLEU of the pre-trained tiny base (never tuned on this task) on $DEV_FILE"
+else
+    step 4 "ROUGE/BLEU of the base model on $DEV_FILE"
+fi
 score base "$BASE_MODEL_PATH"
 
 # ---- 5. P-Tuning v2 ---------------------------------------------------------------------------------------------
 step 5 "P-Tuning v2: $MAX_STEP steps, pre_seq_len $PRE_SEQ_LEN, batch $DEV_BATCH_SIZE x $GRAD_ACCUMULATION_STEPS, into $RUN_DIR"
-finished_step="$(trained_step "$RUN_DIR")"
-if ((finished_step >= MAX_STEP)); then
-    echo "already trained to step $finished_step (MAX_STEP=$MAX_STEP); skipping training (delete $RUN_DIR to train again)"
-else
+if ! skip_if_trained "$RUN_DIR" "$MAX_STEP" MAX_STEP; then
     env BASE_MODEL_PATH="$BASE_MODEL_PATH" DATASET_PATH="$TRAIN_FILE" OUTPUT_DIR="$RUN_DIR" RUN_NAME=quickstart_pt \
         AUTORESUME_FROM_CHECKPOINT=1 PRE_SEQ_LEN="$PRE_SEQ_LEN" LR="$LR" DEV_BATCH_SIZE="$DEV_BATCH_SIZE" \
         GRAD_ACCUMULATION_STEPS="$GRAD_ACCUMULATION_STEPS" GRAD_ACCUMULARION_STEPS= MAX_STEP="$MAX_STEP" \
         SAVE_INTERVAL="$SAVE_INTERVAL" MAX_SOURCE_LEN="$MAX_SOURCE_LEN" MAX_TARGET_LEN="$MAX_TARGET_LEN" \
         bash scripts/finetune_pt.sh --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
-        --disable_tqdm True "$@"
+        --disable_tqdm True --seed "$QUICKSTART_SEED" "$@"
 fi
 CHECKPOINT="$(newest_checkpoint "$RUN_DIR")"
 runs=(base ptuning)
 run_dirs=("" "$RUN_DIR")
 ANSWER_CHECKPOINT="$CHECKPOINT"
 
-# ---- 6. full fine-tuning of the tiny model ----------------------------------------------------------------------
 if [ "$TINY" = 1 ]; then
-    step 6 "Full fine-tuning of the tiny model: $FULL_MAX_STEP steps of $FULL_BATCH_SIZE packed rows, lr $FULL_LR, into $FULL_RUN_DIR"
-    finished_step="$(trained_step "$FULL_RUN_DIR")"
-    if ((finished_step >= FULL_MAX_STEP)); then
-        echo "already trained to step $finished_step (FULL_MAX_STEP=$FULL_MAX_STEP); skipping training (delete \
-$FULL_RUN_DIR to train again)"
-    else
-        mkdir -p "$FULL_RUN_DIR"
-        python -m finetune.train --model_name_or_path "$BASE_MODEL_PATH" --train_file "$TRAIN_FILE" \
-            --output_dir "$FULL_RUN_DIR" --resume_from_checkpoint auto --max_steps "$FULL_MAX_STEP" \
-            --save_steps "$FULL_MAX_STEP" --learning_rate "$FULL_LR" --per_device_train_batch_size "$FULL_BATCH_SIZE" \
-            --packing True --max_source_length "$MAX_SOURCE_LEN" --max_target_length "$MAX_TARGET_LEN" \
-            --logging_steps 5 --report_to none --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
-            --disable_tqdm True 2>&1 | (trap '' INT TERM && exec tee -a "$FULL_RUN_DIR/train.log")
+    # ---- 6. LoRA ------------------------------------------------------------------------------------------------
+    step 6 "LoRA of the tiny model: $MAX_STEP steps, rank $LORA_RANK, lr $LORA_LR, batch $DEV_BATCH_SIZE x $GRAD_ACCUMULATION_STEPS, into $LORA_RUN_DIR"
+    if ! skip_if_trained "$LORA_RUN_DIR" "$MAX_STEP" MAX_STEP; then
+        env BASE_MODEL_PATH="$BASE_MODEL_PATH" DATASET_PATH="$TRAIN_FILE" OUTPUT_DIR="$LORA_RUN_DIR" \
+            RUN_NAME=quickstart_lora AUTORESUME_FROM_CHECKPOINT=1 LORA_RANK="$LORA_RANK" LR="$LORA_LR" \
+            DEV_BATCH_SIZE="$DEV_BATCH_SIZE" GRAD_ACCUMULATION_STEPS="$GRAD_ACCUMULATION_STEPS" \
+            GRAD_ACCUMULARION_STEPS= MAX_STEP="$MAX_STEP" SAVE_INTERVAL="$SAVE_INTERVAL" \
+            MAX_SOURCE_LEN="$MAX_SOURCE_LEN" MAX_TARGET_LEN="$MAX_TARGET_LEN" QUANTIZATION_BIT= \
+            bash scripts/finetune_lora.sh --data_cache_dir "$DATA_DIR/cache" --print_first_example False \
+            --disable_tqdm True --seed "$QUICKSTART_SEED" "$@"
+    fi
+    LORA_CHECKPOINT="$(newest_checkpoint "$LORA_RUN_DIR")"
+    runs+=(lora)
+    run_dirs+=("$LORA_RUN_DIR")
+
+    # ---- 7. full fine-tuning ------------------------------------------------------------------------------------
+    step 7 "Full fine-tuning of the tiny model (reference): $FULL_MAX_STEP steps of $FULL_BATCH_SIZE packed rows, lr $FULL_LR, into $FULL_RUN_DIR"
+    if ! skip_if_trained "$FULL_RUN_DIR" "$FULL_MAX_STEP" FULL_MAX_STEP; then
+        full_finetune "$BASE_MODEL_PATH" "$TRAIN_FILE" "$FULL_RUN_DIR" "$FULL_MAX_STEP" "$FULL_LR" "$FULL_BATCH_SIZE"
     fi
     FULL_CHECKPOINT="$(newest_checkpoint "$FULL_RUN_DIR")"
     runs+=(full)
     run_dirs+=("$FULL_RUN_DIR")
-    ANSWER_CHECKPOINT="$FULL_CHECKPOINT"
 fi
 
-# ---- 7. the trained models --------------------------------------------------------------------------------------
+# ---- 8. the trained models --------------------------------------------------------------------------------------
 step $((STEPS - 2)) "ROUGE/BLEU of the trained checkpoints on $DEV_FILE"
 score ptuning "$CHECKPOINT"
-[ "$TINY" = 1 ] && score full "$FULL_CHECKPOINT"
+if [ "$TINY" = 1 ]; then
+    score lora "$LORA_CHECKPOINT"
+    score full "$FULL_CHECKPOINT"
+fi
 echo
 echo "Before and after fine-tuning (dev set, $EVAL_DIR/*/metrics.json; loss: first and last logged training loss):"
-python - "$EVAL_DIR" "${runs[@]}" -- "${run_dirs[@]}" <<'PY'
+python - "$EVAL_DIR" "$TINY" "${runs[@]}" -- "${run_dirs[@]}" <<'PY'
 import json
 import sys
 from pathlib import Path
 
-eval_dir = Path(sys.argv[1])
+eval_dir, tiny = Path(sys.argv[1]), sys.argv[2] == "1"
 separator = sys.argv.index("--")
-names, run_dirs = sys.argv[2:separator], sys.argv[separator + 1 :]
-labels = {"base": "untrained base", "ptuning": "P-Tuning v2", "full": "full fine-tuning"}
+names, run_dirs = sys.argv[3:separator], sys.argv[separator + 1 :]
+labels = {
+    "base": "pretrained tiny base" if tiny else "base model",
+    "ptuning": "P-Tuning v2",
+    "lora": "LoRA",
+    "full": "full fine-tuning",
+}
 metric_names = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
-print(f"  {'model':<18}" + "".join(f"{name:>9}" for name in metric_names) + f"{'loss':>16}")
+print(f"  {'model':<22}" + "".join(f"{name:>9}" for name in metric_names) + f"{'loss':>16}")
 for name, run_dir in zip(names, run_dirs):
     metrics = json.loads((eval_dir / name / "metrics.json").read_text(encoding="utf-8"))
     loss = ""
@@ -248,10 +310,10 @@ for name, run_dir in zip(names, run_dirs):
         history = json.loads(state_files[-1].read_text(encoding="utf-8"))["log_history"]
         losses = [entry["loss"] for entry in history if "loss" in entry]
         loss = f"{losses[0]:.2f} -> {losses[-1]:.2f}" if losses else ""
-    print(f"  {labels[name]:<18}" + "".join(f"{metrics[key]:>9.2f}" for key in metric_names) + f"{loss:>16}")
+    print(f"  {labels[name]:<22}" + "".join(f"{metrics[key]:>9.2f}" for key in metric_names) + f"{loss:>16}")
 PY
 
-# ---- 8. inference -----------------------------------------------------------------------------------------------
+# ---- 9. inference -----------------------------------------------------------------------------------------------
 step $((STEPS - 1)) "Answer a prompt with $ANSWER_CHECKPOINT"
 echo "User: $PROMPT"
 answer_staging="$(mktemp "$QUICKSTART_DIR/.answer.XXXXXX")"
@@ -263,9 +325,13 @@ fi
 mv "$answer_staging" "$ANSWER_FILE"
 echo "ChatGLM: $(cat "$ANSWER_FILE")"
 
-# ---- 9. summary -------------------------------------------------------------------------------------------------
+# ---- 10. summary ------------------------------------------------------------------------------------------------
 step "$STEPS" "Done in $((SECONDS - STARTED_AT)) s. Where everything went:"
 echo "  base model:      $BASE_MODEL_PATH"
+if [ "$TINY" = 1 ]; then
+    echo "  general text:    $GENERAL_TEXT"
+    echo "  pretrain log:    $TINY_MODEL_DIR/train.log"
+fi
 echo "  training data:   $TRAIN_FILE"
 echo "  dev data:        $DEV_FILE"
 echo "  checkpoint:      $CHECKPOINT"
@@ -273,6 +339,8 @@ echo "  final model:     $RUN_DIR"
 echo "  training log:    $RUN_DIR/train.log"
 echo "  loss curve:      $RUN_DIR/loss_curve.png"
 if [ "$TINY" = 1 ]; then
+    echo "  lora checkpoint: $LORA_CHECKPOINT"
+    echo "  lora metrics:    $EVAL_DIR/lora/metrics.json"
     echo "  full checkpoint: $FULL_CHECKPOINT"
     echo "  full loss curve: $FULL_RUN_DIR/loss_curve.png"
     echo "  full metrics:    $EVAL_DIR/full/metrics.json"
