@@ -96,12 +96,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
     parser.add_argument("--real_size", action="store_true",
                         help="instead: every stage on a chatglm3-6b-shaped folder on the CPU with its peak RSS "
-                        "(scripts/bench_real_size.py; with --layers, --format, --model_dir, --work_dir, --keep)")
+                        "(scripts/bench_real_size.py; with --layers, --format, --model_dir, --work_dir, --stages, --keep)")
     parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
                         help="--real_size: weight files of the built folder")
     parser.add_argument("--model_dir", default=None, help="--real_size: use this chatglm3-6b-shaped folder")
     parser.add_argument("--work_dir", default=None, help="--real_size: checkpoints and logs (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="--real_size: keep the built model and merged export")
+    parser.add_argument("--stages", default=None, help="--real_size: comma-separated stages (default: all)")
     return parser.parse_args()
 
 
@@ -317,7 +318,7 @@ def main() -> None:
         from bench_real_size import main as real_size_benchmark
 
         options = ["--layers", str(args.layers), "--format", args.format]
-        for name in ("model_dir", "work_dir", "memory_budget_gib"):
+        for name in ("model_dir", "work_dir", "memory_budget_gib", "stages"):
             if getattr(args, name) is not None:
                 options += [f"--{name}", str(getattr(args, name))]
         real_size_benchmark(options + (["--keep"] if args.keep else []))
