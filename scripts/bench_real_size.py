@@ -35,8 +35,8 @@ from finetune.real_size_model import CHATGLM3_6B_LAYERS, weight_bytes  # noqa: E
 from finetune.train import parse_arguments  # noqa: E402
 
 TOKENS_PER_ROW = 256
-# input_output rows are [gMASK] sop + prompt + response + eos: 2 + 128 + 125 + 1 = 256 tokens when both are truncated.
-MAX_SOURCE_LENGTH = 128
+# input_output rows are the source ([gMASK] sop + prompt) + response + eos: 130 + 125 + 1 = 256 tokens when truncated.
+MAX_SOURCE_LENGTH = 130
 MAX_TARGET_LENGTH = 125
 PRE_SEQ_LEN = 128
 LORA_RANK = 8
