@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
+if sys.path[0] != str(REPO_ROOT):  # before this script's folder, where inference.py would shadow the package
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch

@@ -75,29 +75,48 @@ class StageFailed(RuntimeError):
     """A stage's process ended with an error."""
 
 
+class MeasuredProcess:
+    """A stage's process; `finished()` reaps it (once) with its resource usage, without Popen.poll (which would
+    reap it and lose the usage)."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.status: int | None = None
+        self.usage = None
+
+    def finished(self, block: bool = False) -> bool:
+        """True once the process has ended (waiting for it with `block`)."""
+        if self.status is None:
+            pid, status, usage = os.wait4(self.process.pid, 0 if block else os.WNOHANG)
+            if pid:
+                self.status, self.usage = os.waitstatus_to_exitcode(status), usage
+                self.process.returncode = self.status
+        return self.status is not None
+
+
 def run_measured(command: list[str], log: Path, during=None) -> tuple[float, float]:
-    """Run `command` (output to `log`), optionally calling `during(process)` while it runs; (seconds, peak GiB)."""
+    """Run `command` (output to `log`), optionally calling `during(measured)` while it runs and then stopping it;
+    (seconds, peak RSS GiB). StageFailed when a stage without `during` exits with an error."""
     start = time.perf_counter()
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     with log.open("w", encoding="utf-8") as output:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, env=environment)
+    measured = MeasuredProcess(process)
     watchdog = threading.Timer(STAGE_TIMEOUT_S, process.kill)
     watchdog.start()
     try:
         if during is not None:
-            during(process)
+            during(measured)
     finally:
-        if during is not None and process.poll() is None:
+        if during is not None and not measured.finished():
             process.terminate()
-        _, status, usage = os.wait4(process.pid, 0)
+        measured.finished(block=True)
         watchdog.cancel()
     seconds = time.perf_counter() - start
-    exit_code = os.waitstatus_to_exitcode(status)
-    process.returncode = exit_code
-    if exit_code != 0 and during is None:
+    if measured.status != 0 and during is None:
         tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        raise StageFailed(f"{' '.join(command[:4])} ... exited with {exit_code}; {log}:\n" + "\n".join(tail))
-    return seconds, usage.ru_maxrss * 1024 / GIB
+        raise StageFailed(f"{' '.join(command[:4])} ... exited with {measured.status}; {log}:\n" + "\n".join(tail))
+    return seconds, measured.usage.ru_maxrss * 1024 / GIB
 
 
 def layout_of(folder: Path) -> str:
@@ -238,15 +257,15 @@ def train_stage(argv: list[str]) -> None:
     print(json.dumps(figures), flush=True)
 
 
-def ask_server(port: int, process: subprocess.Popen, answers: list) -> None:
+def ask_server(port: int, measured: MeasuredProcess, answers: list) -> None:
     """Wait for the server's /health, ask one chat completion of 16 tokens, keep the reply in `answers`."""
     import httpx2 as httpx
 
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STAGE_TIMEOUT_S
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise StageFailed(f"the API server exited with {process.returncode} before answering /health")
+        if measured.finished():
+            raise StageFailed(f"the API server exited with {measured.status} before answering /health")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 break
@@ -389,7 +408,7 @@ def run_stages(args: argparse.Namespace) -> list[StageResult]:
         seconds, peak = run_measured(
             [python, "inference/api_server.py", "--model", f"chatglm3-6b={served}", "--port", str(port),
              "--device", "cpu", "--dtype", "bfloat16", "--log_level", "warning"],
-            logs / "server.log", during=lambda process: ask_server(port, process, answers),
+            logs / "server.log", during=lambda measured: ask_server(port, measured, answers),
         )
         report(StageResult("server", seconds, peak, weights_gib, f"{served.name} served, one chat completion", layout,
                            {"completion_tokens": answers[0]["usage"]["completion_tokens"]}))
