@@ -1,5 +1,5 @@
 """`scripts/benchmark.py --real_size --layers 2`: a chatglm3-6b-wide folder (vocab 65024, hidden 4096, ffn 13696;
-1.2 B parameters) through every stage on the CPU, and the load's peak RSS against the bf16 weight bytes."""
+0.94 B parameters) through every stage on the CPU, and the load's peak RSS against the bf16 weight bytes."""
 
 import json
 import subprocess
