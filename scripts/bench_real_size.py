@@ -103,6 +103,7 @@ def run_measured(command: list[str], log: Path, during=None) -> tuple[float, flo
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, env=environment)
     measured = MeasuredProcess(process)
     watchdog = threading.Timer(STAGE_TIMEOUT_S, process.kill)
+    watchdog.daemon = True  # an error in this process must not wait hours for the timer
     watchdog.start()
     try:
         if during is not None:
