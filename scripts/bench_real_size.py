@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +24,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx2 as httpx
 import torch
 from transformers import TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from finetune.arguments import ModelArguments  # noqa: E402
 from finetune.memory_preflight import GIB, run_preflight  # noqa: E402
+from finetune.methods.base import load_base_model  # noqa: E402
 from finetune.model.configuration import ChatGLMConfig  # noqa: E402
 from finetune.real_size_model import CHATGLM3_6B_LAYERS, weight_bytes  # noqa: E402
-from finetune.train import parse_arguments  # noqa: E402
+from finetune.tiny_model import default_corpus  # noqa: E402
+from finetune.train import configure_logging, parse_arguments, run  # noqa: E402
 
 TOKENS_PER_ROW = 256
 # input_output rows are the source ([gMASK] sop + prompt) + response + eos: 130 + 125 + 1 = 256 tokens when truncated.
@@ -132,8 +137,6 @@ def layout_of(folder: Path) -> str:
 
 def write_training_rows(path: Path, count: int) -> None:
     """Prompt/response records long enough that every encoded row is truncated to exactly 256 tokens."""
-    from finetune.tiny_model import default_corpus
-
     lines = default_corpus(num_products=40)
     records = []
     for index in range(count):
@@ -173,9 +176,6 @@ def training_estimate(argv: list[str]) -> tuple[float, float, str]:
 
 def load_stage(model: str) -> None:
     """The load_train stage's process: load the base for training and touch every weight; print a JSON line."""
-    from finetune.arguments import ModelArguments
-    from finetune.methods.base import load_base_model
-
     model_args = ModelArguments(model_name_or_path=model)
     loaded = load_base_model(model_args, torch.bfloat16)
     checksum = 0.0
@@ -245,8 +245,6 @@ class MemoryProbe(TrainerCallback):
 
 def train_stage(argv: list[str]) -> None:
     """A training stage's process: finetune.train's run with a MemoryProbe; print its figures as a JSON line."""
-    from finetune.train import configure_logging, run
-
     model_args, data_args, training_args = parse_arguments(argv)
     configure_logging(training_args)
     probe = MemoryProbe()
@@ -260,8 +258,6 @@ def train_stage(argv: list[str]) -> None:
 
 def ask_server(port: int, measured: MeasuredProcess, answers: list) -> None:
     """Wait for the server's /health, ask one chat completion of 16 tokens, keep the reply in `answers`."""
-    import httpx2 as httpx
-
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STAGE_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -281,8 +277,6 @@ def ask_server(port: int, measured: MeasuredProcess, answers: list) -> None:
 
 def free_port() -> int:
     """A TCP port nobody listens on now."""
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

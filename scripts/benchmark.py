@@ -96,7 +96,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
     parser.add_argument("--real_size", action="store_true",
                         help="instead: every stage on a chatglm3-6b-shaped folder on the CPU with its peak RSS "
-                        "(scripts/bench_real_size.py; with --layers, --format, --model_dir, --work_dir, --stages, --keep)")
+                        "(scripts/bench_real_size.py; with --layers, --format, --model_dir, --work_dir, --stages, "
+                        "--keep)")
     parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
                         help="--real_size: weight files of the built folder")
     parser.add_argument("--model_dir", default=None, help="--real_size: use this chatglm3-6b-shaped folder")
