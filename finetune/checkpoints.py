@@ -4,10 +4,12 @@ chatglm3-6b, an export). The base of a quantized run is rebuilt with the quantiz
 """
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
@@ -23,6 +25,8 @@ from finetune.checkpoint_layout import (
 )
 from finetune.methods import FinetuneMethod, method_named, recognise_checkpoint
 from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file, weight_files
+from finetune.model.configuration import ChatGLMConfig
+from finetune.model.shapes import base_parameter_count
 from finetune.quantization import QUANTIZATION_BITS, check_quantization_available, quantization_config, recorded_bits
 
 DTYPES = {
@@ -34,6 +38,10 @@ DTYPES = {
     "fp16": torch.float16,
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# On the CPU, dtype "auto" loads fp32 unless the fp32 weights would take more than this share of the available RAM.
+CPU_FP32_MEMORY_SHARE = 0.8
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -158,15 +166,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """The weight dtype for "auto" (bf16 on CUDA if supported, else fp16; fp16 on MPS; fp32 on CPU) or a name."""
+def resolve_dtype(dtype: str, device: str, parameters: int | None = None) -> torch.dtype:
+    """The weight dtype for "auto" (bf16 on CUDA if supported, else fp16; fp16 on MPS; fp32 on CPU) or a name.
+
+    On the CPU, a model of `parameters` weights whose fp32 copy would not fit the available RAM loads in bf16
+    (chatglm3-6b in fp32 takes 23 GiB).
+    """
     if dtype == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        available = psutil.virtual_memory().available
+        if parameters is not None and 4 * parameters > CPU_FP32_MEMORY_SHARE * available:
+            logger.warning(
+                "dtype auto on the CPU: the fp32 weights (%.1f GiB) would not fit the available RAM (%.1f GiB); "
+                "loading in bfloat16 (pass --dtype float32 to insist)", 4 * parameters / 2**30, available / 2**30,
+            )
+            return torch.bfloat16
+        return torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def folder_parameter_count(folder: str) -> int | None:
+    """The base weights of a local model folder's config (None for a hub id or a folder without config.json)."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return None
+    return base_parameter_count(ChatGLMConfig.from_pretrained(folder))
 
 
 def inference_quantization(bits: int | None, folder: Path, device: str) -> int | None:
@@ -211,13 +240,7 @@ def load_for_inference(
     method = checkpoint_method(folder)
     kind = method.checkpoint_kind if method is not None else CheckpointKind.BASE
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
     bits = inference_quantization(quantization_bit, folder, device)
-    load_kwargs = {
-        "dtype": torch_dtype,
-        "device_map": {"": device},
-        "quantization_config": quantization_config(bits) if bits else None,
-    }
     if method is not None and method.needs_base:
         base_path = open_base(folder, base, allow_other_base)
         tokenizer_fallback = base_path
@@ -229,6 +252,11 @@ def load_for_inference(
         tokenizer_fallback = base or record.get("base_model") or base_path
         check_chatglm_folder(folder)
     check_tokenizer_folder(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer), knob="--tokenizer")
+    load_kwargs = {
+        "dtype": resolve_dtype(dtype, device, folder_parameter_count(base_path)),
+        "device_map": {"": device},
+        "quantization_config": quantization_config(bits) if bits else None,
+    }
     if method is not None:
         model = method.load_for_inference(folder, base_path, load_kwargs, merge_lora=merge_lora)
     else:

@@ -31,8 +31,10 @@ ADAMW_STATE_BYTES = 8
 ADAMW_8BIT_STATE_BYTES = 2
 # Adapters (prefix encoder, LoRA) are trained in fp32 whatever the base model's dtype.
 ADAPTER_BYTES = 4
-# Logits of one loss chunk: the 16-bit projection, its fp32 copy and the fp32 gradient in the backward pass.
-LOGITS_BYTES_PER_ENTRY_EXTRA = 4 + 4
+# Logits of one loss chunk at the peak of its backward pass: the 16-bit projection, its fp32 copy, the fp32
+# log-probabilities cross-entropy keeps and their fp32 gradient (measured: about 14 bytes per entry in all at
+# chatglm3-6b's vocabulary; tests/test_memory_preflight.py).
+LOGITS_BYTES_PER_ENTRY_EXTRA = 4 + 4 + 4
 ZERO3_OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
 
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}

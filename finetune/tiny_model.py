@@ -1,6 +1,9 @@
 """Build a tiny randomly initialised ChatGLM3 checkpoint, in the official folder layout, for tests and smoke runs.
 
 Usage: python -m finetune.tiny_model --output_dir DIR [--text_file F ...] [--num_layers 2 --hidden_size 64 ...]
+The real shape: python -m finetune.tiny_model --preset chatglm3-6b --output_dir DIR [--layers N]
+[--format safetensors|bin] writes chatglm3-6b's exact config with random bf16 weights in the official 7-shard layout
+(finetune/real_size_model.py).
 """
 
 import argparse
@@ -251,7 +254,24 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output_dir")
+    parser.add_argument(
+        "--preset", choices=["chatglm3-6b"], default=None,
+        help="instead of the tiny shape: chatglm3-6b's exact config, random bf16 weights in the official shards",
+    )
+    parser.add_argument("--layers", type=int, default=None, help="with --preset: fewer layers than the preset's 28")
+    parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors", help="with --preset")
     args = parser.parse_args(argv)
+    if args.preset:
+        from finetune.real_size_model import CHATGLM3_6B_LAYERS, build_real_size_model
+
+        folder = build_real_size_model(
+            args.output_dir, num_layers=args.layers or CHATGLM3_6B_LAYERS, weight_format=args.format,
+            seed=args.seed, overwrite=args.overwrite,
+        )
+        print(folder)
+        return folder
+    if args.layers is not None:
+        parser.error("--layers goes with --preset; the tiny shape's depth is --num_layers")
     folder = build_tiny_model(
         args.output_dir,
         texts=_read_text_files(args.text_file) if args.text_file else None,

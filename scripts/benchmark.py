@@ -31,6 +31,8 @@ Evaluation speed (batched generation vs one example at a time, tiny model on the
     python scripts/benchmark.py --evaluation
 Serving (an OpenAI-compatible server with continuous batching vs one request at a time; options: bench_serving.py):
     python scripts/benchmark.py --serving
+The whole toolkit on a chatglm3-6b-shaped folder on the CPU, a JSON line with peak RSS per stage (bench_real_size.py):
+    python scripts/benchmark.py --real_size [--layers 2] [--format bin] [--model_dir DIR] [--work_dir DIR]
 """
 
 import argparse
@@ -98,6 +100,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--serving", action="store_true", help="run the serving benchmark (scripts/bench_serving.py)")
     parser.add_argument("--preference", action="store_true",
                         help="DPO steps on --batch pairs of two --seq-token rows, reference pass included")
+    parser.add_argument("--real_size", action="store_true",
+                        help="instead: every stage on a chatglm3-6b-shaped folder on the CPU with its peak RSS "
+                        "(scripts/bench_real_size.py; with --layers, --format, --model_dir, --work_dir, --stages, "
+                        "--keep)")
+    parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
+                        help="--real_size: weight files of the built folder")
+    parser.add_argument("--model_dir", default=None, help="--real_size: use this chatglm3-6b-shaped folder")
+    parser.add_argument("--work_dir", default=None, help="--real_size: checkpoints and logs (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="--real_size: keep the built model and merged export")
+    parser.add_argument("--stages", default=None, help="--real_size: comma-separated stages (default: all)")
     return parser.parse_args()
 
 
@@ -315,6 +327,15 @@ def main() -> None:
         return
     if args.preference and args.realistic:
         sys.exit("error: --preference runs the fixed shape (--batch pairs x --seq tokens); drop --realistic")
+    if args.real_size:
+        from bench_real_size import main as real_size_benchmark
+
+        options = ["--layers", str(args.layers), "--format", args.format]
+        for name in ("model_dir", "work_dir", "memory_budget_gib", "stages"):
+            if getattr(args, name) is not None:
+                options += [f"--{name}", str(getattr(args, name))]
+        real_size_benchmark(options + (["--keep"] if args.keep else []))
+        return
     torch.manual_seed(args.seed)
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from checkpoint_builders import (
@@ -20,11 +21,13 @@ from peft import PeftModel
 
 from finetune.checkpoint_layout import read_training_record
 from finetune.checkpoints import (
+    CPU_FP32_MEMORY_SHARE,
     CheckpointKind,
     ModelLoadError,
     check_base_model_folder,
     choose_tokenizer_source,
     detect_checkpoint_kind,
+    folder_parameter_count,
     load_for_inference,
     resolve_base,
     resolve_device,
@@ -32,7 +35,10 @@ from finetune.checkpoints import (
 )
 from finetune.model import ChatGLMTokenizer
 from finetune.model.checkpoint_files import CheckpointError
+from finetune.model.configuration import ChatGLMConfig
+from finetune.model.shapes import base_parameter_count
 from finetune.quantization import quantization_record
+from finetune.real_size_model import chatglm3_6b_config
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +176,21 @@ def test_device_and_dtype_resolution_without_gpu():
         resolve_device("cuda")
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         resolve_dtype("float8", "cpu")
+
+
+def test_auto_dtype_on_the_cpu_falls_back_to_bf16_when_fp32_weights_would_not_fit_the_ram(tiny_model_dir):
+    chatglm3_6b = base_parameter_count(chatglm3_6b_config())
+    ram = psutil.virtual_memory().available
+    huge = int(ram / 4 / CPU_FP32_MEMORY_SHARE) + 1  # fp32 copy just over the share of the available RAM
+    assert resolve_dtype("auto", "cpu", huge) is torch.bfloat16
+    assert resolve_dtype("auto", "cpu", 10**6) is torch.float32
+    assert resolve_dtype("float32", "cpu", huge) is torch.float32  # an explicit dtype is kept
+    expected = torch.bfloat16 if 4 * chatglm3_6b > CPU_FP32_MEMORY_SHARE * ram else torch.float32
+    assert resolve_dtype("auto", "cpu", chatglm3_6b) is expected
+    assert folder_parameter_count(str(tiny_model_dir)) == base_parameter_count(
+        ChatGLMConfig.from_pretrained(tiny_model_dir)
+    )
+    assert folder_parameter_count("THUDM/chatglm3-6b") is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")

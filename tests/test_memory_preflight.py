@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import peft
@@ -23,7 +24,7 @@ from finetune.memory_preflight import (
 )
 from finetune.methods.lora import lora_parameter_count
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
-from finetune.model.loss import DEFAULT_CHUNK_TOKENS
+from finetune.model.loss import DEFAULT_CHUNK_TOKENS, chunked_causal_lm_loss
 from finetune.model.shapes import base_parameter_count, prefix_parameter_count
 
 CHATGLM3_6B = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
@@ -103,7 +104,37 @@ def test_activations_scale_and_checkpointing_saves():
     assert checkpointed.activations < plain.activations / 5
     # The loss never holds more than one chunk of DEFAULT_CHUNK_TOKENS x 65024 logits.
     long = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, batch_size=8, seq_length=4096))
-    assert long.logits == DEFAULT_CHUNK_TOKENS * 65024 * (2 + 4 + 4)
+    assert long.logits == DEFAULT_CHUNK_TOKENS * 65024 * (2 + 4 + 4 + 4)
+
+
+def _resident_bytes(field: str) -> int:
+    """A /proc/self/status memory field in bytes."""
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures peak RSS through Linux /proc")
+def test_logits_estimate_matches_the_peak_of_the_chunked_loss_at_the_real_vocabulary():
+    # One 254-token chunk against chatglm3-6b's 4096 x 65024 output layer in bf16, forward and backward as training
+    # runs it; the process's peak RSS growth (reset through clear_refs) is the loss's own memory.
+    vocabulary, tokens = 65024, 254
+    output_layer = torch.nn.Linear(4096, vocabulary, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(1, tokens + 1, 4096, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocabulary, (1, tokens + 1))
+    config = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
+    estimate = estimate_training_memory(config, TrainingSetup("lora", batch_size=1, seq_length=tokens, lora_rank=8))
+    measured = []
+    for _ in range(3):
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
+        before = _resident_bytes("VmRSS")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = chunked_causal_lm_loss(hidden, labels, output_layer)
+        loss.backward()
+        hidden.grad = None
+        measured.append(_resident_bytes("VmHWM") - before)
+    assert sorted(measured)[1] == pytest.approx(estimate.logits, rel=0.15)
 
 
 def test_zero_stages_divide_by_gpus_and_offload_to_cpu():

@@ -1,0 +1,60 @@
+"""`scripts/benchmark.py --real_size --layers 2`: a chatglm3-6b-wide folder (vocab 65024, hidden 4096, ffn 13696;
+0.94 B parameters) through every stage on the CPU, and the load's peak RSS against the bf16 weight bytes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "scripts" / "benchmark.py"
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from bench_real_size import DEFAULT_STAGES, LOAD_BOUNDS  # noqa: E402
+
+TIMEOUT_S = 3600
+# Writing streams shard by shard: the writer never holds the whole model (2 layers: 1.75 GiB of weights).
+BUILD_PEAK_OVER_WEIGHTS = 0.75
+
+
+def run_real_size(work_dir: Path, *options: str) -> dict[str, dict]:
+    """Run the benchmark at 2 layers; its JSON lines by stage (printed, so a CI log keeps the figures)."""
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--real_size", "--layers", "2", "--work_dir", str(work_dir), *options],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    print(completed.stdout)
+    lines = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    return {line["stage"]: line for line in lines}
+
+
+@pytest.mark.slow
+def test_every_stage_completes_on_a_two_layer_chatglm3_6b_folder_and_loading_stays_near_the_weights(tmp_path):
+    results = run_real_size(tmp_path / "work")
+    assert list(results) == ["build", *DEFAULT_STAGES]
+    assert not [stage for stage, line in results.items() if "error" in line]
+    weights = results["load_train"]["weight_gib"]
+    assert weights == pytest.approx(1.752, abs=0.01)
+    assert results["build"]["peak_gib"] < BUILD_PEAK_OVER_WEIGHTS * weights
+    assert results["build"]["layout"].startswith("7 safetensors file(s)")
+    load = results["load_train"]
+    assert load["peak_less_imports_over_weights"] <= LOAD_BOUNDS["safetensors"], load
+    assert "torch.bfloat16" in load["loaded"]
+    for stage, steps in (("lora", 2), ("ptuning", 1), ("qlora", 1), ("resume", 1)):
+        line = results[stage]
+        assert line["steps"] == steps and line["tokens_per_s"] > 0, line
+        assert line["checkpoint"].startswith("1 safetensors file(s)"), line
+    assert results["export_merged"]["written"].endswith("1.75 GiB")
+    assert results["server"]["completion_tokens"] >= 1
+    assert not (tmp_path / "work" / "model").exists() and not (tmp_path / "work" / "merged").exists()
+
+
+@pytest.mark.slow
+def test_bin_shards_load_within_their_bound(tmp_path):
+    results = run_real_size(tmp_path / "work", "--format", "bin", "--stages", "load_train")
+    assert results["build"]["layout"].startswith("7 bin file(s)")
+    load = results["load_train"]
+    assert load["peak_less_imports_over_weights"] <= LOAD_BOUNDS["bin"], load
