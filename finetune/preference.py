@@ -20,9 +20,8 @@ from pathlib import Path
 import datasets
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Seq2SeqTrainingArguments, TrainerCallback
+from transformers import AutoConfig, Seq2SeqTrainingArguments, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import set_seed
 
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
@@ -42,12 +41,11 @@ from finetune.preference_loss import (
     simpo_loss,
 )
 from finetune.recompute import apply_recompute_plan
-from finetune.resume import check_checkpoint_matches, resolve_resume_checkpoint, resume_requested
 from finetune.train import (
     TrainingRun,
     already_finished,
-    check_output_dir,
     configure_logging,
+    open_run,
     run_cli,
     save_metrics,
     train_until_done_or_signalled,
@@ -319,14 +317,7 @@ def run(
         training_args.ddp_find_unused_parameters = False
     check_preference_settings(model_args, data_args, training_args)
     adapter_start = start_from_checkpoint(model_args, pref_args)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume is not None:
-        check_checkpoint_matches(resume, model_args)
-    check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
-    set_seed(training_args.seed)
-
-    check_base_model_folder(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    resume, tokenizer = open_run(model_args, training_args)
     with training_args.main_process_first(desc="encoding pairs"):
         train = load_pairs(data_args.train_file, tokenizer, data_args, data_args.max_train_samples)
         evaluation = (

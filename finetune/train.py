@@ -363,6 +363,23 @@ def predict_and_save(trainer: FinetuneTrainer, test: TrainingData, tokenizer: Pr
     return prediction.metrics
 
 
+
+def open_run(
+    model_args: ModelArguments, training_args: Seq2SeqTrainingArguments
+) -> tuple[Path | None, PreTrainedTokenizerBase]:
+    """What every training run (fine-tuning or preference tuning) does before its data: find and check the checkpoint
+    to resume, check the output folder, set the seed, check the base folder (and its layer widths for a 4-bit base);
+    returns the checkpoint to resume (or None) and the base's tokenizer."""
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume is not None:
+        check_checkpoint_matches(resume, model_args)
+    check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
+    set_seed(training_args.seed)
+    check_base_model_folder(model_args.model_name_or_path)
+    if model_args.quantization_bit == 4:
+        check_4bit_layer_widths(AutoConfig.from_pretrained(model_args.model_name_or_path))
+    return resume, AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -374,16 +391,7 @@ def run(
     apply_implied_settings(data_args, training_args)
     if training_args.should_log:
         log_effective_settings(model_args, data_args, training_args)
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume is not None:
-        check_checkpoint_matches(resume, model_args)
-    check_output_dir(training_args, resume_requested(training_args.resume_from_checkpoint))
-    set_seed(training_args.seed)
-
-    check_base_model_folder(model_args.model_name_or_path)
-    if model_args.quantization_bit == 4:
-        check_4bit_layer_widths(AutoConfig.from_pretrained(model_args.model_name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    resume, tokenizer = open_run(model_args, training_args)
     splits = load_data(data_args, training_args, tokenizer)
     record_detected_format(data_args, splits)
     if resume is not None and training_args.do_train:
