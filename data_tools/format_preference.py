@@ -21,9 +21,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: python data_tools/<name>.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_tools import check_paths, finish_report
 from data_tools.format_openai import convert_openai_record
 from data_tools.format_sharegpt import convert_sharegpt_record

@@ -24,9 +24,6 @@ import random
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_tools.atomic_files import write_jsonl_atomically
 from data_tools.make_sample_advertise_gen import ATTRIBUTES, CLOSINGS, PHRASES
 

@@ -37,16 +37,34 @@ from finetune.tiny_model import default_corpus
 from finetune.train import configure_logging, parse_arguments, run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKENS_PER_ROW = 256
-# input_output rows are the source ([gMASK] sop + prompt) + response + eos: 130 + 125 + 1 = 256 tokens when truncated.
-MAX_SOURCE_LENGTH = 130
-MAX_TARGET_LENGTH = 125
+TOKENS_PER_ROW = 256  # the default row length (--tokens)
+
+
+def row_lengths(tokens: int) -> tuple[int, int]:
+    """(max_source_length, max_target_length) that truncate every training row to exactly `tokens` tokens: the
+    source ([gMASK] sop + prompt) + response + eos (256 tokens: 130 + 125 + 1)."""
+    source = tokens // 2 + 2
+    return source, tokens - source - 1
+
+
 PRE_SEQ_LEN = 128
 LORA_RANK = 8
 NEW_TOKENS = 16
 STAGE_TIMEOUT_S = 3 * 3600
-STAGES = ("load_train", "lora", "ptuning", "qlora", "resume", "export_merged", "infer_base", "infer_lora",
-          "infer_ptuning", "infer_qlora", "infer_merged", "server")
+STAGES = (
+    "load_train",
+    "lora",
+    "ptuning",
+    "qlora",
+    "resume",
+    "export_merged",
+    "infer_base",
+    "infer_lora",
+    "infer_ptuning",
+    "infer_qlora",
+    "infer_merged",
+    "server",
+)
 DEFAULT_STAGES = tuple(stage for stage in STAGES if stage != "infer_base")
 # Loading may peak at most this many times the bf16 weight bytes (point 3 of the real-size issue).
 LOAD_BOUNDS = {"safetensors": 1.15, "bin": 1.3}
@@ -67,9 +85,12 @@ class StageResult:
     def as_json(self) -> str:
         """The JSON line."""
         fields = {
-            "stage": self.stage, "seconds": round(self.seconds, 1), "peak_gib": round(self.peak_gib, 3),
+            "stage": self.stage,
+            "seconds": round(self.seconds, 1),
+            "peak_gib": round(self.peak_gib, 3),
             "estimated_gib": None if self.estimated_gib is None else round(self.estimated_gib, 3),
-            "loaded": self.loaded, "layout": self.layout,
+            "loaded": self.loaded,
+            "layout": self.layout,
         }
         return json.dumps({**fields, **self.extra})
 
@@ -134,7 +155,8 @@ def layout_of(folder: Path) -> str:
 
 
 def write_training_rows(path: Path, count: int) -> None:
-    """Prompt/response records long enough that every encoded row is truncated to exactly 256 tokens."""
+    """Prompt/response records long enough that every encoded row is truncated to the row length (256 tokens or
+    fewer, as --tokens says)."""
     lines = default_corpus(num_products=40)
     records = []
     for index in range(count):
@@ -144,14 +166,30 @@ def write_training_rows(path: Path, count: int) -> None:
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
 
 
-def training_argv(model: Path, data: Path, output: Path, cache: Path, budget_gib: float, **flags) -> list[str]:
-    """finetune.train arguments: bf16 on the CPU, batch 1 x 256-token rows, --recompute auto within the budget."""
+def training_argv(
+    model: Path, data: Path, output: Path, cache: Path, budget_gib: float, tokens: int, **flags
+) -> list[str]:
+    """finetune.train arguments: bf16 on the CPU, batch 1 x `tokens`-token rows, --recompute auto within the budget."""
+    max_source_length, max_target_length = row_lengths(tokens)
     settings = {
-        "model_name_or_path": model, "train_file": data, "output_dir": output, "data_cache_dir": cache,
-        "do_train": True, "use_cpu": True, "bf16": True, "per_device_train_batch_size": 1,
-        "max_source_length": MAX_SOURCE_LENGTH, "max_target_length": MAX_TARGET_LENGTH,
-        "memory_budget_gib": budget_gib, "logging_steps": 1, "learning_rate": 1e-4, "seed": 0,
-        "dataloader_num_workers": 0, "disable_tqdm": True, "report_to": "none", "print_first_example": False,
+        "model_name_or_path": model,
+        "train_file": data,
+        "output_dir": output,
+        "data_cache_dir": cache,
+        "do_train": True,
+        "use_cpu": True,
+        "bf16": True,
+        "per_device_train_batch_size": 1,
+        "max_source_length": max_source_length,
+        "max_target_length": max_target_length,
+        "memory_budget_gib": budget_gib,
+        "logging_steps": 1,
+        "learning_rate": 1e-4,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "report_to": "none",
+        "print_first_example": False,
         **flags,
     }
     argv = []
@@ -160,15 +198,16 @@ def training_argv(model: Path, data: Path, output: Path, cache: Path, budget_gib
     return argv
 
 
-def training_estimate(argv: list[str]) -> tuple[float, float, str]:
+def training_estimate(argv: list[str], tokens: int) -> tuple[float, float, str]:
     """The memory preflight's estimate for these training arguments, as finetune.train makes it on the CPU:
     (total GiB, weights GiB, recompute plan)."""
     model_args, data_args, training_args = parse_arguments(argv)
     config = ChatGLMConfig.from_pretrained(
-        model_args.model_name_or_path, pre_seq_len=model_args.pre_seq_len,
+        model_args.model_name_or_path,
+        pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
-    estimate = run_preflight(config, model_args, data_args, training_args, seq_length=TOKENS_PER_ROW)
+    estimate = run_preflight(config, model_args, data_args, training_args, seq_length=tokens)
     return estimate.total / GIB, estimate.weights / GIB, estimate.setup.recompute.describe(config.num_layers)
 
 
@@ -179,8 +218,10 @@ def load_stage(model: str) -> None:
     checksum = 0.0
     with torch.no_grad():
         for parameter in loaded.parameters():
-            checksum += float(parameter.float().sum()) if parameter.numel() < 2**24 else float(
-                parameter.view(-1)[:: 4096 // parameter.element_size()].float().sum()
+            checksum += (
+                float(parameter.float().sum())
+                if parameter.numel() < 2**24
+                else float(parameter.view(-1)[:: 4096 // parameter.element_size()].float().sum())
             )
     size = sum(parameter.numel() * parameter.element_size() for parameter in loaded.parameters())
     dtypes = sorted({str(parameter.dtype) for parameter in loaded.parameters()})
@@ -248,8 +289,10 @@ def train_stage(argv: list[str]) -> None:
     probe = MemoryProbe()
     run(model_args, data_args, training_args, extra_callbacks=(probe,))
     figures = {
-        "anon_at_start_gib": probe.at_start["RssAnon"] / GIB, "file_at_start_gib": probe.at_start["RssFile"] / GIB,
-        "peak_anon_gib": probe.peak_anon / GIB, "step_seconds": probe.step_seconds,
+        "anon_at_start_gib": probe.at_start["RssAnon"] / GIB,
+        "file_at_start_gib": probe.at_start["RssFile"] / GIB,
+        "peak_anon_gib": probe.peak_anon / GIB,
+        "step_seconds": probe.step_seconds,
     }
     print(json.dumps(figures), flush=True)
 
@@ -304,8 +347,20 @@ def run_stages(args: argparse.Namespace) -> list[StageResult]:
 
     model = Path(args.model_dir) if args.model_dir else work / "model"
     if not args.model_dir:
-        command = [python, "-m", "finetune.tiny_model", "--preset", "chatglm3-6b", "--layers", str(args.layers),
-                   "--format", args.format, "--output_dir", str(model), "--overwrite"]
+        command = [
+            python,
+            "-m",
+            "finetune.tiny_model",
+            "--preset",
+            "chatglm3-6b",
+            "--layers",
+            str(args.layers),
+            "--format",
+            args.format,
+            "--output_dir",
+            str(model),
+            "--overwrite",
+        ]
         seconds, peak = run_measured(command, logs / "build.log")
         report(StageResult("build", seconds, peak, None, "random bf16 weights written", layout_of(model)))
     config = ChatGLMConfig.from_pretrained(model)
@@ -319,14 +374,23 @@ def run_stages(args: argparse.Namespace) -> list[StageResult]:
         loaded = json.loads(log.read_text(encoding="utf-8").strip().splitlines()[-1])
         baseline = import_baseline_gib(python, logs)
         weight_format = "safetensors" if "safetensors" in layout else "bin"
-        report(StageResult(
-            "load_train", seconds, peak, weights_gib,
-            f"base model for training ({shape}), {', '.join(loaded['dtypes'])}", layout,
-            {"weight_gib": round(weights_gib, 3), "peak_over_weights": round(peak / weights_gib, 3),
-             "imports_gib": round(baseline, 3),
-             "peak_less_imports_over_weights": round((peak - baseline) / weights_gib, 3),
-             "bound": LOAD_BOUNDS[weight_format]},
-        ))
+        report(
+            StageResult(
+                "load_train",
+                seconds,
+                peak,
+                weights_gib,
+                f"base model for training ({shape}), {', '.join(loaded['dtypes'])}",
+                layout,
+                {
+                    "weight_gib": round(weights_gib, 3),
+                    "peak_over_weights": round(peak / weights_gib, 3),
+                    "imports_gib": round(baseline, 3),
+                    "peak_less_imports_over_weights": round((peak - baseline) / weights_gib, 3),
+                    "bound": LOAD_BOUNDS[weight_format],
+                },
+            )
+        )
 
     data = work / "train.jsonl"
     write_training_rows(data, 8)
@@ -334,8 +398,10 @@ def run_stages(args: argparse.Namespace) -> list[StageResult]:
     budget = args.memory_budget_gib or default_budget_gib()
 
     def train(stage: str, output: Path, loaded_what: str, steps: int, trained_steps: int, **flags) -> None:
-        argv = training_argv(model, data, output, cache, budget, max_steps=steps, save_steps=steps, **flags)
-        estimate, estimate_weights, plan = training_estimate(argv)
+        argv = training_argv(
+            model, data, output, cache, budget, args.tokens, max_steps=steps, save_steps=steps, **flags
+        )
+        estimate, estimate_weights, plan = training_estimate(argv, args.tokens)
         log = logs / f"{stage}.log"
         seconds, peak = run_measured([python, str(Path(__file__).resolve()), "--train", *argv], log)
         probe = json.loads(log.read_text(encoding="utf-8").strip().splitlines()[-1])
@@ -344,67 +410,166 @@ def run_stages(args: argparse.Namespace) -> list[StageResult]:
             raise StageFailed(f"{stage}: expected {trained_steps} optimizer steps, the run made {len(steps_run)}")
         measured_extra = probe["peak_anon_gib"] - probe["anon_at_start_gib"]
         estimated_extra = estimate - estimate_weights
-        report(StageResult(
-            stage, seconds, peak, estimate, loaded_what, layout,
-            {"recompute": plan, "steps": trained_steps, "step_s": [round(value, 1) for value in steps_run],
-             "tokens_per_s": round(TOKENS_PER_ROW / steps_run[-1], 2),
-             "estimated_weights_gib": round(estimate_weights, 3),
-             "estimated_extra_gib": round(estimated_extra, 3), "measured_extra_gib": round(measured_extra, 3),
-             "extra_ratio": round(measured_extra / estimated_extra, 3),
-             "anon_at_start_gib": round(probe["anon_at_start_gib"], 3),
-             "file_at_start_gib": round(probe["file_at_start_gib"], 3),
-             "checkpoint": layout_of(output / f"checkpoint-{steps}")},
-        ))
+        report(
+            StageResult(
+                stage,
+                seconds,
+                peak,
+                estimate,
+                loaded_what,
+                layout,
+                {
+                    "recompute": plan,
+                    "steps": trained_steps,
+                    "step_s": [round(value, 1) for value in steps_run],
+                    "tokens_per_s": round(args.tokens / steps_run[-1], 2),
+                    "estimated_weights_gib": round(estimate_weights, 3),
+                    "estimated_extra_gib": round(estimated_extra, 3),
+                    "measured_extra_gib": round(measured_extra, 3),
+                    "extra_ratio": round(measured_extra / estimated_extra, 3),
+                    "anon_at_start_gib": round(probe["anon_at_start_gib"], 3),
+                    "file_at_start_gib": round(probe["file_at_start_gib"], 3),
+                    "checkpoint": layout_of(output / f"checkpoint-{steps}"),
+                },
+            )
+        )
 
     lora, ptuning, qlora, merged = work / "lora", work / "ptuning", work / "qlora", work / "merged"
     if "lora" in stages:
-        train("lora", lora, f"base bf16 + LoRA r{LORA_RANK}, batch 1 x {TOKENS_PER_ROW}", 2, 2, lora_rank=LORA_RANK)
+        train("lora", lora, f"base bf16 + LoRA r{LORA_RANK}, batch 1 x {args.tokens}", 2, 2, lora_rank=LORA_RANK)
     if "ptuning" in stages:
         train("ptuning", ptuning, f"base bf16 + prefix pre_seq_len {PRE_SEQ_LEN}", 1, 1, pre_seq_len=PRE_SEQ_LEN)
     if "qlora" in stages:
         try:
-            train("qlora", qlora, f"base 4-bit (bitsandbytes nf4) + LoRA r{LORA_RANK}", 1, 1,
-                  lora_rank=LORA_RANK, quantization_bit=4)
+            train(
+                "qlora",
+                qlora,
+                f"base 4-bit (bitsandbytes nf4) + LoRA r{LORA_RANK}",
+                1,
+                1,
+                lora_rank=LORA_RANK,
+                quantization_bit=4,
+            )
         except StageFailed as error:
-            report(StageResult("qlora", 0.0, 0.0, None, "not run: bitsandbytes' CPU path failed", layout,
-                               {"error": str(error).splitlines()[-1][:300]}))
+            report(
+                StageResult(
+                    "qlora",
+                    0.0,
+                    0.0,
+                    None,
+                    "not run: bitsandbytes' CPU path failed",
+                    layout,
+                    {"error": str(error).splitlines()[-1][:300]},
+                )
+            )
     if "resume" in stages:
-        train("resume", lora, "LoRA checkpoint-2 resumed for one more step", 3, 1, lora_rank=LORA_RANK,
-              resume_from_checkpoint=lora / "checkpoint-2")
+        train(
+            "resume",
+            lora,
+            "LoRA checkpoint-2 resumed for one more step",
+            3,
+            1,
+            lora_rank=LORA_RANK,
+            resume_from_checkpoint=lora / "checkpoint-2",
+        )
     lora_checkpoint = lora / "checkpoint-3" if "resume" in stages else lora / "checkpoint-2"
 
     if "export_merged" in stages:
         seconds, peak = run_measured(
-            [python, "inference/export.py", "--model", str(lora_checkpoint), "--output_dir", str(merged),
-             "--overwrite"], logs / "export_merged.log",
+            [
+                python,
+                "inference/export.py",
+                "--model",
+                str(lora_checkpoint),
+                "--output_dir",
+                str(merged),
+                "--overwrite",
+            ],
+            logs / "export_merged.log",
         )
-        report(StageResult("export_merged", seconds, peak, weights_gib, f"LoRA {lora_checkpoint.name} merged",
-                           layout, {"written": layout_of(merged)}))
+        report(
+            StageResult(
+                "export_merged",
+                seconds,
+                peak,
+                weights_gib,
+                f"LoRA {lora_checkpoint.name} merged",
+                layout,
+                {"written": layout_of(merged)},
+            )
+        )
 
-    for stage, folder in (("infer_base", model), ("infer_lora", lora_checkpoint),
-                          ("infer_ptuning", ptuning / "checkpoint-1"), ("infer_qlora", qlora / "checkpoint-1"),
-                          ("infer_merged", merged)):
+    for stage, folder in (
+        ("infer_base", model),
+        ("infer_lora", lora_checkpoint),
+        ("infer_ptuning", ptuning / "checkpoint-1"),
+        ("infer_qlora", qlora / "checkpoint-1"),
+        ("infer_merged", merged),
+    ):
         if stage not in stages or (stage == "infer_qlora" and not folder.is_dir()):
             continue
         log = logs / f"{stage}.log"
         seconds, peak = run_measured(
-            [python, "inference.py", "--model", str(folder), "--prompt", "你好", "--max_new_tokens", str(NEW_TOKENS),
-             "--device", "cpu", "--dtype", "bfloat16"], log,
+            [
+                python,
+                "inference.py",
+                "--model",
+                str(folder),
+                "--prompt",
+                "你好",
+                "--max_new_tokens",
+                str(NEW_TOKENS),
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+            ],
+            log,
         )
-        report(StageResult(stage, seconds, peak, weights_gib, f"{folder.name} for inference, {NEW_TOKENS} new tokens",
-                           layout_of(folder) if folder in (model, merged) else layout))
+        report(
+            StageResult(
+                stage,
+                seconds,
+                peak,
+                weights_gib,
+                f"{folder.name} for inference, {NEW_TOKENS} new tokens",
+                layout_of(folder) if folder in (model, merged) else layout,
+            )
+        )
 
     if "server" in stages:
         served = lora_checkpoint if lora_checkpoint.is_dir() else model
         port = free_port()
         answers: list = []
         seconds, peak = run_measured(
-            [python, "inference/api_server.py", "--model", f"chatglm3-6b={served}", "--port", str(port),
-             "--device", "cpu", "--dtype", "bfloat16", "--log_level", "warning"],
-            logs / "server.log", during=lambda measured: ask_server(port, measured, answers),
+            [
+                python,
+                "inference/api_server.py",
+                "--model",
+                f"chatglm3-6b={served}",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+                "--log_level",
+                "warning",
+            ],
+            logs / "server.log",
+            during=lambda measured: ask_server(port, measured, answers),
         )
-        report(StageResult("server", seconds, peak, weights_gib, f"{served.name} served, one chat completion", layout,
-                           {"completion_tokens": answers[0]["usage"]["completion_tokens"]}))
+        report(
+            StageResult(
+                "server",
+                seconds,
+                peak,
+                weights_gib,
+                f"{served.name} served, one chat completion",
+                layout,
+                {"completion_tokens": answers[0]["usage"]["completion_tokens"]},
+            )
+        )
     if not args.keep:
         shutil.rmtree(work if args.work_dir is None else merged, ignore_errors=True)
         if args.work_dir is not None and not args.model_dir:
@@ -427,11 +592,19 @@ def main(argv: list[str] | None = None) -> list[StageResult]:
     parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     parser.add_argument("--model_dir", default=None, help="an existing chatglm3-6b-shaped folder (else one is built)")
     parser.add_argument("--work_dir", default=None, help="where checkpoints and logs go (default: a temp folder)")
-    parser.add_argument("--memory_budget_gib", type=float, default=None,
-                        help="what --recompute auto plans for (default: 90 percent of this machine's RAM)")
+    parser.add_argument(
+        "--memory_budget_gib",
+        type=float,
+        default=None,
+        help="what --recompute auto plans for (default: 90 percent of this machine's RAM)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the built model and the merged export")
-    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                        help=f"comma-separated, from {', '.join(STAGES)} (default: all but infer_base)")
+    parser.add_argument("--tokens", type=int, default=TOKENS_PER_ROW, help="tokens per training row (batch 1)")
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated, from {', '.join(STAGES)} (default: all but infer_base)",
+    )
     args = parser.parse_args(argv)
     if args.load:
         load_stage(args.load)

@@ -110,6 +110,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="--real_size: checkpoints and logs (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="--real_size: keep the built model and merged export")
     parser.add_argument("--stages", default=None, help="--real_size: comma-separated stages (default: all)")
+    parser.add_argument("--tokens", type=int, default=None, help="--real_size: tokens per training row (default 256)")
     return parser.parse_args()
 
 
@@ -331,7 +332,7 @@ def main() -> None:
         from bench_real_size import main as real_size_benchmark
 
         options = ["--layers", str(args.layers), "--format", args.format]
-        for name in ("model_dir", "work_dir", "memory_budget_gib", "stages"):
+        for name in ("model_dir", "work_dir", "memory_budget_gib", "stages", "tokens"):
             if getattr(args, name) is not None:
                 options += [f"--{name}", str(getattr(args, name))]
         real_size_benchmark(options + (["--keep"] if args.keep else []))

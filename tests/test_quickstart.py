@@ -179,7 +179,7 @@ def test_full_fine_tuning_reference_row_lowers_its_loss(first_run):
     losses = logged_losses(places["full checkpoint"])
     assert losses[-1] <= losses[0] - LOSS_DROPS["full"], losses
     assert places["full loss curve"].stat().st_size > 0
-    assert json.loads(places["full metrics"].read_text(encoding="utf-8")).keys() == METRIC_NAMES
+    assert METRIC_NAMES <= json.loads(places["full metrics"].read_text(encoding="utf-8")).keys()
 
 
 @pytest.mark.slow
