@@ -10,9 +10,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = REPO_ROOT / "docs"
 READMES = (REPO_ROOT / "README.md", REPO_ROOT / "README_zh.md")
 README_MAX_LINES = 250
-# Pages that other branches add; the README and docs/index.md already link them. Links to them are checked once the
-# page exists.
-PAGES_ADDED_ELSEWHERE = {"quickstart", "preference", "use_elsewhere", "real_size"}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"(#{1,6}) (.*)")
 
@@ -70,8 +67,7 @@ def test_relative_links_resolve(document: Path):
             path_part, _, anchor = target.partition("#")
             linked = (document.parent / path_part).resolve() if path_part else document
             if not linked.exists():
-                if page_name(linked) not in PAGES_ADDED_ELSEWHERE:
-                    problems.append(f"{target}: no such file")
+                problems.append(f"{target}: no such file")
                 continue
             if anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 problems.append(f"{target}: no heading with that anchor in {linked.name}")
