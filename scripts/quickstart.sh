@@ -11,7 +11,8 @@
 # keyword prompts nor its dev answers). Then, as on the real model, P-Tuning v2 and LoRA teach that base the
 # AdvertiseGen task; full fine-tuning of all its weights is the reference row.
 # With BASE_MODEL_PATH it runs P-Tuning v2 only.
-# Arguments after the script name go to finetune.py through scripts/finetune_pt.sh, e.g. --gradient_checkpointing.
+# Arguments after the script name go to python -m finetune.train through scripts/finetune_pt.sh, e.g.
+# --gradient_checkpointing.
 # Knobs (environment variables; defaults for the tiny model / for BASE_MODEL_PATH in brackets; relative paths are taken
 # from the current folder, the defaults from the repository root):
 #   BASE_MODEL_PATH     a ChatGLM3 folder; unset = build, pre-train and use the tiny model in TINY_MODEL_DIR
