@@ -64,7 +64,7 @@ def copy_remote_code_files(base: str | Path, target: str | Path, shown_as: str |
     if missing:
         logger.warning(
             "%s: auto_map names %s, but the base folder %s does not have these files, so they were not copied; to "
-            "load this folder with the official code (trust_remote_code=True, e.g. vLLM, FastChat), copy the .py "
+            "load this folder with the official remote code (vLLM --trust-remote-code, FastChat), copy the .py "
             "files of the official chatglm3-6b model folder into it (this project does not ship them)",
             shown_as or target,
             ", ".join(missing),
