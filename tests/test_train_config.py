@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import input_output_records, write_jsonl
 
 from finetune import train
@@ -237,3 +238,18 @@ def test_a_misspelled_flag_or_a_bad_value_ends_with_one_line_and_status_2(tmp_pa
         parse_arguments(["--model_name_or_path", str(tmp_path), "--learning_rate", "abc"])
     with pytest.raises(ValueError, match=r"^unexpected argument 'stray': flags are written --name value"):
         parse_arguments(["--model_name_or_path", str(tmp_path), "stray"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for a machine without a CUDA GPU")
+def test_a_config_asking_for_bf16_runs_on_the_cpu_with_one_note(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("BASE_MODEL_PATH", str(tmp_path / "chatglm3-6b"))
+    config = REPO_ROOT / "configs" / "lora.yaml"
+    model_args, _, training_args = parse_arguments([str(config), "--output_dir", str(tmp_path), "--max_steps", "7"])
+    assert training_args.bf16 is True and training_args.use_cpu is True
+    assert training_args.max_steps == 7 and training_args.learning_rate == 2e-4  # the flag on top, the file's rate
+    assert model_args.method == "lora" and model_args.lora_rank == 8
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("note: --bf16 asked for, but there is no CUDA GPU")
+    _, _, fp16_args = parse_arguments([str(config), "--output_dir", str(tmp_path), "--bf16", "false", "--fp16"])
+    assert fp16_args.fp16 is False and fp16_args.use_cpu is True
+    assert capsys.readouterr().err.startswith("note: --fp16 needs a CUDA GPU")
