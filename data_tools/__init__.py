@@ -2,7 +2,7 @@
 the toolkit's JSONL training formats.
 
 This module holds what all converters share: checking paths and reporting skipped records; JSONL files are
-written atomically by `data_tools.atomic_files`.
+written atomically by `finetune.atomic_files`.
 """
 
 import argparse

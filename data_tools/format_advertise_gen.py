@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 
 OUTPUT_FORMATS = ("input_output", "conversations")
 DEFAULT_OUTPUT = Path("formatted_data/advertise_gen.jsonl")

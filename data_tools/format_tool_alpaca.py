@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 
 DEFAULT_OUTPUT = Path("formatted_data/tool_alpaca.jsonl")
 ACTION_MARKER = "Action:"

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 
 LEARNED_ROLES = ("assistant", "tool")
 

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
-from data_tools.atomic_files import write_json_atomically
-from data_tools.tool_calls import parse_tool_call, read_tool_call
+from finetune.atomic_files import write_json_atomically
+from finetune.data.tool_calls import parse_tool_call, read_tool_call
 from finetune.checkpoints import (
     ModelLoadError,
     add_loading_arguments,

@@ -28,7 +28,7 @@ from transformers import (
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import SaveStrategy, set_seed
 
-from data_tools.atomic_files import write_json_atomically, write_jsonl_atomically
+from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
 from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
