@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
-from finetune.data.validation import DataValidationError
+from finetune.data.records import DataValidationError
 from finetune.evaluate import (
     DEFAULT_MAX_SOURCE_LENGTH,
     build_generation_config,
