@@ -125,7 +125,7 @@ def _read_json_lines(name: str, data: bytes) -> tuple[list[SourceRecord], list[D
             text = raw_line.decode("utf-8")
         except UnicodeDecodeError as error:
             problems.append(
-                DataProblem(name, line_number, None, None, f"line is not valid UTF-8 (byte {error.start} of the line)")
+                DataProblem(name, line_number, None, None, f"not valid UTF-8 (byte {error.start} of the line)")
             )
             continue
         try:
@@ -195,6 +195,15 @@ def _read_json_document(name: str, data: bytes) -> tuple[list[SourceRecord], lis
         "(or use a .jsonl file with one record per line)"
     )
     return [], [DataProblem(name, None, None, None, message)]
+
+
+def holds_json_array(path: Path) -> bool:
+    """Whether a `.json` file's first JSON character (after a UTF-8 BOM and whitespace) opens an array."""
+    if path.suffix != ".json":
+        return False
+    with path.open("rb") as stream:
+        start = stream.read(4096).removeprefix(UTF8_BOM_BYTES).lstrip()
+    return start[:1] == b"["
 
 
 def read_source_records(path: Path) -> tuple[list[SourceRecord], list[DataProblem]]:
