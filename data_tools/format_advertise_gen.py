@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, check_paths, finish_report
+from data_tools.conversion import ConversionReport, check_paths, finish_report
 from finetune.atomic_files import write_jsonl_atomically
 from finetune.data.records import read_source_records
 

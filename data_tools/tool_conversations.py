@@ -11,15 +11,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, check_paths, finish_report
+from data_tools.conversion import ConversionReport, SourceFileError, check_paths, finish_report
 from finetune.atomic_files import write_jsonl_atomically
 from finetune.data.records import holds_json_array, read_source_records
 
 LEARNED_ROLES = ("assistant", "tool")
-
-
-class SourceFileError(ValueError):
-    """The source file as a whole cannot be read (not UTF-8, not JSON, not an array or JSON lines)."""
 
 
 def read_source_file(source: Path, report: ConversionReport) -> Iterator[tuple[str, object]]:
