@@ -37,6 +37,7 @@ class Alpaca(DataFormat):
     detected_by = ("instruction",)
     record_keys = ("instruction", "input", "output")
     needed_limits = ("max_source_length", "max_target_length")
+    prompt_key = "instruction"
 
     def check(self, record):
         optional_input = check_string(record, "input") if "input" in record else []

@@ -71,6 +71,7 @@ class DataFormat(ABC):
     record_keys: ClassVar[tuple[str, ...]]  # the keys of a record, for misspelling warnings
     needed_limits: ClassVar[tuple[str, ...]] = ()  # EncodingLimits fields the format cannot encode without
     reply_has_metadata: ClassVar[bool] = False  # a generated reply starts with a metadata line (role tokens kept)
+    prompt_key: ClassVar[str]  # the record's key that batch inference writes the prompt under, beside "response"
 
     def detects(self, record: dict) -> bool:
         """Whether the record has one of this format's `detected_by` keys (the first such record names the file's)."""

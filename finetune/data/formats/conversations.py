@@ -105,6 +105,7 @@ class Conversations(DataFormat):
     detected_by = ("conversations",)
     record_keys = ("conversations", "tools")
     reply_has_metadata = True
+    prompt_key = "conversations"
 
     def check(self, record: dict) -> list[Problem]:
         """Tools as a list, every message well formed, and at least one message that carries loss."""

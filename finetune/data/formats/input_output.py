@@ -25,6 +25,7 @@ class InputOutput(DataFormat):
     detected_by = ("prompt", "response")
     record_keys = ("prompt", "response")
     needed_limits = ("max_source_length", "max_target_length")
+    prompt_key = "prompt"
 
     def check(self, record: dict) -> list[Problem]:
         """The prompt and the response must be strings."""
