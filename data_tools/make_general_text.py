@@ -5,11 +5,14 @@ A real chatglm3-6b already writes fluent Chinese and follows simple requests bef
 a random tiny model knows nothing. The quickstart therefore first trains the tiny model briefly on this text, so
 that P-Tuning v2 and LoRA start, as they do on the 6B, from a base that knows the language and only has to learn
 the task. The text is generated here from our own word lists and sentence templates (nothing is taken from the
-AdvertiseGen dataset). It never holds the task being evaluated: no prompt is in AdvertiseGen's `类型#...*...`
-keyword format, and no response equals a summary of the files passed with --exclude (the dev set).
+AdvertiseGen dataset). Like chatglm3-6b, the base learns to write product copy from selling points asked for in plain
+words; it never sees the task being evaluated: no prompt is in AdvertiseGen's `类型#...*...` keyword format, and no
+response equals a summary of the files passed with --exclude (the dev set).
 
 Records are JSON lines of {"prompt", "response"} (the input-output format the training entry point reads), one of:
   request       a plain request for a product description (介绍一下这件<garment>。) -> a description
+  attributes    写一段商品介绍：<garment>、<colour>、<style>...。 (selling points in plain words) -> a description
+                that takes them up in that order
   continuation  续写：<first sentence of a product description> -> the rest of the description
   question      <a product description>\\n问：<what is its colour / material / ...?> -> the answer
   copy          抄写：<a sentence> -> the same sentence
@@ -55,8 +58,13 @@ CHATS = [
     ("再见", "再见，祝你生活愉快！"),
 ]
 REQUESTS = ["介绍一下这件{v}。", "写一段商品介绍。", "帮我描述一下这件{v}。", "这件{v}怎么样？"]
-KINDS = ("request", "continuation", "question", "copy", "chat")
-KIND_WEIGHTS = (4, 2, 2, 1, 1)
+ATTRIBUTE_REQUESTS = [
+    "写一段商品介绍：{items}。",
+    "帮我写几句文案，商品要点是{items}。",
+    "根据这些要点介绍商品：{items}。",
+]
+KINDS = ("request", "attributes", "continuation", "question", "copy", "chat")
+KIND_WEIGHTS = (2, 4, 2, 2, 1, 1)
 
 
 def describe(rng: random.Random) -> tuple[dict[str, str], list[str]]:
@@ -75,6 +83,12 @@ def make_record(rng: random.Random) -> dict[str, str]:
     if kind == "chat":
         prompt, response = rng.choice(CHATS)
         return {"prompt": prompt, "response": response}
+    if kind == "attributes":
+        keys = ["类型"] + rng.sample([key for key in ATTRIBUTES if key != "类型"], rng.randint(2, 4))
+        values = {key: rng.choice(ATTRIBUTES[key]) for key in keys}
+        items = "、".join(values[key] for key in keys)
+        response = "".join(rng.choice(PHRASES[key]).format(v=values[key]) for key in keys) + rng.choice(CLOSINGS)
+        return {"prompt": rng.choice(ATTRIBUTE_REQUESTS).format(items=items), "response": response}
     values, sentences = describe(rng)
     if kind == "request":
         return {"prompt": rng.choice(REQUESTS).format(v=values["类型"]), "response": "".join(sentences)}

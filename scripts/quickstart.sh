@@ -7,8 +7,8 @@
 #
 # With the tiny model it first makes a stand-in for the pretrained chatglm3-6b: a random ChatGLM3-shaped model, fully
 # trained for a short while on general Chinese text that `python -m data_tools.make_general_text` writes (plain
-# requests for product descriptions, texts to continue, questions about them, copying, small talk; never AdvertiseGen's
-# keyword prompts nor its dev answers). Then, as on the real model, P-Tuning v2 and LoRA teach that base the
+# requests for product descriptions, product copy from selling points named in plain words, texts to continue,
+# questions about them, copying, small talk; never AdvertiseGen's keyword prompts nor its dev answers). Then, as on the real model, P-Tuning v2 and LoRA teach that base the
 # AdvertiseGen task; full fine-tuning of all its weights is the reference row.
 # With BASE_MODEL_PATH it runs P-Tuning v2 only.
 # Arguments after the script name go to python -m finetune.train through scripts/finetune_pt.sh, e.g.
@@ -21,16 +21,18 @@
 #   ADVERTISE_GEN_DIR   [data/advertise_gen_sample] folder with AdvertiseGen-format train.json and dev.json
 #   QUICKSTART_INSTALL  [1] 0: use the Python environment as it is instead of installing requirements.txt into .venv
 #   QUICKSTART_SEED     [0] seed of the general text, the tiny model's random weights and every training run
-#   PRE_SEQ_LEN [16 / 128]  LR [2e-2]  DEV_BATCH_SIZE [4 / 4]  GRAD_ACCUMULATION_STEPS [1 / 4]  MAX_STEP [30 / 100]
+#   PRE_SEQ_LEN [16 / 128]  LR [5e-2 / 2e-2]  DEV_BATCH_SIZE [4 / 4]  GRAD_ACCUMULATION_STEPS [1 / 4]  MAX_STEP [60 / 100]
 #   SAVE_INTERVAL [MAX_STEP / 50]  MAX_SOURCE_LEN [64 / 128]  MAX_TARGET_LEN [192 / 256]   P-Tuning v2 (finetune_pt.sh)
 #   NUM_GPUS, QUANTIZATION_BIT, REPORT_TO  passed on to finetune_pt.sh (see scripts/_common.sh)
-#   PRETRAIN_MAX_STEP [60]  PRETRAIN_LR [5e-3]  PRETRAIN_BATCH_SIZE [8]  GENERAL_TEXT_SIZE [600]   pre-training the tiny model
+#   PRETRAIN_MAX_STEP [300]  PRETRAIN_LR [5e-3]  PRETRAIN_BATCH_SIZE [8]  GENERAL_TEXT_SIZE [2000]   pre-training the tiny model
 #   LORA_RANK [8]  LORA_LR [1e-2]   LoRA of the tiny model (finetune_lora.sh; MAX_STEP, DEV_BATCH_SIZE as P-Tuning v2)
 #   FULL_MAX_STEP [20]  FULL_LR [5e-3]  FULL_BATCH_SIZE [8]   full fine-tuning of the tiny model (packed rows)
 #   EVAL_SAMPLES [all]  EVAL_BATCH_SIZE [8]  MAX_NEW_TOKENS [64 / 256]   evaluation and the answer
+#   OMP_NUM_THREADS [1 / torch's default]   CPU threads of every step
 #   PROMPT [类型#裙*颜色#红色*风格#简约*图案#条纹]   the message answered at the end
-# A second run reuses what is there: the pre-trained tiny model, and training runs that already reached their last step
-# (delete TINY_MODEL_DIR, QUICKSTART_DIR/run, QUICKSTART_DIR/run-lora or QUICKSTART_DIR/run-full to train again); an
+# A second run reuses what is there: the pre-trained tiny model, training runs that already reached their last step
+# (delete TINY_MODEL_DIR, QUICKSTART_DIR/run, QUICKSTART_DIR/run-lora or QUICKSTART_DIR/run-full to train again), and
+# scores made with the same settings after their checkpoint (delete QUICKSTART_DIR/evaluation to score again); an
 # interrupted run continues from its newest checkpoint.
 set -euo pipefail
 
@@ -75,30 +77,34 @@ the ChatGLM3 folder must hold its SentencePiece tokenizer"
     DEV_BATCH_SIZE="${DEV_BATCH_SIZE:-4}"
     GRAD_ACCUMULATION_STEPS="${GRAD_ACCUMULATION_STEPS:-4}"
     MAX_STEP="${MAX_STEP:-100}"
+    LR="${LR:-2e-2}"
     SAVE_INTERVAL="${SAVE_INTERVAL:-50}"
     MAX_SOURCE_LEN="${MAX_SOURCE_LEN:-128}"
     MAX_TARGET_LEN="${MAX_TARGET_LEN:-256}"
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-256}"
 else
     TINY=1
+    # One CPU thread: the tiny model gains nothing from more, and its training then sums in the same order on every
+    # machine, so the table matches the README's whatever the number of cores (and no thread spins on a busy machine).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     TINY_MODEL_DIR="$(absolute_path "${TINY_MODEL_DIR:-$REPO_ROOT/output/tiny-chatglm3-quickstart}")"
     BASE_MODEL_PATH="$TINY_MODEL_DIR"
     QUICKSTART_DIR="$(absolute_path "${QUICKSTART_DIR:-$REPO_ROOT/output/quickstart-tiny}")"
     PRE_SEQ_LEN="${PRE_SEQ_LEN:-16}"
     DEV_BATCH_SIZE="${DEV_BATCH_SIZE:-4}"
     GRAD_ACCUMULATION_STEPS="${GRAD_ACCUMULATION_STEPS:-1}"
-    MAX_STEP="${MAX_STEP:-30}"
+    MAX_STEP="${MAX_STEP:-60}"
+    LR="${LR:-5e-2}"
     SAVE_INTERVAL="${SAVE_INTERVAL:-$MAX_STEP}"
     MAX_SOURCE_LEN="${MAX_SOURCE_LEN:-64}"
     MAX_TARGET_LEN="${MAX_TARGET_LEN:-192}"
     MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-64}"
 fi
-LR="${LR:-2e-2}"
 QUICKSTART_SEED="${QUICKSTART_SEED:-0}"
-PRETRAIN_MAX_STEP="${PRETRAIN_MAX_STEP:-60}"
+PRETRAIN_MAX_STEP="${PRETRAIN_MAX_STEP:-300}"
 PRETRAIN_LR="${PRETRAIN_LR:-5e-3}"
 PRETRAIN_BATCH_SIZE="${PRETRAIN_BATCH_SIZE:-8}"
-GENERAL_TEXT_SIZE="${GENERAL_TEXT_SIZE:-600}"
+GENERAL_TEXT_SIZE="${GENERAL_TEXT_SIZE:-2000}"
 LORA_RANK="${LORA_RANK:-8}"
 LORA_LR="${LORA_LR:-1e-2}"
 FULL_MAX_STEP="${FULL_MAX_STEP:-20}"
@@ -213,12 +219,23 @@ python -m data_tools.format_advertise_gen \
     --train_file "$ADVERTISE_GEN_DIR/train.json" --dev_file "$ADVERTISE_GEN_DIR/dev.json" \
     --output "$TRAIN_FILE" --dev_output "$DEV_FILE"
 
-# Usage: score NAME CHECKPOINT: ROUGE/BLEU of CHECKPOINT on the dev data into EVAL_DIR/NAME.
+# Usage: score NAME CHECKPOINT: ROUGE/BLEU of CHECKPOINT on the dev data into EVAL_DIR/NAME. Scores made earlier are
+# reused when they were made with the same settings and are newer than the checkpoint's files and the dev data.
 eval_flags=(--max_source_length "$MAX_SOURCE_LEN")
 [ -n "${EVAL_SAMPLES:-}" ] && eval_flags+=(--max_samples "$EVAL_SAMPLES")
 score() {
-    env CHECKPOINT="$2" DATASET_PATH="$DEV_FILE" OUTPUT_DIR="$EVAL_DIR/$1" BATCH_SIZE="$EVAL_BATCH_SIZE" \
+    local out="$EVAL_DIR/$1" settings
+    settings="checkpoint=$(cd "$2" && pwd) base=$BASE_MODEL_PATH dev=$ADVERTISE_GEN_DIR/dev.json \
+max_new_tokens=$MAX_NEW_TOKENS ${eval_flags[*]}"
+    if [ -f "$out/metrics.json" ] && [ "$(cat "$out/scored_with.txt" 2>/dev/null)" = "$settings" ] \
+        && [ -z "$(find "$2" "$ADVERTISE_GEN_DIR/dev.json" -maxdepth 1 -type f -newer "$out/metrics.json" | head -n 1)" ]; then
+        echo "already scored with these settings; reusing $out/metrics.json (delete $out to score again)"
+        return
+    fi
+    rm -f "$out/scored_with.txt"
+    env CHECKPOINT="$2" DATASET_PATH="$DEV_FILE" OUTPUT_DIR="$out" BATCH_SIZE="$EVAL_BATCH_SIZE" \
         MAX_NEW_TOKENS="$MAX_NEW_TOKENS" BASE_MODEL_PATH="$BASE_MODEL_PATH" bash scripts/evaluate.sh "${eval_flags[@]}"
+    printf '%s\n' "$settings" >"$out/.scored_with.txt.tmp" && mv "$out/.scored_with.txt.tmp" "$out/scored_with.txt"
 }
 
 # Usage: skip_if_trained RUN_DIR MAX_STEP KNOB: succeeds (and says so) when RUN_DIR already reached MAX_STEP.

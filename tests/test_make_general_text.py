@@ -28,7 +28,18 @@ def test_records_are_input_output_with_every_kind_and_no_advertise_gen_prompt():
     starts = {prompt[:3] for prompt in prompts}
     assert {"续写：", "抄写："} <= starts
     assert sum(prompt.endswith("？") and "\n问：" in prompt for prompt in prompts) > 50
-    assert len(KINDS) == 5
+    assert len(KINDS) == 6
+
+
+def test_selling_points_in_plain_words_are_taken_up_in_their_order():
+    requests = [record for record in make_general_text(600, seed=1) if "、" in record["prompt"]]
+    assert len(requests) > 100
+    for record in requests:
+        points = record["prompt"].rstrip("。").replace("要点是", "：").split("：")[-1].split("、")
+        assert 3 <= len(points) <= 5, record
+        start = 0
+        for point in points:  # each selling point is taken up after the one before it
+            start = record["response"].index(point, start) + len(point)
 
 
 def test_no_response_is_a_dev_summary(tmp_path):

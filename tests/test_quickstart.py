@@ -1,7 +1,8 @@
 """`bash scripts/quickstart.sh` runs the whole pipeline on the tiny model (write general text, pre-train the tiny
 stand-in for chatglm3-6b on it, convert, score the base, P-Tuning v2, LoRA, full fine-tuning, score again, answer),
 leaves what its summary lists, shows that P-Tuning v2 and LoRA teach the pre-trained base the task by a clear margin,
-prints the table the README shows, and a second run reuses the pre-trained base and the finished training runs.
+prints the table the README shows, and a second run reuses the pre-trained base, the finished training runs and their
+scores.
 The general text's generator has its unit tests in tests/test_make_general_text.py."""
 
 import json
@@ -26,17 +27,16 @@ KNOBS = (
     "OUTPUT_DIR", "DATASET_PATH", "RUN_NAME", "AUTORESUME_FROM_CHECKPOINT", "CHECKPOINT", "BATCH_SIZE", "REPORT_TO",
     "FULL_MAX_STEP", "FULL_LR", "FULL_BATCH_SIZE", "QUICKSTART_SEED", "PRETRAIN_MAX_STEP", "PRETRAIN_LR",
     "PRETRAIN_BATCH_SIZE", "GENERAL_TEXT_SIZE", "LORA_RANK", "LORA_LR", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET",
-    "PACKING", "STOP_TIMEOUT",
+    "PACKING", "STOP_TIMEOUT", "OMP_NUM_THREADS",
 )  # fmt: skip
-# What P-Tuning v2 and LoRA (default settings) must add to the pre-trained base's dev ROUGE-1, and how far their
-# training loss (first -> last logged) must fall. Measured over QUICKSTART_SEED 0-4 (2 CPU cores; docs/quickstart.md):
-# ROUGE-1 gain P-Tuning v2 +3.98 +5.50 +20.31 +13.83 +12.63, LoRA +5.66 +6.68 +25.10 +12.84 +15.13; loss drop
-# P-Tuning v2 0.37 0.38 0.49 0.34 0.27, LoRA 0.55 1.01 0.90 0.59 0.48, full fine-tuning 1.21 1.09 0.75 1.25 1.06.
-# Each margin sits below the smallest gain measured. P-Tuning v2's +3 is below the +5 that issue 22 asks for: seed 0
-# (the default) gains only +3.98.
-TUNING_MARGINS = {"ptuning": {"rouge-1": 3.0}, "lora": {"rouge-1": 5.0}}
-LOSS_DROPS = {"ptuning": 0.15, "lora": 0.3, "full": 0.5}
-PRETRAIN_MAX_STEP, TUNING_MAX_STEP, FULL_MAX_STEP = 60, 30, 20
+# What P-Tuning v2 and LoRA (default settings) must add to the pre-trained base's dev ROUGE-1, and how far each run's
+# training loss (first -> last logged) must fall. Measured over QUICKSTART_SEED 0-4 (docs/quickstart.md):
+# ROUGE-1 gain P-Tuning v2 +15.75 +22.88 +17.50 +6.94 +19.19, LoRA +22.05 +22.71 +20.74 +18.24 +28.82;
+# loss drop P-Tuning v2 0.79 0.94 0.86 0.75 1.09, LoRA 0.93 1.11 0.99 0.84 1.10, full fine-tuning 0.55 0.52 (seeds 0, 1).
+# Each margin sits below the smallest value measured; the ROUGE-1 margins are at least the +5 that issue 22 asks for.
+TUNING_MARGINS = {"ptuning": {"rouge-1": 5.0}, "lora": {"rouge-1": 10.0}}
+LOSS_DROPS = {"ptuning": 0.5, "lora": 0.5, "full": 0.3}
+PRETRAIN_MAX_STEP, TUNING_MAX_STEP, FULL_MAX_STEP = 300, 60, 20
 SUMMARY_LINE = re.compile(r"^  ([a-z][a-z ]*):\s+(/\S.*)$")
 TABLE_ROW = re.compile(r"^  (pretrained tiny base|P-Tuning v2|LoRA|full fine-tuning) +([0-9. ]+?)(?: +([0-9.]+ -> [0-9.]+))?$")
 
@@ -172,8 +172,8 @@ def test_ptuning_and_lora_teach_the_pretrained_base_the_task(first_run, method):
 
 @pytest.mark.slow
 def test_full_fine_tuning_reference_row_lowers_its_loss(first_run):
-    """The reference row: its dev scores vary too much across seeds (ROUGE-1 -1.9 to +19.5 over the base) to assert a
-    gain; its training loss falls (by 0.75 to 1.25 over those seeds)."""
+    """The reference row: its dev scores are the reference, not asserted; its training loss falls (by 0.55 and 0.52 on
+    seeds 0 and 1)."""
     assert first_run.returncode == 0, "the first run failed; see the other test"
     places = first_run.locations
     losses = logged_losses(places["full checkpoint"])
@@ -198,11 +198,12 @@ def test_readme_table_is_what_the_quickstart_prints(first_run, readme):
 
 
 @pytest.mark.slow
-def test_second_quickstart_run_reuses_the_pretrained_base_and_training(first_run, quickstart_root):
+def test_second_quickstart_run_reuses_the_pretrained_base_training_and_scores(first_run, quickstart_root):
     assert first_run.returncode == 0, "the first run failed; see the other test"
     model_file = first_run.locations["base model"] / "model.safetensors"
     built_at = model_file.stat().st_mtime_ns
     first_metrics = first_run.locations["metrics"].read_text(encoding="utf-8")
+    scored_at = first_run.locations["metrics"].stat().st_mtime_ns
 
     second_run = run_quickstart(quickstart_root)
 
@@ -214,5 +215,7 @@ def test_second_quickstart_run_reuses_the_pretrained_base_and_training(first_run
     assert second_run.locations == first_run.locations
     run_dir = quickstart_root / "quickstart" / "run"
     assert sorted(path.name for path in run_dir.glob("checkpoint-*")) == [f"checkpoint-{TUNING_MAX_STEP}"]
+    assert second_run.output.count("already scored with these settings; reusing") == 4  # base and the three runs
     assert second_run.locations["metrics"].read_text(encoding="utf-8") == first_metrics
+    assert second_run.locations["metrics"].stat().st_mtime_ns == scored_at
     assert table_rows(second_run.output) == table_rows(first_run.output)
