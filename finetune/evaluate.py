@@ -32,6 +32,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer,
 
 from data_tools.atomic_files import write_json_atomically
 from data_tools.tool_calls import parse_tool_call, read_tool_call
+from finetune.arguments import DEFAULT_MAX_SOURCE_LENGTH
 from finetune.checkpoints import (
     ModelLoadError,
     add_loading_arguments,
@@ -69,7 +70,6 @@ from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
-DEFAULT_MAX_SOURCE_LENGTH = 1024
 # The default --output_root: the repository's output/ folder, wherever the command is run from (as the launchers do).
 REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
 
@@ -570,8 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_root",
         help="folder for the default --output_dir (default: the repository's output/, whatever the current folder)",
     )
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="longest prediction (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: %(default)s)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
     parser.add_argument("--temperature", type=float, default=0.95, help="with --do_sample")
     parser.add_argument("--top_p", type=float, default=0.7, help="with --do_sample")

@@ -5,20 +5,25 @@ Whatever the base model's dtype, every trainable parameter is kept in fp32: the 
 --bf16/--fp16) while what the method trains is upcast to fp32.
 """
 
+from __future__ import annotations
+
 import abc
 import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from finetune.arguments import ModelArguments
 from finetune.checkpoint_layout import CheckpointKind
 from finetune.quantization import COMPUTE_DTYPE, check_quantization_available, quantization_config
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,9 @@ class FinetuneMethod(abc.ABC):
 
     name: str
     checkpoint_kind: CheckpointKind
-    # The ModelArguments field this method needs set (its size: prefix length, rank, layers), or None.
+    # The method's options dataclasses (its flags; finetune.arguments.ModelArguments composes every method's).
+    options: tuple[type, ...] = ()
+    # The option this method needs set (its size: prefix length, rank, layers), or None.
     selecting_option: str | None = None
     # True when the method trains weights of the base itself (its checkpoint is a whole model).
     trains_base_weights: bool = False

@@ -1,9 +1,15 @@
 """DoRA (weight-decomposed low-rank adaptation) through PEFT: LoRA whose adapted weights also learn a per-output
 magnitude; selected with `--method dora --lora_rank N`, saved as a PEFT adapter folder that loads like LoRA's."""
 
-from finetune.arguments import ModelArguments
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from finetune.methods.lora import LoRA
 from finetune.model.shapes import linear_shapes
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
 
 
 class DoRA(LoRA):

@@ -1,13 +1,38 @@
 """Freeze tuning: train only the last N GLM blocks (--trainable_layers N), everything else frozen; the checkpoint is
 the whole model, saved and loaded like a full fine-tune."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers import PreTrainedModel
 
-from finetune.arguments import ModelArguments
 from finetune.methods.full import FullFinetuning
 from finetune.model.shapes import layer_linear_weights, layer_small_parameters
 from finetune.recompute import glm_blocks
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+
+@dataclass
+class FreezeOptions:
+    """Freeze tuning's flag; a part of the training command line (finetune.arguments.ModelArguments)."""
+
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze tuning: train only the last N GLM blocks (the rest of the model stays frozen); setting "
+            "it selects freeze tuning."
+        },
+    )
+
+    def check_options(self) -> None:
+        """A positive number of layers."""
+        if self.trainable_layers is not None and self.trainable_layers < 1:
+            raise ValueError(f"--trainable_layers must be a positive number of layers, got {self.trainable_layers}")
 
 
 class FreezeTuning(FullFinetuning):
@@ -15,6 +40,7 @@ class FreezeTuning(FullFinetuning):
 
     name = "freeze"
     selecting_option = "trainable_layers"
+    options = (FreezeOptions,)
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Freeze everything, then unfreeze the last `trainable_layers` GLM blocks."""

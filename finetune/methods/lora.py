@@ -1,21 +1,73 @@
 """LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from data_tools.atomic_files import write_text_atomically
-from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
 from finetune.methods.base import FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_keys
 from finetune.model.shapes import linear_shapes
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGET_ALL = "all"
+
+
+def parse_lora_target(value: str) -> list[str]:
+    """Module names for `--lora_target`: a comma-separated list of layer Linear names, or `all` for every one."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names == [LORA_TARGET_ALL]:
+        return list(LORA_LAYER_MODULES)
+    unknown = [name for name in names if name not in LORA_LAYER_MODULES]
+    if not names or unknown:
+        raise ValueError(
+            f"--lora_target {value!r}: unknown module name(s) {unknown or [value]}; use a comma-separated list of "
+            f"{', '.join(LORA_LAYER_MODULES)}, or '{LORA_TARGET_ALL}'"
+        )
+    return names
+
+
+@dataclass
+class LoRAOptions:
+    """LoRA's (and DoRA's, QLoRA's) flags; a part of the training command line (finetune.arguments.ModelArguments)."""
+
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: the adapter rank; setting it selects LoRA."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA: scaling numerator (scale = alpha / rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the adapter input."})
+    lora_target: str = field(
+        default="query_key_value",
+        metadata={
+            "help": f"LoRA: comma-separated modules to adapt among {', '.join(LORA_LAYER_MODULES)}, or "
+            f"'{LORA_TARGET_ALL}' for all of them."
+        },
+    )
+
+    def check_options(self) -> None:
+        """A positive rank, a dropout in [0, 1) and known target modules."""
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be a positive rank, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        parse_lora_target(self.lora_target)
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """The module names LoRA adapts."""
+        return parse_lora_target(self.lora_target)
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -146,6 +198,7 @@ class LoRA(FinetuneMethod):
 
     name = "lora"
     checkpoint_kind = CheckpointKind.LORA
+    options = (LoRAOptions,)
     selecting_option = "lora_rank"
     # DoRA (finetune.methods.dora) is LoRA with PEFT's use_dora; the adapter config says which one a folder holds.
     uses_dora = False

@@ -1,14 +1,17 @@
 """P-Tuning v2: a trained prefix encoder (pre_seq_len virtual tokens per layer) on a frozen base model."""
 
+from __future__ import annotations
+
 import contextlib
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from finetune.arguments import ModelArguments
 from finetune.checkpoint_layout import (
     CONFIG_FILE,
     SHARD_INDEX_NAMES,
@@ -25,7 +28,38 @@ from finetune.model.prefix_checkpoint import (
     save_prefix_weights,
 )
 from finetune.model.remote_code import copy_remote_code_files
+from finetune.methods.qlora import QuantizationOptions
 from finetune.model.shapes import prefix_parameter_count
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+
+@dataclass
+class PTuningOptions:
+    """P-Tuning v2's flags; a part of the training command line (finetune.arguments.ModelArguments)."""
+
+    pre_seq_len: int | None = field(
+        default=None, metadata={"help": "P-Tuning v2: number of prefix tokens; trains only the prefix encoder."}
+    )
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "P-Tuning v2: pass the prefix through a two-layer MLP (more parameters)."}
+    )
+    save_official_bin: bool = field(
+        default=True,
+        metadata={
+            "help": "P-Tuning v2: also write the official pytorch_model.bin (transformer.prefix_encoder.* only, a few "
+            "MB) next to model.safetensors, for the official recipe and tools built on it (on by default; "
+            "--save_official_bin false or --no_save_official_bin turns it off). Other methods ignore it."
+        },
+    )
+
+    def check_options(self) -> None:
+        """A positive prefix length; the projection only with a prefix."""
+        if self.pre_seq_len is not None and self.pre_seq_len < 1:
+            raise ValueError(f"--pre_seq_len must be a positive number of prefix tokens, got {self.pre_seq_len}")
+        if self.prefix_projection and not self.pre_seq_len:
+            raise ValueError("--prefix_projection belongs to P-Tuning v2; pass --pre_seq_len too, or drop it")
 
 
 def holds_only_prefix_weights(folder: Path) -> bool:
@@ -55,6 +89,7 @@ class PTuningV2(FinetuneMethod):
 
     name = "ptuning"
     checkpoint_kind = CheckpointKind.PREFIX
+    options = (PTuningOptions, QuantizationOptions)
     selecting_option = "pre_seq_len"
     reference_on_the_fly = True
     zero3_problem = (
