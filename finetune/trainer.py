@@ -43,6 +43,8 @@ from finetune.generation_eval_batches import (
     REFERENCE_IDS,
     blank_after_stop,
 )
+from finetune.memory_preflight import ADAMW_STATE_BYTES as ADAM_STATE_BYTES_PER_PARAMETER
+from finetune.memory_preflight import MASTER_WEIGHT_BYTES as MASTER_WEIGHT_BYTES_PER_PARAMETER
 from finetune.methods import FinetuneMethod, method_of
 from finetune.methods.base import SaveContext, parameter_size
 from finetune.quantization import quantization_record
@@ -53,8 +55,6 @@ GIB = 1024**3
 # Below this many free bytes a failed write is taken for a full disk, whatever the writer's own message says
 # (torch.save reports "basic_ios::clear: iostream error", safetensors an "os error 28").
 NEARLY_FULL_BYTES = 1024**2
-ADAM_STATE_BYTES_PER_PARAMETER = 8  # two fp32 moments
-MASTER_WEIGHT_BYTES_PER_PARAMETER = 4  # DeepSpeed's fp32 copy of the trained weights
 
 
 class DiskFullError(OSError):

@@ -58,8 +58,8 @@ def test_preflight_counts_the_adapters_and_magnitudes(dora_run, tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     setup = setup_from_arguments(config, model_args, SimpleNamespace(), SimpleNamespace())
     trainable, _ = count_parameters(dora_run.outcome.trainer.model)
-    assert method_named(setup.method).trainable_parameter_count(config, setup) == trainable
-    lora_only = method_named("lora").trainable_parameter_count(config, setup)
+    assert method_named(setup.method).trainable_parameter_count(config, setup.options) == trainable
+    lora_only = method_named("lora").trainable_parameter_count(config, setup.options)
     assert trainable > lora_only
 
 

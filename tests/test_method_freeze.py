@@ -65,7 +65,7 @@ def test_preflight_counts_the_trained_layers(freeze_run, tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     setup = setup_from_arguments(config, model_args, SimpleNamespace(), SimpleNamespace())
     trainable, _ = count_parameters(freeze_run.outcome.trainer.model)
-    assert method_named(setup.method).trainable_parameter_count(config, setup) == trainable
+    assert method_named(setup.method).trainable_parameter_count(config, setup.options) == trainable
 
 
 def test_flags_that_cannot_combine(tiny_model_dir):

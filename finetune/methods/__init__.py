@@ -6,6 +6,7 @@ method-specific; to add a method, write one module with a FinetuneMethod subclas
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,18 @@ METHODS: dict[str, FinetuneMethod] = {
 METHOD_OPTIONS: tuple[type, ...] = tuple(
     dict.fromkeys(options for method in METHODS.values() for options in method.options)
 )
+
+
+def method_options(name: str, **values: object) -> object:
+    """The options of method `name` (its options dataclasses as one object), checked; e.g. for the memory preflight:
+    method_options("lora", lora_rank=8)."""
+    method = method_named(name)
+    options_class = dataclasses.make_dataclass(f"{type(method).__name__}Options", [], bases=method.options[::-1])
+    options = options_class(**values)
+    for part in method.options:
+        part.check_options(options)
+    method.check_options(options)
+    return options
 
 
 def selected_method_name(options: object) -> str:

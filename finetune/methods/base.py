@@ -40,8 +40,8 @@ class FinetuneMethod(abc.ABC):
     """One fine-tuning method: how it trains, saves, recognises, checks and loads its checkpoints, and what the
     memory preflight and training_record.json need to know about it.
 
-    `setup` arguments are read duck-typed (finetune.memory_preflight.TrainingSetup or ModelArguments): pre_seq_len,
-    prefix_projection, lora_rank, lora_target, trainable_layers, quantization_bit.
+    `options` arguments are the run's method options, read duck-typed: ModelArguments, or the method's own options
+    (finetune.methods.method_options).
     """
 
     name: str
@@ -121,20 +121,30 @@ class FinetuneMethod(abc.ABC):
 
     # ---- memory preflight ---------------------------------------------------------------------------------------
 
-    def check_setup(self, setup: object) -> None:
-        """Raise ValueError when the preflight setup lacks a setting this method needs."""
+    def check_options(self, options: object) -> None:
+        """Raise ValueError when the options lack the size this method needs (its `selecting_option`)."""
+        if self.selecting_option and not getattr(options, self.selecting_option, None):
+            raise ValueError(f"method {self.name!r} needs {self.selecting_option} > 0")
 
     @abc.abstractmethod
-    def trainable_parameter_count(self, config, setup: object) -> int:
-        """Parameters this method trains, for a ChatGLM3-shaped config and the run's settings."""
+    def trainable_parameter_count(self, config, options: object) -> int:
+        """Parameters this method trains, for a ChatGLM3-shaped config and the run's options."""
 
-    def trained_layer_count(self, config, setup: object) -> int:
+    def trained_layer_count(self, config, options: object) -> int:
         """How many of the last GLM blocks train their linear weights (they keep those layers' inputs)."""
         return config.num_layers if self.trains_base_weights else 0
 
-    def adapted_modules(self, config, setup: object) -> tuple[str, ...]:
+    def adapted_modules(self, config, options: object) -> tuple[str, ...]:
         """Linear layers that carry a trained adapter in every block (they keep their inputs)."""
         return ()
+
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
+        """Bytes per token an adapted linear layer keeps for its adapter's backward pass (see adapted_modules)."""
+        return 0
+
+    def prefix_tokens(self, options: object) -> int:
+        """Virtual tokens the method puts before every row in each layer's attention (their keys/values are kept)."""
+        return 0
 
     def quantized_variant(self) -> "str | None":
         """The method to suggest with a 4-bit base when memory is short (None: quantization does not apply)."""

@@ -24,11 +24,11 @@ class DoRA(LoRA):
         fields["lora"]["use_dora"] = True
         return fields
 
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The low-rank adapters plus one magnitude per output feature of every adapted layer."""
         shapes = linear_shapes(config)
-        magnitudes = config.num_layers * sum(shapes[name][1] for name in self.adapted_modules(config, setup))
-        return super().trainable_parameter_count(config, setup) + magnitudes
+        magnitudes = config.num_layers * sum(shapes[name][1] for name in self.adapted_modules(config, options))
+        return super().trainable_parameter_count(config, options) + magnitudes
 
     def quantized_variant(self) -> None:
         """DoRA on a 4-bit base is not offered (PEFT's DoRA dequantizes every weight on each step)."""

@@ -59,15 +59,11 @@ class FreezeTuning(FullFinetuning):
         """How many of the last layers trained (checked on resume)."""
         return {"trainable_layers": model_args.trainable_layers}
 
-    def check_setup(self, setup: object) -> None:
-        """Freeze tuning needs the number of trained layers."""
-        if not getattr(setup, "trainable_layers", None):
-            raise ValueError("TrainingSetup.method 'freeze' needs trainable_layers > 0")
-
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The parameters of the trained blocks."""
-        return self.trained_layer_count(config, setup) * (layer_linear_weights(config) + layer_small_parameters(config))
+        per_layer = layer_linear_weights(config) + layer_small_parameters(config)
+        return self.trained_layer_count(config, options) * per_layer
 
-    def trained_layer_count(self, config, setup: object) -> int:
+    def trained_layer_count(self, config, options: object) -> int:
         """The last `trainable_layers` blocks."""
-        return min(setup.trainable_layers, config.num_layers)
+        return min(options.trainable_layers, config.num_layers)

@@ -51,6 +51,6 @@ class FullFinetuning(FinetuneMethod):
             check_weight_file(path)
         return None
 
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """All of the base's parameters."""
         return base_parameter_count(config)

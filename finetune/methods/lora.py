@@ -266,18 +266,18 @@ class LoRA(FinetuneMethod):
         model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base, **load_kwargs), folder, base)
         return model.merge_and_unload() if merge_lora else model
 
-    def check_setup(self, setup: object) -> None:
-        """LoRA needs a rank."""
-        if not getattr(setup, "lora_rank", None):
-            raise ValueError(f"TrainingSetup.method {self.name!r} needs lora_rank > 0")
-
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The adapters' parameters."""
-        return lora_parameter_count(config, setup.lora_rank, setup.lora_target)
+        return lora_parameter_count(config, options.lora_rank, options.lora_target)
 
-    def adapted_modules(self, config, setup: object) -> tuple[str, ...]:
+    def adapted_modules(self, config, options: object) -> tuple[str, ...]:
         """The LoRA target modules."""
-        return lora_targets(config, setup.lora_target)
+        return lora_targets(config, options.lora_target)
+
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
+        """A 16-bit copy of the layer's input, its dropout mask (one byte per input feature) and the rank-r product."""
+        dropout_mask = fan_in if options.lora_dropout > 0 else 0
+        return fan_in * element_bytes + dropout_mask + options.lora_rank * element_bytes
 
     def quantized_variant(self) -> str:
         """LoRA on a 4-bit base is QLoRA."""

@@ -148,14 +148,13 @@ class PTuningV2(FinetuneMethod):
         load_prefix_checkpoint(model, folder)
         return model
 
-    def check_setup(self, setup: object) -> None:
-        """P-Tuning v2 needs pre_seq_len."""
-        if not getattr(setup, "pre_seq_len", None):
-            raise ValueError("TrainingSetup.method 'ptuning' needs pre_seq_len > 0")
-
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The prefix encoder's parameters."""
-        return prefix_parameter_count(config, setup.pre_seq_len, bool(setup.prefix_projection))
+        return prefix_parameter_count(config, options.pre_seq_len, bool(options.prefix_projection))
+
+    def prefix_tokens(self, options: object) -> int:
+        """pre_seq_len prefix tokens in every layer."""
+        return options.pre_seq_len
 
     def quantized_variant(self) -> str:
         """P-Tuning v2 itself trains on a 4-bit base."""
