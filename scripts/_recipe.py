@@ -13,7 +13,15 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
-import yaml
+try:
+    import yaml
+except ModuleNotFoundError:
+    print(
+        f"error: {sys.executable} has no PyYAML; activate the project's virtual environment (bash scripts/test.sh "
+        "creates .venv) or pip install -r requirements.txt",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = ("train_file", "validation_file", "test_file", "deepspeed")

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 # launcher -> (its recipe, the method the recipe selects, {knob set by the test: (argument, value it must become)})
 LAUNCHERS = {
-    "finetune_pt.sh": ("ptuning_v2.yaml", "ptuning", {"PRE_SEQ_LEN": ("pre_seq_len", 4), "PACKING": ("packing", False)}),
+    "finetune_pt.sh": ("ptuning_v2.yaml", "ptuning", {"PRE_SEQ_LEN": ("pre_seq_len", 4),
+                                                      "PACKING": ("packing", False)}),
     "finetune_pt_multiturn.sh": ("ptuning_v2_multiturn.yaml", "ptuning", {"MAX_SEQ_LEN": ("max_seq_length", 256)}),
     "finetune_lora.sh": ("lora.yaml", "lora", {"LORA_RANK": ("lora_rank", 4), "LR": ("learning_rate", 3e-3)}),
     "finetune_ds.sh": ("sft.yaml", "full", {"MAX_STEP": ("max_steps", 7), "GRAD_ACCUMULARION_STEPS": (
