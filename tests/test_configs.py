@@ -31,6 +31,13 @@ LAUNCHERS = {
 # precision it picks for the machine (no CUDA here: fp32 on the CPU).
 LAUNCHER_OWNED = {"train_file", "output_dir", "bf16"}
 ENTRY_MODULES = ("finetune.train", "finetune.preference")
+# The dry runs made at once: each launcher with its test knobs, and the DPO launcher with a method other than its
+# recipe's LoRA.
+DRY_RUNS = {
+    **{launcher: (launcher, {knob: "0" if value is False else str(value) for knob, (_, value) in knobs.items()})
+       for launcher, (_, _, knobs) in LAUNCHERS.items()},
+    "finetune_dpo.sh-ptuning": ("finetune_dpo.sh", {"METHOD": "ptuning"}),
+}  # fmt: skip
 
 
 def _parse(config: Path | str, argv: list[str] | None = None) -> dict:
@@ -59,7 +66,8 @@ def test_config_parses_with_its_entry_point(launcher, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
-    """Every launcher's `--dry-run` command (all started at once): its recipe path and the arguments after it."""
+    """The `--dry-run` command of every case of DRY_RUNS (all started at once): the recipe path and the arguments
+    after it."""
     folder = tmp_path_factory.mktemp("dry_run")
     (folder / "model").mkdir()
     (folder / "model" / "config.json").write_text("{}")  # the launchers only check that config.json is there
@@ -67,20 +75,19 @@ def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
     environment.update(CUDA_VISIBLE_DEVICES="", BASE_MODEL_PATH=str(folder / "model"), REPORT_TO="none")
     processes = {}
-    for launcher, (_, _, knobs) in LAUNCHERS.items():
-        env = dict(environment, DATASET_PATH=str(folder / "data.jsonl"), OUTPUT_DIR=str(folder / launcher))
-        env.update({knob: str(value) if value is not False else "0" for knob, (_, value) in knobs.items()})
-        processes[launcher] = subprocess.Popen(
+    for case, (launcher, knobs) in DRY_RUNS.items():
+        env = dict(environment, DATASET_PATH=str(folder / "data.jsonl"), OUTPUT_DIR=str(folder / case), **knobs)
+        processes[case] = subprocess.Popen(
             ["bash", str(REPO_ROOT / "scripts" / launcher), "--dry-run"], env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
     commands = {}
-    for launcher, process in processes.items():
+    for case, process in processes.items():
         stdout, stderr = process.communicate(timeout=120)
-        assert process.returncode == 0, f"{launcher}: {stderr}"
+        assert process.returncode == 0, f"{case}: {stderr}"
         words = shlex.split(stdout.strip().splitlines()[-1])
         start = next(index for index, word in enumerate(words) if word in ENTRY_MODULES) + 1
-        commands[launcher] = (Path(words[start]), words[start + 1 :])
+        commands[case] = (Path(words[start]), words[start + 1 :])
     return commands
 
 
@@ -105,21 +112,11 @@ def test_launcher_runs_its_recipe_with_the_knobs_set_on_top(launcher, dry_runs, 
     assert resolved["use_cpu"] is True and resolved["bf16"] is False
 
 
-def test_dpo_launcher_drops_the_lora_rank_of_its_recipe_for_other_methods(tmp_path):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    (tmp_path / "pairs.jsonl").write_text("{}\n")
-    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
-    env.update(CUDA_VISIBLE_DEVICES="", REPORT_TO="none", METHOD="ptuning", BASE_MODEL_PATH=str(tmp_path / "model"),
-               DATASET_PATH=str(tmp_path / "pairs.jsonl"), OUTPUT_DIR=str(tmp_path / "out"))  # fmt: skip
-    completed = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "finetune_dpo.sh"), "--dry-run"], env=env, text=True, capture_output=True
-    )
-    assert completed.returncode == 0, completed.stderr
-    words = shlex.split(completed.stdout.strip().splitlines()[-1])
-    argv = words[words.index("finetune.preference") + 1 :]
-    assert argv[0] == str(tmp_path / "out" / "recipe.yaml")
-    resolved = _parse(argv[0], argv[1:])
+def test_dpo_launcher_drops_the_lora_rank_of_its_recipe_for_other_methods(dry_runs, monkeypatch):
+    monkeypatch.delenv("BASE_MODEL_PATH", raising=False)
+    recipe, argv = dry_runs["finetune_dpo.sh-ptuning"]
+    assert recipe.name == "recipe.yaml" and recipe.parent.name == "finetune_dpo.sh-ptuning"  # in OUTPUT_DIR
+    resolved = _parse(recipe, argv)
     assert resolved["method"] == "ptuning" and resolved["lora_rank"] is None
     assert resolved["pre_seq_len"] == read_config_file(CONFIGS / "ptuning_v2.yaml")["pre_seq_len"]
     assert resolved["pref_loss"] == read_config_file(CONFIGS / "dpo.yaml")["pref_loss"]
