@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from data_tools.atomic_files import write_text_atomically
+from finetune.atomic_files import write_text_atomically
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
 from finetune.methods.base import FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_keys
