@@ -32,13 +32,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer,
 
 from data_tools.atomic_files import write_json_atomically
 from data_tools.tool_calls import parse_tool_call, read_tool_call
-from finetune.checkpoints import (
-    ModelLoadError,
-    add_loading_arguments,
-    load_from_arguments,
-    read_training_record,
-    require_checkpoint_folder,
-)
+from finetune.checkpoint_format import read_training_record, require_checkpoint_folder
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
 from finetune.data.encoding import (
     CONVERSATIONS,
     IGNORE_INDEX,
