@@ -42,7 +42,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from data_tools.atomic_files import write_json_atomically
+from finetune.atomic_files import write_json_atomically
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.methods import FinetuneMethod, method_named, method_of, recognise_checkpoint
 from finetune.methods.base import Attachment, CheckpointKind

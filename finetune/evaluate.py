@@ -30,21 +30,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
 
-from data_tools.atomic_files import write_json_atomically
-from data_tools.tool_calls import parse_tool_call, read_tool_call
+from finetune.atomic_files import write_json_atomically
 from finetune.checkpoint_format import read_training_record, require_checkpoint_folder
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
-from finetune.data.encoding import (
-    CONVERSATIONS,
-    IGNORE_INDEX,
-    INPUT_OUTPUT,
-    ROLES_WITHOUT_LOSS,
-    conversation_tokens,
-    encode_input_output,
-)
+from finetune.data.formats import detect_format, format_named, format_names, format_of, no_format_message
+from finetune.data.formats.base import PromptExample
+from finetune.data.tool_calls import read_tool_call
 from finetune.data.preference import detect_preference_file
 from finetune.data.source_formats import check_not_source_format
-from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
+from finetune.data.records import DataValidationError, read_source_records
+from finetune.data.validation import check_record
 from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics, metric_scale
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.tokenization import reply_stop_ids
@@ -69,88 +64,22 @@ DEFAULT_MAX_SOURCE_LENGTH = 1024
 REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
 
 
-@dataclass
-class PromptExample:
-    """One prompt ready for generation: what to show as the prompt, its token ids, and the reference if any.
-
-    `label_call` is the reference tool call (`{"name", "arguments"}`) of a conversation turn that is a call, in
-    which case `label` is None; `example_id` is "<record index>" or "<record index>:<message position>".
-    """
-
-    prompt: str | list[dict]
-    prompt_ids: list[int]
-    label: str | None
-    reply_has_metadata: bool
-    label_call: dict | None = None
-    example_id: str = ""
-
-
-def input_output_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizer, max_source_length: int) -> list[int]:
-    """`[gMASK] sop` + prompt ids, truncated exactly as the training encoding truncates the source."""
-    encoded = encode_input_output({"prompt": prompt, "response": ""}, tokenizer, max_source_length, 0)
-    source_length = encoded["labels"].count(IGNORE_INDEX)
-    return encoded["input_ids"][:source_length]
-
-
-def conversation_prompt_ids(
-    messages: list[dict], tools: list | None, tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[int]:
-    """Chat turns as in training, then `<|assistant|>`; a long prompt loses its oldest tokens after `[gMASK] sop`."""
-    ids, _ = conversation_tokens({"conversations": messages, "tools": tools}, tokenizer)
-    ids = ids[:-1] + [tokenizer.get_command("<|assistant|>")]
-    if len(ids) > max_source_length:
-        keep = max(max_source_length - 2, 1)
-        ids = ids[:2] + ids[-keep:]
-    return ids
-
-
-def split_reference(messages: list[dict]) -> tuple[list[dict], dict | None]:
-    """The messages before the last assistant message, and that message (None when there is none)."""
-    for position in range(len(messages) - 1, -1, -1):
-        if messages[position].get("role") == "assistant":
-            return messages[:position], messages[position]
-    return messages, None
-
-
 def build_prompt_example(
     record: dict, tokenizer: PreTrainedTokenizer, max_source_length: int, reference_from_record: bool
 ) -> PromptExample:
-    """Encode one input-output or conversations record; with `reference_from_record` the reference is split off."""
-    if "conversations" not in record:
-        label = record.get("response") if reference_from_record else None
-        prompt_ids = input_output_prompt_ids(record["prompt"], tokenizer, max_source_length)
-        return PromptExample(record["prompt"], prompt_ids, label, reply_has_metadata=False)
-    messages = record["conversations"]
-    label = None
-    if reference_from_record:
-        messages, reference = split_reference(messages)
-        label = reference["content"] if reference else None
-    prompt_ids = conversation_prompt_ids(messages, record.get("tools"), tokenizer, max_source_length)
-    return PromptExample(messages, prompt_ids, label, reply_has_metadata=True)
-
-
-def evaluated_positions(messages: list[dict]) -> list[int]:
-    """Positions of the turns evaluation scores: learned assistant messages and tool calls (not `"loss": false`)."""
-    return [
-        position
-        for position, message in enumerate(messages)
-        if message["role"] not in ROLES_WITHOUT_LOSS and message.get("loss") is not False
-    ]
+    """Encode one record as its format does; with `reference_from_record` the reference is split off."""
+    return format_of(record).prompt_example(record, tokenizer, max_source_length, reference_from_record)
 
 
 def record_problems(value: object, data_format: str, reference_from_record: bool) -> list[tuple[str | None, str]]:
     """Problems of one record; without `reference_from_record` no response/assistant reply is required."""
-    if reference_from_record:
-        problems = check_record(value, data_format)
-        if not problems and data_format == CONVERSATIONS and not evaluated_positions(value["conversations"]):
-            problems = [("conversations", "no learned assistant message or tool call to use as the reference")]
-        return problems
-    # A prompt for inference has no reply yet: check it as the training format with an empty reply filled in.
-    if isinstance(value, dict) and data_format == INPUT_OUTPUT:
-        value = {"response": "", **value}
-    elif isinstance(value, dict) and isinstance(value.get("conversations"), list):
-        value = {**value, "conversations": value["conversations"] + [{"role": "assistant", "content": ""}]}
-    return check_record(value, data_format)
+    if not reference_from_record:
+        # A prompt for inference has no reply yet: check it as the training format with an empty reply filled in.
+        if isinstance(value, dict):
+            value = format_named(data_format).with_empty_reply(value)
+        return check_record(value, data_format)
+    problems = check_record(value, data_format)
+    return problems or format_named(data_format).reference_problems(value)
 
 
 def read_checked_records(
@@ -163,9 +92,10 @@ def read_checked_records(
     """
     records, problems = read_source_records(Path(path))
     check_not_source_format(Path(path), records)
-    detected = detect_file_format(records)
+    detected = detect_format(records)
+    detected = detected.name if detected else None
     if detected is None and records:
-        problems.append(records[0].problem(None, "record has neither 'conversations' nor 'prompt'/'response'"))
+        problems.append(records[0].problem(None, no_format_message()))
     if detected and data_format and detected != data_format:
         message = (
             f"the file holds {detected} records but the checkpoint was trained on {data_format} records "
@@ -207,57 +137,14 @@ def read_prompt_examples(
     return examples
 
 
-def reference_call(message: dict) -> dict | None:
-    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply.
-
-    An assistant message with metadata is a call when its content is a `tool_call(...)`; other metadata messages
-    (e.g. code for an interpreter) are scored as text.
-    """
-    if message["role"] == "tool":
-        return {"name": message["name"], "arguments": message["parameters"]}
-    if message.get("metadata"):
-        try:
-            return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
-        except ValueError:
-            return None
-    return None
-
-
-def turn_examples(
-    record: dict, index: int, tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """One example per learned assistant turn or tool call of a conversation, given the reference history before it."""
-    messages = record["conversations"]
-    examples = []
-    for position in evaluated_positions(messages):
-        message = messages[position]
-        history = messages[:position]
-        call = reference_call(message)
-        examples.append(
-            PromptExample(
-                prompt=history,
-                prompt_ids=conversation_prompt_ids(history, record.get("tools"), tokenizer, max_source_length),
-                label=None if call else message["content"],
-                reply_has_metadata=True,
-                label_call=call,
-                example_id=f"{index}:{position}",
-            )
-        )
-    return examples
-
-
 def evaluation_examples(
     records: Sequence[dict], tokenizer: PreTrainedTokenizer, max_source_length: int
 ) -> list[PromptExample]:
-    """Evaluation prompts: one per input-output record, one per learned turn of a conversation."""
+    """Evaluation prompts, as each record's format splits it: one per input-output record, one per learned turn of a
+    conversation."""
     examples = []
     for index, record in enumerate(records):
-        if "conversations" in record:
-            examples += turn_examples(record, index, tokenizer, max_source_length)
-        else:
-            example = build_prompt_example(record, tokenizer, max_source_length, reference_from_record=True)
-            example.example_id = str(index)
-            examples.append(example)
+        examples += format_of(record).evaluation_examples(record, index, tokenizer, max_source_length)
     return examples
 
 
@@ -581,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data_format",
-        choices=(INPUT_OUTPUT, CONVERSATIONS),
+        choices=format_names(),
         help="expected format of the dev set (default: the training format from training_record.json, if recorded)",
     )
     parser.add_argument(

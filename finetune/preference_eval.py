@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_tools.atomic_files import write_json_atomically
+from finetune.atomic_files import write_json_atomically
 from finetune.checkpoint_format import open_checkpoint
 from finetune.checkpoints import load_for_inference, load_from_arguments
 from finetune.data.preference import PreferenceCollator, load_preference_data

@@ -22,7 +22,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
-from data_tools.atomic_files import replace_folder
+from finetune.atomic_files import replace_folder
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.base_fingerprint import base_fingerprint
 from finetune.callbacks import ResumedScheduleCallback

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
-from finetune.data.validation import DataValidationError
+from finetune.data.formats import format_of
+from finetune.data.records import DataValidationError
 from finetune.evaluate import (
     DEFAULT_MAX_SOURCE_LENGTH,
     build_generation_config,
@@ -133,8 +134,8 @@ def batch_settings(args: argparse.Namespace) -> dict:
 
 def batch_row(record: dict, prompt: str | list[dict], ids: list[int], tokenizer, has_metadata: bool) -> dict:
     """The output line of one record: its prompt or conversations, its tools, and the reply or tool call."""
-    prompt_key = "conversations" if isinstance(prompt, list) else "prompt"
-    tools = record.get("tools") if prompt_key == "conversations" else None
+    prompt_key = format_of(record).prompt_key
+    tools = record.get("tools") if has_metadata else None
     if not tools:
         return {prompt_key: prompt, "response": decode_reply(ids, tokenizer, has_metadata)}
     content, calls = assistant_reply(decode_reply(ids, tokenizer, False), tools)

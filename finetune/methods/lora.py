@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from data_tools.atomic_files import write_text_atomically
+from finetune.atomic_files import write_text_atomically
 from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.methods.base import Attachment, CheckpointKind, FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import CheckpointError, check_weight_file, first_file, read_json_file, weight_keys

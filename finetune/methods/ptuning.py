@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from data_tools.atomic_files import atomic_path
+from finetune.atomic_files import atomic_path
 from finetune.arguments import ModelArguments
 from finetune.methods.base import Attachment, CheckpointKind, FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import (

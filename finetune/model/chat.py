@@ -11,7 +11,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from data_tools.tool_calls import parse_tool_call
+from finetune.data.tool_calls import parse_tool_call
 
 from .tokenization import reply_stop_ids
 
