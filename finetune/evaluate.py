@@ -32,16 +32,11 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer,
 
 from finetune.arguments import DEFAULT_MAX_SOURCE_LENGTH
 from finetune.atomic_files import write_json_atomically
-from finetune.data.tool_calls import read_tool_call
-from finetune.checkpoints import (
-    ModelLoadError,
-    add_loading_arguments,
-    load_from_arguments,
-    read_training_record,
-    require_checkpoint_folder,
-)
+from finetune.checkpoint_format import read_training_record, require_checkpoint_folder
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
 from finetune.data.formats import detect_format, format_named, format_names, format_of, no_format_message
 from finetune.data.formats.base import PromptExample
+from finetune.data.tool_calls import read_tool_call
 from finetune.data.preference import detect_preference_file
 from finetune.data.source_formats import check_not_source_format
 from finetune.data.records import DataValidationError, read_source_records

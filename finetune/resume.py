@@ -1,9 +1,9 @@
 """The checkpoint a run resumes from.
 
 `--resume_from_checkpoint auto` (or the environment variable AUTORESUME_FROM_CHECKPOINT=True) picks the newest
-COMPLETE `checkpoint-N` folder in output_dir. Checkpoints are written into `tmp-checkpoint-N` and renamed when done,
-so staging folders never match; a `checkpoint-N` folder that still lacks its trainer state, training record or
-weights (copied in part, or written by another tool) is skipped with a warning.
+COMPLETE `checkpoint-N` folder in output_dir (finetune.checkpoint_format.resume_problem says what complete is);
+a `checkpoint-N` folder that still lacks its trainer state, training record or weights (copied in part, or written
+by another tool) is skipped with a warning. The checkpoint's record must match the run's method, settings and base.
 """
 
 import logging
@@ -14,15 +14,16 @@ from transformers import TrainingArguments
 
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.base_fingerprint import check_base_matches
-from finetune.checkpoint_layout import (
-    INCOMPLETE_MARKER,
-    TRAINER_STATE_FILE,
+from finetune.checkpoint_format import (
     TRAINING_RECORD,
     checkpoint_folders,
     deepspeed_state_folder,
+    method_settings,
+    read_training_record,
+    resume_problem,
 )
-from finetune.methods import method_named, method_of
-from finetune.model.checkpoint_files import CheckpointError, read_json_file
+from finetune.methods import method_of
+from finetune.model.checkpoint_files import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +43,10 @@ def autoresume_from_environment() -> bool:
     raise ValueError(f"environment variable {AUTORESUME_ENV}={value!r}: use True or False")
 
 
-def _weights_problem(folder: Path, method_name: str) -> str | None:
-    """Why the folder's model weights are missing or broken, or None (DeepSpeed's own state counts as weights)."""
-    if deepspeed_state_folder(folder) is not None:
-        return None
-    try:
-        method = method_named(method_name)
-    except ValueError as error:
-        return str(error)
-    return method.weights_problem(folder)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete training checkpoint, or None when training can resume from it."""
-    if not folder.is_dir():
-        return "no such folder"
-    if (folder / INCOMPLETE_MARKER).exists():
-        return f"{INCOMPLETE_MARKER} is present: its save did not finish"
-    for name in (TRAINER_STATE_FILE, TRAINING_RECORD):
-        if not (folder / name).is_file():
-            return f"{name} is missing"
-    try:
-        read_json_file(folder / TRAINER_STATE_FILE)
-        record = read_json_file(folder / TRAINING_RECORD)
-        return _weights_problem(folder, str(record.get("method")))
-    except CheckpointError as error:
-        return str(error)
-
-
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The complete checkpoint-N folder with the highest N in `output_dir`, or None."""
     for _, folder in reversed(checkpoint_folders(Path(output_dir))):
-        problem = checkpoint_problem(folder)
+        problem = resume_problem(folder)
         if problem is None:
             return folder
         logger.warning("not resuming from %s: %s", folder, problem)
@@ -104,7 +77,7 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
             logger.info("auto-resume: resuming from %s", folder)
         return folder
     folder = Path(text)
-    problem = checkpoint_problem(folder)
+    problem = resume_problem(folder)
     if problem is not None:
         raise CheckpointError(
             f"{folder}: cannot resume from this checkpoint: {problem}; pass a complete checkpoint-N folder or "
@@ -116,12 +89,12 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
 def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
     """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run, or
     on another base than --model_name_or_path (unless --allow_other_base; finetune.base_fingerprint)."""
-    record = read_json_file(folder / TRAINING_RECORD)
+    record = read_training_record(folder)
     method = method_of(model_args)
     if record.get("method") != method.name:
         problem = f"the checkpoint has method={record.get('method')!r} but this run has method={method.name!r}"
     else:
-        problem = method.settings_mismatch(record, model_args)
+        problem = method.settings_mismatch(method_settings(record, method), model_args)
     if problem is not None:
         raise CheckpointError(
             f"{folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new output_dir"
@@ -141,7 +114,7 @@ def check_resumed_data_and_processes(
 ) -> list[str]:
     """Notices for a training file, data format or process count other than the checkpoint's; CheckpointError for
     another process count when the checkpoint holds DeepSpeed's per-process optimizer state."""
-    record = read_json_file(folder / TRAINING_RECORD)
+    record = read_training_record(folder)
     recorded_data = record.get("data_args") or {}
     recorded_format = record.get("data_format") or recorded_data.get("data_format")
     processes = record.get("world_size")

@@ -31,7 +31,7 @@ from transformers.trainer_utils import SaveStrategy, set_seed
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
-from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
+from finetune.checkpoint_format import checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.formats import format_named, format_names

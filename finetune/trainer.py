@@ -1,12 +1,11 @@
 """The toolkit's Trainer: Seq2SeqTrainer that saves the method's checkpoint files (finetune.methods) with
-training_record.json in the layout of finetune.checkpoint_layout, atomically, and evaluates by generating answers.
+training_record.json in the layout of finetune.checkpoint_format, atomically, and evaluates by generating answers.
 
 A checkpoint is written into `tmp-checkpoint-N` and renamed to `checkpoint-N` only once every file is in place, so a
 crash mid-save never leaves a folder that resume would use.
 """
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -23,18 +22,19 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
 
-from finetune.atomic_files import replace_folder, write_json_atomically
+from finetune.atomic_files import replace_folder
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.base_fingerprint import RECORD_FIELD as BASE_FINGERPRINT_FIELD
 from finetune.base_fingerprint import base_fingerprint
-from finetune.checkpoint_layout import (
+from finetune.callbacks import ResumedScheduleCallback
+from finetune.checkpoint_format import (
     FINAL_STAGING_NAME,
-    FORMAT_VERSION,
-    STAGING_PREFIX,
     TRAINER_STATE_FILE,
-    TRAINING_RECORD,
+    build_training_record,
     checkpoint_folder_name,
     checkpoint_folders,
+    move_files_into,
+    staging_folder,
+    write_training_record,
 )
 from finetune.generation_eval_batches import (
     GENERATION_KEYS,
@@ -47,7 +47,6 @@ from finetune.memory_preflight import ADAMW_STATE_BYTES as ADAM_STATE_BYTES_PER_
 from finetune.memory_preflight import MASTER_WEIGHT_BYTES as MASTER_WEIGHT_BYTES_PER_PARAMETER
 from finetune.methods import FinetuneMethod, method_of
 from finetune.methods.base import SaveContext, parameter_size
-from finetune.quantization import quantization_record
 
 logger = logging.getLogger(__name__)
 
@@ -88,53 +87,6 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
     return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
-def base_model_reference(model_name_or_path: str) -> str:
-    """The base model as recorded: an absolute path for a local folder, else the name as given."""
-    path = Path(model_name_or_path)
-    return str(path.resolve()) if path.exists() else model_name_or_path
-
-
-def training_record(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args_dict: dict,
-    global_step: int,
-    base: dict | None = None,
-    world_size: int | None = None,
-) -> dict:
-    """The content of training_record.json for a checkpoint saved at `global_step`; `base` is the base model's
-    fingerprint (finetune.base_fingerprint), `world_size` the number of training processes."""
-    method = method_of(model_args)
-    return {
-        "format_version": FORMAT_VERSION,
-        "method": method.name,
-        "base_model": base_model_reference(model_args.model_name_or_path),
-        BASE_FINGERPRINT_FIELD: base,
-        "world_size": world_size,
-        "pre_seq_len": model_args.pre_seq_len,
-        "prefix_projection": model_args.prefix_projection,
-        "quantization_bit": model_args.quantization_bit,
-        "quantization": quantization_record(model_args.quantization_bit),
-        "lora": None,
-        **method.record_fields(model_args),
-        "model_args": dataclasses.asdict(model_args),
-        "data_args": dataclasses.asdict(data_args),
-        "training_args": training_args_dict,
-        "global_step": global_step,
-    }
-
-
-def move_files_into(staging: Path, target: Path, last: str) -> None:
-    """Move every entry of `staging` into `target` (each move atomic), the entry named `last` at the end."""
-    entries = sorted(staging.iterdir(), key=lambda entry: (entry.name == last, entry.name))
-    for entry in entries:
-        destination = target / entry.name
-        if entry.is_dir() and destination.is_dir():
-            shutil.rmtree(destination)
-        os.replace(entry, destination)
-    staging.rmdir()
-
-
 class FinetuneTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer that saves the agreed checkpoint format atomically and evaluates by generating answers."""
 
@@ -159,6 +111,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         # The model's forward accepts **kwargs but computes a per-batch mean loss and ignores num_items_in_batch, so
         # the Trainer must scale the loss for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        self.add_callback(ResumedScheduleCallback())
 
     @contextlib.contextmanager
     def _allow_quantized_prefix_training(self, model: nn.Module | None):
@@ -183,6 +136,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     # ---- saving -------------------------------------------------------------------------------------------------
 
+    # Private override: Trainer.save_model gathers the ZeRO-3/FSDP state dict and hands it only to _save; no public
+    # hook writes the model files.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the model files of this method and training_record.json into `output_dir`."""
         if not self.args.should_save:
@@ -192,7 +147,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         logger.info("Saving %s checkpoint files to %s", self.method.name, folder)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
-        record = training_record(
+        record = build_training_record(
             self.model_args,
             self.data_args,
             self.args.to_dict(),
@@ -200,7 +155,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             base=self.base_fingerprint,
             world_size=self.args.world_size,
         )
-        write_json_atomically(folder / TRAINING_RECORD, {**record, **self.stage_record()})
+        write_training_record(folder, {**record, **self.stage_record()})
 
     def stage_record(self) -> dict:
         """Fields of training_record.json beyond the method's: none here; preference tuning records its stage."""
@@ -247,6 +202,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
             message = self._disk_full_message(run_dir, needed, shutil.disk_usage(run_dir).free)
             raise DiskFullError(f"{message}; the partial {staging.name} was removed") from error
 
+    # Private override: no public hook chooses the folder a checkpoint is written into (on_save runs once the files
+    # are in checkpoint-N), so writing into tmp-checkpoint-N and renaming it needs this method.
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         """Write checkpoint-N as Trainer does, but into tmp-checkpoint-N, renamed to checkpoint-N when complete.
 
@@ -256,7 +213,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         name = checkpoint_folder_name(self.state.global_step)
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / name
-        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        staging = staging_folder(final)
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.check_free_space(run_dir)
@@ -315,7 +272,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             self.save_model(str(staging), _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            move_files_into(staging, output_dir, last=TRAINING_RECORD)
+            move_files_into(staging, output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -326,46 +283,16 @@ class FinetuneTrainer(Seq2SeqTrainer):
         """Load the trained weights of a checkpoint folder of this method into the model (e.g. to evaluate it)."""
         self._load_from_checkpoint(str(folder))
 
+    # Private override: Trainer.train loads a resumed checkpoint's weights only here; no public hook lets the method
+    # load its own weights (a prefix into the prefix encoder).
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load a checkpoint's weights: by the method when it loads them itself (a prefix into the prefix encoder)."""
         if self.method.load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint)):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
-        schedule: the saved state holds the peak rate and the rate the checkpoint's own schedule reached (0 at its
-        last step when the run was planned with a smaller --max_steps), which the resumed steps would otherwise use.
-        A --learning_rate changed on resume becomes the schedule's peak rate, as a changed --max_steps its length."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return
-        saved_rate = self.lr_scheduler.get_last_lr()[0]
-        saved_peaks = list(self.lr_scheduler.base_lrs)
-        one_peak = bool(saved_peaks) and all(peak == saved_peaks[0] for peak in saved_peaks)
-        if one_peak and saved_peaks[0] != self.args.learning_rate:
-            logger.info(
-                "learning rate changed on resume: peak %.3g instead of the checkpoint's %.3g",
-                self.args.learning_rate,
-                saved_peaks[0],
-            )
-            self.lr_scheduler.base_lrs = [self.args.learning_rate] * len(saved_peaks)
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.args.learning_rate
-        # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
-        self.lr_scheduler.last_epoch -= 1
-        self.lr_scheduler.step()
-        resumed_rate = self.lr_scheduler.get_last_lr()[0]
-        if resumed_rate != saved_rate:
-            logger.info(
-                "resumed learning rate at step %d: %.3g from this run's schedule (max_steps=%d) instead of the saved "
-                "%.3g",
-                self.lr_scheduler.last_epoch,
-                resumed_rate,
-                self.args.max_steps,
-                saved_rate,
-            )
-
+    # Private override: load_best_model_at_end loads the best checkpoint only here; no public hook lets the method
+    # load its own weights.
     def _load_best_model(self) -> None:
         """Load the best checkpoint at the end of training, by the method when it loads its weights itself."""
         if not self.is_deepspeed_enabled and self.method.load_trained_weights(

@@ -15,7 +15,7 @@ import pytest
 from checkpoint_builders import write_training_record
 from train_helpers import conversation_records, input_output_records, write_jsonl
 
-from finetune.checkpoint_layout import read_training_record
+from finetune.checkpoint_format import read_training_record
 from finetune.evaluate import (
     METRICS_FILE,
     PREDICTIONS_FILE,

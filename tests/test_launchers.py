@@ -90,7 +90,7 @@ def test_launcher_trains_and_leaves_a_loadable_checkpoint(script, tiny_model_dir
     assert record["training_args"]["per_device_train_batch_size"] == 2
     assert record["training_args"]["gradient_accumulation_steps"] == 1
     if method == "ptuning":
-        assert record["pre_seq_len"] == 4
+        assert record["ptuning"]["pre_seq_len"] == 4
     else:
         assert record["lora"]["rank"] == 4
         assert sorted(record["lora"]["target_modules"]) == ["dense", "query_key_value"]
@@ -113,7 +113,7 @@ def test_finetune_pt_trains_then_autoresumes(tiny_model_dir, data_files, tmp_pat
     print(f"finetune_pt.sh: {first.seconds:.1f} s")
     assert first.returncode == 0, first.output[-6000:]
     record = _check_run("finetune_pt.sh", output_dir, "ptuning", 2, tiny_model_dir)
-    assert record["pre_seq_len"] == 4
+    assert record["ptuning"]["pre_seq_len"] == 4
     assert record["training_args"]["gradient_accumulation_steps"] == 2
     assert record["training_args"]["per_device_train_batch_size"] == 1
 

@@ -11,7 +11,7 @@ from train_helpers import input_output_records, run_arguments, write_jsonl
 from transformers import AutoConfig, AutoTokenizer
 
 from finetune.arguments import ModelArguments
-from finetune.checkpoint_layout import CheckpointKind
+from finetune.methods.base import CheckpointKind
 from finetune.checkpoints import load_for_inference
 from finetune.memory_preflight import setup_from_arguments
 from finetune.methods import method_named
@@ -44,7 +44,7 @@ def test_only_the_last_layers_train(freeze_run):
 
 def test_checkpoint_is_a_whole_model_recorded_as_freeze(freeze_run, tiny_model_dir):
     record = json.loads((freeze_run.output_dir / "training_record.json").read_text())
-    assert record["method"] == "freeze" and record["trainable_layers"] == 1
+    assert record["method"] == "freeze" and record["freeze"] == {"trainable_layers": 1}
     model, _, kind = load_for_inference(freeze_run.output_dir, device="cpu", dtype="float32")
     assert kind is CheckpointKind.FULL
     batch = AutoTokenizer.from_pretrained(tiny_model_dir)(["Hello"], return_tensors="pt")

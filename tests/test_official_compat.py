@@ -16,7 +16,7 @@ from finetune.data.encoding import IGNORE_INDEX, encode_conversation
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from finetune.model.chat import INVALID_SCORE_FALLBACK_TOKEN, split_response
 from finetune.model.modeling import AttentionBias, RotaryEmbedding, SelfAttention, apply_rotary
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint, prefix_state_dict
+from finetune.methods.ptuning import load_prefix_checkpoint, prefix_state_dict
 from finetune.tiny_model import build_tiny_model
 from finetune.train import main, warn_rows_beyond_context
 from inference.export import export_checkpoint

@@ -9,15 +9,13 @@ import pytest
 from transformers import Seq2SeqTrainingArguments
 
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.checkpoint_layout import DEEPSPEED_LATEST_FILE, TRAINING_RECORD
+from finetune.checkpoint_format import DEEPSPEED_LATEST_FILE, INCOMPLETE_MARKER, TRAINING_RECORD, resume_problem
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.resume import (
     AUTORESUME_ENV,
-    INCOMPLETE_MARKER,
     autoresume_from_environment,
     check_checkpoint_matches,
     check_resumed_data_and_processes,
-    checkpoint_problem,
     find_latest_checkpoint,
     resolve_resume_checkpoint,
     resume_requested,
@@ -39,9 +37,9 @@ def test_auto_resume_skips_staging_and_incomplete_folders(finished_run, tmp_path
     weights.write_bytes(weights.read_bytes()[:-16])
     (output_dir / "checkpoint-10").write_text("a file, not a folder")
 
-    assert "trainer_state.json is missing" in checkpoint_problem(output_dir / "checkpoint-7")
-    assert "truncated" in checkpoint_problem(output_dir / "checkpoint-6")
-    assert INCOMPLETE_MARKER in checkpoint_problem(output_dir / "checkpoint-8")
+    assert "trainer_state.json is missing" in resume_problem(output_dir / "checkpoint-7")
+    assert "truncated" in resume_problem(output_dir / "checkpoint-6")
+    assert INCOMPLETE_MARKER in resume_problem(output_dir / "checkpoint-8")
     latest = find_latest_checkpoint(output_dir)
     assert latest == output_dir / "checkpoint-5"
     assert "\\" not in str(latest)
@@ -95,16 +93,16 @@ def test_autoresume_environment_unset_means_no(monkeypatch):
 
 
 def test_checkpoint_problems_name_what_is_missing_or_unknown(finished_run, tmp_path):
-    assert checkpoint_problem(tmp_path / "absent") == "no such folder"
+    assert resume_problem(tmp_path / "absent") == "no such folder"
     folder = tmp_path / "checkpoint-2"
     shutil.copytree(finished_run / "checkpoint-2", folder)
     (folder / TRAINING_RECORD).unlink()
-    assert checkpoint_problem(folder) == f"{TRAINING_RECORD} is missing"
+    assert resume_problem(folder) == f"{TRAINING_RECORD} is missing"
     record = json.loads((finished_run / "checkpoint-2" / TRAINING_RECORD).read_text(encoding="utf-8"))
     (folder / TRAINING_RECORD).write_text(json.dumps({**record, "method": "ia3"}), encoding="utf-8")
-    assert "unknown fine-tuning method 'ia3'" in checkpoint_problem(folder)
+    assert "unknown fine-tuning method 'ia3'" in resume_problem(folder)
     (folder / TRAINING_RECORD).write_text("{not json", encoding="utf-8")
-    assert TRAINING_RECORD in checkpoint_problem(folder)
+    assert TRAINING_RECORD in resume_problem(folder)
 
 
 def test_deepspeed_state_counts_as_the_weights(finished_run, tmp_path):
@@ -112,11 +110,11 @@ def test_deepspeed_state_counts_as_the_weights(finished_run, tmp_path):
     shutil.copytree(finished_run / "checkpoint-2", folder)
     for weights in [*folder.glob("*.safetensors"), *folder.glob("*.bin")]:
         weights.unlink()
-    assert checkpoint_problem(folder) is not None
+    assert resume_problem(folder) is not None
     (folder / DEEPSPEED_LATEST_FILE).write_text("global_step2\n", encoding="utf-8")
-    assert checkpoint_problem(folder) is not None
+    assert resume_problem(folder) is not None
     (folder / "global_step2").mkdir()
-    assert checkpoint_problem(folder) is None
+    assert resume_problem(folder) is None
     assert find_latest_checkpoint(tmp_path) == folder
 
 

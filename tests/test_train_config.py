@@ -56,7 +56,7 @@ print_first_example: false
     outcome = main([str(config)])
     assert outcome.trainer.state.global_step == 2
     record = json.loads((tmp_path / "out" / "checkpoint-2" / "training_record.json").read_text())
-    assert record["method"] == "ptuning" and record["prefix_projection"] is True
+    assert record["method"] == "ptuning" and record["ptuning"]["prefix_projection"] is True
     assert record["training_args"]["learning_rate"] == pytest.approx(0.02)
 
 

@@ -17,12 +17,11 @@ class DoRA(LoRA):
 
     name = "dora"
     uses_dora = True
+    setting_names = (*LoRA.setting_names, "use_dora")
 
     def record_fields(self, model_args: ModelArguments) -> dict:
         """The LoRA settings, marked as DoRA."""
-        fields = super().record_fields(model_args)
-        fields["lora"]["use_dora"] = True
-        return fields
+        return {**super().record_fields(model_args), "use_dora": True}
 
     def trainable_parameter_count(self, config, options: object) -> int:
         """The low-rank adapters plus one magnitude per output feature of every adapted layer."""

@@ -41,6 +41,7 @@ class FreezeTuning(FullFinetuning):
     name = "freeze"
     selecting_option = "trainable_layers"
     options = (FreezeOptions,)
+    setting_names = ("trainable_layers",)
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Freeze everything, then unfreeze the last `trainable_layers` GLM blocks."""

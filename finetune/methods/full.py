@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 
-from finetune.checkpoint_layout import CheckpointKind
-from finetune.methods.base import FinetuneMethod, SaveContext
+from finetune.methods.base import CheckpointKind, FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import check_weight_file, weight_files
 from finetune.model.remote_code import copy_remote_code_files
 from finetune.model.shapes import base_parameter_count

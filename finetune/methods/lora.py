@@ -1,4 +1,8 @@
-"""LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
+"""LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen.
+
+Its checkpoint is PEFT's adapter folder: adapter_config.json + adapter_model.safetensors (finetune.checkpoint_format
+describes the folder).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,14 +20,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from finetune.atomic_files import write_text_atomically
-from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
-from finetune.methods.base import FinetuneMethod, SaveContext
-from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_keys
+from finetune.methods.base import Attachment, CheckpointKind, FinetuneMethod, SaveContext
+from finetune.model.checkpoint_files import CheckpointError, check_weight_file, first_file, read_json_file, weight_keys
 from finetune.model.shapes import linear_shapes
 
 if TYPE_CHECKING:
     from finetune.arguments import ModelArguments
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 LORA_TARGET_ALL = "all"
 
@@ -199,6 +205,7 @@ class LoRA(FinetuneMethod):
     name = "lora"
     checkpoint_kind = CheckpointKind.LORA
     options = (LoRAOptions,)
+    setting_names = ("rank", "alpha", "dropout", "target_modules")
     selecting_option = "lora_rank"
     # DoRA (finetune.methods.dora) is LoRA with PEFT's use_dora; the adapter config says which one a folder holds.
     uses_dora = False
@@ -222,18 +229,16 @@ class LoRA(FinetuneMethod):
     def record_fields(self, model_args: ModelArguments) -> dict:
         """The LoRA settings (rank and targets are checked on resume)."""
         return {
-            "lora": {
-                "rank": model_args.lora_rank,
-                "alpha": model_args.lora_alpha,
-                "dropout": model_args.lora_dropout,
-                "target_modules": model_args.lora_target_modules,
-            }
+            "rank": model_args.lora_rank,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
         }
 
-    def settings_mismatch(self, record: dict, model_args: ModelArguments) -> str | None:
+    def settings_mismatch(self, recorded: Mapping, model_args: ModelArguments) -> str | None:
         """A different rank or different target modules cannot resume."""
-        stored = record.get("lora") or {}
-        wanted = self.record_fields(model_args)["lora"]
+        stored = recorded
+        wanted = self.record_fields(model_args)
         keys = ("rank", "target_modules")
         if tuple(stored.get(key) for key in keys) != tuple(wanted[key] for key in keys):
             return (
@@ -261,10 +266,26 @@ class LoRA(FinetuneMethod):
         adapter_weight_file(folder)
         return None
 
-    def load_for_inference(self, folder: Path, base: str, load_kwargs: dict, merge_lora: bool = False) -> nn.Module:
+    def named_base(self, folder: Path) -> tuple[str, Path] | None:
+        """The base_model_name_or_path of adapter_config.json."""
+        path = folder / ADAPTER_CONFIG
+        base = read_json_file(path).get("base_model_name_or_path") if path.is_file() else None
+        return (str(base), path) if base else None
+
+    def load_for_inference(
+        self, folder: Path, settings: Mapping, base: str, load_kwargs: dict, merge_lora: bool = False
+    ) -> nn.Module:
         """The base with the adapter of `folder` (merged into the base weights with `merge_lora`)."""
         model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base, **load_kwargs), folder, base)
         return model.merge_and_unload() if merge_lora else model
+
+    def attach(self, model: nn.Module, folder: Path, settings: Mapping, slot: str) -> tuple[nn.Module, Attachment]:
+        """The base as a PeftModel holding this adapter under the name `slot`; its rows run with that adapter."""
+        return load_lora_adapter(model, folder, str(model.name_or_path), adapter_name=slot), Attachment(adapter=slot)
+
+    def attachment_of(self, model: nn.Module) -> Attachment:
+        """The PeftModel's active adapter (none once merged into the base)."""
+        return Attachment(adapter=model.active_adapter) if isinstance(model, PeftModel) else Attachment()
 
     def trainable_parameter_count(self, config, options: object) -> int:
         """The adapters' parameters."""
