@@ -3,10 +3,11 @@
     python -m finetune.evaluate --model output/checkpoint-1000 --data formatted_data/dev.jsonl
     torchrun --nproc_per_node 2 -m finetune.evaluate ...       # the dev set shared among processes
 
-Prompts are encoded as in training: input-output records as `[gMASK] sop` + prompt (truncated to max_source_length
-like the training encoding, taken from the checkpoint's training_record.json unless given); in conversation records
-every learned assistant turn and tool call is evaluated, given the reference history before it, followed by
-`<|assistant|>`. Generation is batched by prompt length with left padding and the KV cache; a row's output equals
+Prompts, generation and the stop rule come from finetune.generation, as in evaluation during training (which scores
+the same turns and gives the same metrics): input-output records as `[gMASK] sop` + prompt (truncated to
+max_source_length like the training encoding, taken from the checkpoint's training_record.json unless given); in
+conversation records every learned assistant turn and tool call is evaluated, given the reference history before it,
+followed by `<|assistant|>`. Generation is batched by prompt length with left padding and the KV cache; a row's output equals
 what it would get alone. The data and the output folder are checked before the model is loaded; predictions are
 appended to partial files as they are made, a rerun with the same settings continues from them, and the finished run
 writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and for conversations the reference and
@@ -20,18 +21,15 @@ reward margin, chosen and rejected log-probabilities.
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
+from transformers import PreTrainedTokenizer, set_seed
 
 from data_tools.atomic_files import write_json_atomically
-from data_tools.tool_calls import parse_tool_call, read_tool_call
 from finetune.checkpoints import (
     ModelLoadError,
     add_loading_arguments,
@@ -39,20 +37,22 @@ from finetune.checkpoints import (
     read_training_record,
     require_checkpoint_folder,
 )
-from finetune.data.encoding import (
-    CONVERSATIONS,
-    IGNORE_INDEX,
-    INPUT_OUTPUT,
-    ROLES_WITHOUT_LOSS,
-    conversation_tokens,
-    encode_input_output,
-)
+from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
 from finetune.data.preference import detect_preference_file
 from finetune.data.source_formats import check_not_source_format
 from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
-from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics, metric_scale
+from finetune.generation import (
+    PromptExample,
+    build_generation_config,
+    build_prompt_example,
+    evaluated_positions,
+    evaluation_examples,
+    generate_token_ids,
+    length_batches,
+    prediction_row,
+)
+from finetune.metrics import METRIC_CONVENTIONS, PTUNING, metric_scale, score_rows
 from finetune.model.checkpoint_files import CheckpointError
-from finetune.model.tokenization import reply_stop_ids
 from finetune.prediction_log import (
     OutputNotWritableError,
     PartialWriter,
@@ -65,82 +65,12 @@ from finetune.prediction_log import (
     settings_path,
 )
 from finetune.preference_eval import evaluate_preferences
-from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
 DEFAULT_MAX_SOURCE_LENGTH = 1024
 # The default --output_root: the repository's output/ folder, wherever the command is run from (as the launchers do).
 REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
-
-
-@dataclass
-class PromptExample:
-    """One prompt ready for generation: what to show as the prompt, its token ids, and the reference if any.
-
-    `label_call` is the reference tool call (`{"name", "arguments"}`) of a conversation turn that is a call, in
-    which case `label` is None; `example_id` is "<record index>" or "<record index>:<message position>".
-    """
-
-    prompt: str | list[dict]
-    prompt_ids: list[int]
-    label: str | None
-    reply_has_metadata: bool
-    label_call: dict | None = None
-    example_id: str = ""
-
-
-def input_output_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizer, max_source_length: int) -> list[int]:
-    """`[gMASK] sop` + prompt ids, truncated exactly as the training encoding truncates the source."""
-    encoded = encode_input_output({"prompt": prompt, "response": ""}, tokenizer, max_source_length, 0)
-    source_length = encoded["labels"].count(IGNORE_INDEX)
-    return encoded["input_ids"][:source_length]
-
-
-def conversation_prompt_ids(
-    messages: list[dict], tools: list | None, tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[int]:
-    """Chat turns as in training, then `<|assistant|>`; a long prompt loses its oldest tokens after `[gMASK] sop`."""
-    ids, _ = conversation_tokens({"conversations": messages, "tools": tools}, tokenizer)
-    ids = ids[:-1] + [tokenizer.get_command("<|assistant|>")]
-    if len(ids) > max_source_length:
-        keep = max(max_source_length - 2, 1)
-        ids = ids[:2] + ids[-keep:]
-    return ids
-
-
-def split_reference(messages: list[dict]) -> tuple[list[dict], dict | None]:
-    """The messages before the last assistant message, and that message (None when there is none)."""
-    for position in range(len(messages) - 1, -1, -1):
-        if messages[position].get("role") == "assistant":
-            return messages[:position], messages[position]
-    return messages, None
-
-
-def build_prompt_example(
-    record: dict, tokenizer: PreTrainedTokenizer, max_source_length: int, reference_from_record: bool
-) -> PromptExample:
-    """Encode one input-output or conversations record; with `reference_from_record` the reference is split off."""
-    if "conversations" not in record:
-        label = record.get("response") if reference_from_record else None
-        prompt_ids = input_output_prompt_ids(record["prompt"], tokenizer, max_source_length)
-        return PromptExample(record["prompt"], prompt_ids, label, reply_has_metadata=False)
-    messages = record["conversations"]
-    label = None
-    if reference_from_record:
-        messages, reference = split_reference(messages)
-        label = reference["content"] if reference else None
-    prompt_ids = conversation_prompt_ids(messages, record.get("tools"), tokenizer, max_source_length)
-    return PromptExample(messages, prompt_ids, label, reply_has_metadata=True)
-
-
-def evaluated_positions(messages: list[dict]) -> list[int]:
-    """Positions of the turns evaluation scores: learned assistant messages and tool calls (not `"loss": false`)."""
-    return [
-        position
-        for position, message in enumerate(messages)
-        if message["role"] not in ROLES_WITHOUT_LOSS and message.get("loss") is not False
-    ]
 
 
 def record_problems(value: object, data_format: str, reference_from_record: bool) -> list[tuple[str | None, str]]:
@@ -212,172 +142,6 @@ def read_prompt_examples(
     return examples
 
 
-def reference_call(message: dict) -> dict | None:
-    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply.
-
-    An assistant message with metadata is a call when its content is a `tool_call(...)`; other metadata messages
-    (e.g. code for an interpreter) are scored as text.
-    """
-    if message["role"] == "tool":
-        return {"name": message["name"], "arguments": message["parameters"]}
-    if message.get("metadata"):
-        try:
-            return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
-        except ValueError:
-            return None
-    return None
-
-
-def turn_examples(
-    record: dict, index: int, tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """One example per learned assistant turn or tool call of a conversation, given the reference history before it."""
-    messages = record["conversations"]
-    examples = []
-    for position in evaluated_positions(messages):
-        message = messages[position]
-        history = messages[:position]
-        call = reference_call(message)
-        examples.append(
-            PromptExample(
-                prompt=history,
-                prompt_ids=conversation_prompt_ids(history, record.get("tools"), tokenizer, max_source_length),
-                label=None if call else message["content"],
-                reply_has_metadata=True,
-                label_call=call,
-                example_id=f"{index}:{position}",
-            )
-        )
-    return examples
-
-
-def evaluation_examples(
-    records: Sequence[dict], tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """Evaluation prompts: one per input-output record, one per learned turn of a conversation."""
-    examples = []
-    for index, record in enumerate(records):
-        if "conversations" in record:
-            examples += turn_examples(record, index, tokenizer, max_source_length)
-        else:
-            example = build_prompt_example(record, tokenizer, max_source_length, reference_from_record=True)
-            example.example_id = str(index)
-            examples.append(example)
-    return examples
-
-
-def cut_at_stop(ids: list[int], stop_ids: Sequence[int], keep_stop: bool = False) -> list[int]:
-    """Generated ids up to the first stop id (included with `keep_stop`); the padding after it is dropped."""
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[: position + 1] if keep_stop else ids[:position]
-    return ids
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length, longest first, so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def generate_token_ids(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizer,
-    prompts: Sequence[list[int]],
-    generation_config: GenerationConfig,
-    batch_size: int,
-    show_progress: bool = False,
-    batches: Sequence[Sequence[int]] | None = None,
-    on_batch: Callable[[Sequence[int], list[list[int]]], None] | None = None,
-) -> list[list[int]]:
-    """New token ids for each prompt, through its stop id, generated in left-padded batches of similar length.
-
-    `batches` (indices into `prompts`) overrides the length batches; prompts in no batch get []. `on_batch` is
-    called with each batch's indices and new ids as soon as they are generated. With `show_progress` the speed
-    (examples/s, generated tokens/s) is logged at the end.
-    """
-    stop_ids = generation_config.eos_token_id
-    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
-    if batches is None:
-        batches = length_batches([len(prompt) for prompt in prompts], batch_size)
-    results: list[list[int]] = [[] for _ in prompts]
-    started = time.perf_counter()
-    examples = generated_tokens = 0
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
-        padded = tokenizer.pad(
-            {"input_ids": [prompts[index] for index in batch]}, padding_side="left", return_tensors="pt"
-        ).to(model.device)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=padded["input_ids"],
-                attention_mask=padded["attention_mask"],
-                generation_config=generation_config,
-            )
-        new_tokens = [
-            cut_at_stop(ids, stop_ids, keep_stop=True) for ids in output[:, padded["input_ids"].shape[1] :].tolist()
-        ]
-        for index, ids in zip(batch, new_tokens, strict=True):
-            results[index] = ids
-        examples += len(batch)
-        generated_tokens += sum(len(ids) for ids in new_tokens)
-        if on_batch is not None:
-            on_batch(batch, new_tokens)
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    if show_progress and examples:
-        print(
-            f"generated {examples} examples in {elapsed:.1f} s: {examples / elapsed:.2f} examples/s, "
-            f"{generated_tokens / elapsed:.1f} generated tokens/s",
-            file=sys.stderr,
-        )
-    return results
-
-
-def decode_reply(ids: list[int], tokenizer: PreTrainedTokenizer, has_metadata: bool) -> str:
-    """The reply text of generated ids: cut at the first stop id; a chat reply loses its metadata line."""
-    text = tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer)))
-    if has_metadata and "\n" in text:
-        text = text.split("\n", 1)[1]
-    return text.strip()
-
-
-def build_generation_config(
-    tokenizer: PreTrainedTokenizer,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 0.95,
-    top_p: float = 0.7,
-    num_beams: int = 1,
-) -> GenerationConfig:
-    """Generation settings with ChatGLM3's stop ids and the KV cache; sampling knobs only when sampling."""
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_beams=num_beams,
-        eos_token_id=reply_stop_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
-
-
-def generate_replies(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizer,
-    examples: Sequence[PromptExample],
-    generation_config: GenerationConfig,
-    batch_size: int,
-    show_progress: bool = False,
-) -> list[str]:
-    """Reply text for every example, generated in batches."""
-    prompts = [example.prompt_ids for example in examples]
-    generated = generate_token_ids(model, tokenizer, prompts, generation_config, batch_size, show_progress)
-    return [
-        decode_reply(ids, tokenizer, example.reply_has_metadata)
-        for ids, example in zip(generated, examples, strict=True)
-    ]
-
-
 def format_metrics_table(metrics: dict[str, float], convention: str = PTUNING) -> str:
     """A text table of the metrics with each one's scale, under a line naming the metric convention."""
     width = max(len(name) for name in metrics)
@@ -409,30 +173,6 @@ def default_output_dir(model: str, output_root: str | Path = REPOSITORY_OUTPUT) 
     folder = Path(model).resolve()
     name = f"{folder.parent.name}-{folder.name}" if folder.name.startswith("checkpoint-") else folder.name
     return Path(output_root) / "evaluation" / name
-
-
-def prediction_row(example: PromptExample, ids: list[int], tokenizer: PreTrainedTokenizer) -> dict:
-    """The predictions-file row of one example: prompt, label, prediction (and tool calls for conversations)."""
-    row = {
-        "id": example.example_id,
-        "prompt": example.prompt,
-        "label": example.label,
-        "prediction": decode_reply(ids, tokenizer, example.reply_has_metadata),
-    }
-    if example.reply_has_metadata:
-        call = read_tool_call(tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer))))
-        row["label_call"] = example.label_call
-        row["predicted_call"] = {"name": call.name, "arguments": call.arguments} if call else None
-    return row
-
-
-def score_rows(rows: Sequence[dict], convention: str = PTUNING) -> dict[str, float]:
-    """ROUGE/BLEU of the text replies and, when any reference turn is a tool call, the tool-call metrics."""
-    text_rows = [row for row in rows if not row.get("label_call")]
-    metrics = compute_metrics([row["prediction"] for row in text_rows], [row["label"] for row in text_rows], convention)
-    if any(row.get("label_call") for row in rows):
-        metrics.update(compute_tool_metrics(rows))
-    return metrics
 
 
 @dataclass

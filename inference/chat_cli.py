@@ -22,14 +22,8 @@ from pathlib import Path
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
 from finetune.data.validation import DataValidationError
-from finetune.evaluate import (
-    DEFAULT_MAX_SOURCE_LENGTH,
-    build_generation_config,
-    build_prompt_example,
-    decode_reply,
-    generate_token_ids,
-    read_checked_records,
-)
+from finetune.evaluate import DEFAULT_MAX_SOURCE_LENGTH, read_checked_records
+from finetune.generation import build_generation_config, build_prompt_example, decode_reply, generate_token_ids
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.prediction_log import (
     OutputNotWritableError,
