@@ -14,12 +14,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from data_tools.conversion import ConversionReport, check_paths, finish_report
+from finetune.atomic_files import write_jsonl_atomically
+from finetune.data.records import read_source_records
 
 OUTPUT_FORMATS = ("input_output", "conversations")
 DEFAULT_OUTPUT = Path("formatted_data/advertise_gen.jsonl")
-UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def make_record(content: str, summary: str, output_format: str) -> dict:
@@ -31,16 +31,8 @@ def make_record(content: str, summary: str, output_format: str) -> dict:
     raise ValueError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
 
 
-def _parse_line(raw: bytes) -> tuple[str, str]:
-    """Return (content, summary) from one raw AdvertiseGen line, or raise ValueError saying what is wrong."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"not valid UTF-8 (byte {error.start} of the line)") from error
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}") from error
+def _content_and_summary(record: object) -> tuple[str, str]:
+    """Return (content, summary) from one AdvertiseGen record, or raise ValueError saying what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object with 'content' and 'summary', got {type(record).__name__}")
     fields = []
@@ -55,18 +47,16 @@ def _parse_line(raw: bytes) -> tuple[str, str]:
 
 def _convert_lines(source: Path, output_format: str, report: ConversionReport) -> Iterator[dict]:
     """Yield one output record per convertible line of `source`, recording skipped lines in `report`."""
-    with source.open("rb") as lines:
-        for line_number, raw in enumerate(lines, start=1):
-            if line_number == 1 and raw.startswith(UTF8_BOM):
-                raw = raw[len(UTF8_BOM) :]
-            if not raw.strip():
-                continue
-            try:
-                content, summary = _parse_line(raw)
-            except ValueError as error:
-                report.skip(f"{source}:{line_number}", str(error))
-                continue
-            yield make_record(content, summary, output_format)
+    records, problems = read_source_records(source)
+    for problem in problems:
+        report.skip(str(source) if problem.line is None else f"{source}:{problem.line}", problem.message)
+    for record in records:
+        try:
+            content, summary = _content_and_summary(record.value)
+        except ValueError as error:
+            report.skip(f"{source}:{record.line}", str(error))
+            continue
+        yield make_record(content, summary, output_format)
 
 
 def convert_advertise_gen_file(

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.tool_calls import parse_tool_call
+from finetune.data.tool_calls import parse_tool_call
 from data_tools.tool_conversations import (
     arguments_object,
     build_parser,

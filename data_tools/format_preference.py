@@ -21,16 +21,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from data_tools import check_paths, finish_report
+from data_tools.conversion import SourceFileError, check_paths, finish_report
 from data_tools.format_openai import convert_openai_record
 from data_tools.format_sharegpt import convert_sharegpt_record
-from data_tools.tool_conversations import (
-    SourceFileError,
-    arguments_object,
-    call_from_json_text,
-    convert_file,
-    require_text,
-)
+from data_tools.tool_conversations import arguments_object, call_from_json_text, convert_file, require_text
 
 HISTORY_END_ROLES = ("user", "observation", "tool")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")

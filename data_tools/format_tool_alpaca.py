@@ -19,15 +19,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from data_tools.conversion import ConversionReport, SourceFileError, check_paths, finish_report
+from finetune.atomic_files import write_jsonl_atomically
 
 DEFAULT_OUTPUT = Path("formatted_data/tool_alpaca.jsonl")
 ACTION_MARKER = "Action:"
-
-
-class SourceFileError(ValueError):
-    """The ToolAlpaca file as a whole cannot be read (not UTF-8, not JSON, not an array of settings)."""
 
 
 def _require_field(container: dict, key: str) -> object:

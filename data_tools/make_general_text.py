@@ -24,7 +24,7 @@ import random
 import sys
 from pathlib import Path
 
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 from data_tools.make_sample_advertise_gen import ATTRIBUTES, CLOSINGS, PHRASES
 
 # More ways to say each attribute than the sample data uses, so that the general text is not its templates alone.

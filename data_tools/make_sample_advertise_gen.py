@@ -11,7 +11,7 @@ import argparse
 import random
 from pathlib import Path
 
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 
 ATTRIBUTES = {
     "类型": ["裙", "裤", "上衣", "外套", "卫衣", "衬衫", "针织衫", "连衣裙"],

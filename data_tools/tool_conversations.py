@@ -11,37 +11,27 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from data_tools import ConversionReport, check_paths, finish_report
-from data_tools.atomic_files import write_jsonl_atomically
+from data_tools.conversion import ConversionReport, SourceFileError, check_paths, finish_report
+from finetune.atomic_files import write_jsonl_atomically
+from finetune.data.records import holds_json_array, read_source_records
 
 LEARNED_ROLES = ("assistant", "tool")
 
 
-class SourceFileError(ValueError):
-    """The source file as a whole cannot be read (not UTF-8, not JSON, not an array or JSON lines)."""
-
-
 def read_source_file(source: Path, report: ConversionReport) -> Iterator[tuple[str, object]]:
-    """Yield (location, record) for every record of a .json array or .jsonl file; bad lines go to `report`."""
-    try:
-        text = source.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SourceFileError(f"{source} is not valid UTF-8 (byte {error.start})") from error
-    if source.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise SourceFileError(f"{source}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from error
-        for index, record in enumerate(records):
-            yield f"{source} record {index}", record
-        return
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{source}:{line_number}", json.loads(line)
-        except json.JSONDecodeError as error:
-            report.skip(f"{source}:{line_number}", f"invalid JSON: {error.msg} (column {error.colno})")
+    """Yield (location, record) for every record of a .json array or .jsonl file; bad lines go to `report`.
+
+    Reads with the project's one reader (finetune/data/records.py); a file that cannot be read as a whole (missing,
+    empty, a broken array) raises SourceFileError.
+    """
+    records, problems = read_source_records(source)
+    array = source.is_file() and holds_json_array(source)
+    if problems and (array or any(problem.line is None for problem in problems)):
+        raise SourceFileError(str(problems[0]))
+    for problem in problems:
+        report.skip(f"{source}:{problem.line}", problem.message)
+    for record in records:
+        yield (f"{source} record {record.record_index}" if array else f"{source}:{record.line}"), record.value
 
 
 def require_text(message: dict, key: str, where: str) -> str:

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from data_tools.atomic_files import atomic_path
+from finetune.atomic_files import atomic_path
 
 logger = logging.getLogger(__name__)
 

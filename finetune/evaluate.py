@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizer, set_seed
 
-from data_tools.atomic_files import write_json_atomically
+from finetune.atomic_files import write_json_atomically
 from finetune.checkpoints import (
     ModelLoadError,
     add_loading_arguments,
@@ -37,16 +37,21 @@ from finetune.checkpoints import (
     read_training_record,
     require_checkpoint_folder,
 )
-from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT
+from finetune.data.formats import (
+    detect_format,
+    evaluation_examples,
+    format_named,
+    format_names,
+    no_format_message,
+    prompt_example,
+)
 from finetune.data.preference import detect_preference_file
+from finetune.data.records import DataValidationError, read_source_records
 from finetune.data.source_formats import check_not_source_format
-from finetune.data.validation import DataValidationError, check_record, detect_file_format, read_source_records
+from finetune.data.validation import check_record
 from finetune.generation import (
     PromptExample,
     build_generation_config,
-    build_prompt_example,
-    evaluated_positions,
-    evaluation_examples,
     generate_token_ids,
     length_batches,
     prediction_row,
@@ -75,17 +80,13 @@ REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
 
 def record_problems(value: object, data_format: str, reference_from_record: bool) -> list[tuple[str | None, str]]:
     """Problems of one record; without `reference_from_record` no response/assistant reply is required."""
-    if reference_from_record:
-        problems = check_record(value, data_format)
-        if not problems and data_format == CONVERSATIONS and not evaluated_positions(value["conversations"]):
-            problems = [("conversations", "no learned assistant message or tool call to use as the reference")]
-        return problems
-    # A prompt for inference has no reply yet: check it as the training format with an empty reply filled in.
-    if isinstance(value, dict) and data_format == INPUT_OUTPUT:
-        value = {"response": "", **value}
-    elif isinstance(value, dict) and isinstance(value.get("conversations"), list):
-        value = {**value, "conversations": value["conversations"] + [{"role": "assistant", "content": ""}]}
-    return check_record(value, data_format)
+    if not reference_from_record:
+        # A prompt for inference has no reply yet: check it as the training format with an empty reply filled in.
+        if isinstance(value, dict):
+            value = format_named(data_format).with_empty_reply(value)
+        return check_record(value, data_format)
+    problems = check_record(value, data_format)
+    return problems or format_named(data_format).reference_problems(value)
 
 
 def read_checked_records(
@@ -98,9 +99,10 @@ def read_checked_records(
     """
     records, problems = read_source_records(Path(path))
     check_not_source_format(Path(path), records)
-    detected = detect_file_format(records)
+    detected = detect_format(records)
+    detected = detected.name if detected else None
     if detected is None and records:
-        problems.append(records[0].problem(None, "record has neither 'conversations' nor 'prompt'/'response'"))
+        problems.append(records[0].problem(None, no_format_message()))
     if detected and data_format and detected != data_format:
         message = (
             f"the file holds {detected} records but the checkpoint was trained on {data_format} records "
@@ -134,7 +136,7 @@ def read_prompt_examples(
     """
     records = read_checked_records(path, reference_from_record, skip_invalid)
     examples = [
-        build_prompt_example(record, tokenizer, max_source_length, reference_from_record)
+        prompt_example(record, tokenizer, max_source_length, reference_from_record)
         for record in records[:max_samples]
     ]
     for index, example in enumerate(examples):
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data_format",
-        choices=(INPUT_OUTPUT, CONVERSATIONS),
+        choices=format_names(),
         help="expected format of the dev set (default: the training format from training_record.json, if recorded)",
     )
     parser.add_argument(

@@ -5,15 +5,18 @@ evaluation (finetune.evaluate), chat (`model.chat` / `model.stream_chat`), batch
 the server (inference.serving_engine keeps its own continuous-batching step loop, with this module's sampling and
 stop ids).
 
-Prompts:
-- input-output records: `[gMASK] sop` + prompt, truncated exactly as the training encoding truncates the source;
-- conversations: the chat turns as in training, then `<|assistant|>`; a prompt longer than max_source_length loses
-  its oldest tokens after `[gMASK] sop`;
+Prompt token ids (this module is the only one that builds them):
+- a prompt text (input-output records): `[gMASK] sop` + prompt, truncated exactly as the training encoding
+  truncates the source;
+- chat messages (conversations): the chat turns as in training, then `<|assistant|>`; a prompt longer than
+  max_source_length loses its oldest tokens after `[gMASK] sop`;
 - chat: the tokenizer's `build_chat_input` (the official ChatGLM3 chat format, tools and observations included).
 
-Evaluation prompts: one per input-output record, and one per learned assistant turn or tool call of a conversation
-(every message that is not user/system/observation and not `"loss": false`), given the reference history before it.
-Evaluation during training and `python -m finetune.evaluate` both score exactly these turns.
+Which prompts a record gives and what each one's reference is belongs to the record's data format
+(finetune/data/formats/: `prompt_example`, `evaluation_examples`): the format splits the record into the prompt (the
+text, or the message history) and the reference, and calls the builders here for the ids. Evaluation during training
+and `python -m finetune.evaluate` both score exactly the turns the format gives (finetune.data.formats.
+evaluation_examples).
 
 The stop rule: a reply ends at its first stop id (`reply_stop_ids`: eos, `<|user|>`, `<|observation|>`);
 `cut_at_stop` is the only function that applies it (the serving engine applies it one token at a time).
@@ -29,8 +32,9 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
-from data_tools.tool_calls import parse_tool_call, read_tool_call
-from finetune.data.encoding import IGNORE_INDEX, ROLES_WITHOUT_LOSS, conversation_tokens, encode_input_output
+# The module, not its names: finetune.data.encoding imports finetune.model, whose chat code imports this module.
+from finetune.data import encoding
+from finetune.data.tool_calls import read_tool_call
 from finetune.model.tokenization import reply_stop_ids
 
 # Temperatures at or below this are greedy decoding (the server's temperature 0).
@@ -139,8 +143,8 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizer, query: str, history: list[di
 
 def input_output_prompt_ids(prompt: str, tokenizer: PreTrainedTokenizer, max_source_length: int) -> list[int]:
     """`[gMASK] sop` + prompt ids, truncated exactly as the training encoding truncates the source."""
-    encoded = encode_input_output({"prompt": prompt, "response": ""}, tokenizer, max_source_length, 0)
-    source_length = encoded["labels"].count(IGNORE_INDEX)
+    encoded = encoding.encode_input_output({"prompt": prompt, "response": ""}, tokenizer, max_source_length, 0)
+    source_length = encoded["labels"].count(encoding.IGNORE_INDEX)
     return encoded["input_ids"][:source_length]
 
 
@@ -148,100 +152,12 @@ def conversation_prompt_ids(
     messages: list[dict], tools: list | None, tokenizer: PreTrainedTokenizer, max_source_length: int
 ) -> list[int]:
     """Chat turns as in training, then `<|assistant|>`; a long prompt loses its oldest tokens after `[gMASK] sop`."""
-    ids, _ = conversation_tokens({"conversations": messages, "tools": tools}, tokenizer)
+    ids, _ = encoding.conversation_tokens({"conversations": messages, "tools": tools}, tokenizer)
     ids = ids[:-1] + [tokenizer.get_command("<|assistant|>")]
     if len(ids) > max_source_length:
         keep = max(max_source_length - 2, 1)
         ids = ids[:2] + ids[-keep:]
     return ids
-
-
-def split_reference(messages: list[dict]) -> tuple[list[dict], dict | None]:
-    """The messages before the last assistant message, and that message (None when there is none)."""
-    for position in range(len(messages) - 1, -1, -1):
-        if messages[position].get("role") == "assistant":
-            return messages[:position], messages[position]
-    return messages, None
-
-
-def build_prompt_example(
-    record: dict, tokenizer: PreTrainedTokenizer, max_source_length: int, reference_from_record: bool
-) -> PromptExample:
-    """Encode one input-output or conversations record; with `reference_from_record` the reference is split off."""
-    if "conversations" not in record:
-        label = record.get("response") if reference_from_record else None
-        prompt_ids = input_output_prompt_ids(record["prompt"], tokenizer, max_source_length)
-        return PromptExample(record["prompt"], prompt_ids, label, reply_has_metadata=False)
-    messages = record["conversations"]
-    label = None
-    if reference_from_record:
-        messages, reference = split_reference(messages)
-        label = reference["content"] if reference else None
-    prompt_ids = conversation_prompt_ids(messages, record.get("tools"), tokenizer, max_source_length)
-    return PromptExample(messages, prompt_ids, label, reply_has_metadata=True)
-
-
-def evaluated_positions(messages: list[dict]) -> list[int]:
-    """Positions of the turns evaluation scores: learned assistant messages and tool calls (not `"loss": false`)."""
-    return [
-        position
-        for position, message in enumerate(messages)
-        if message["role"] not in ROLES_WITHOUT_LOSS and message.get("loss") is not False
-    ]
-
-
-def reference_call(message: dict) -> dict | None:
-    """The tool call a reference message makes (`{"name", "arguments"}`), None for a text reply.
-
-    An assistant message with metadata is a call when its content is a `tool_call(...)`; other metadata messages
-    (e.g. code for an interpreter) are scored as text.
-    """
-    if message["role"] == "tool":
-        return {"name": message["name"], "arguments": message["parameters"]}
-    if message.get("metadata"):
-        try:
-            return {"name": message["metadata"], "arguments": parse_tool_call(message["content"])}
-        except ValueError:
-            return None
-    return None
-
-
-def turn_examples(
-    record: dict, index: int, tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """One example per learned assistant turn or tool call of a conversation, given the reference history before it."""
-    messages = record["conversations"]
-    examples = []
-    for position in evaluated_positions(messages):
-        message = messages[position]
-        history = messages[:position]
-        call = reference_call(message)
-        examples.append(
-            PromptExample(
-                prompt=history,
-                prompt_ids=conversation_prompt_ids(history, record.get("tools"), tokenizer, max_source_length),
-                label=None if call else message["content"],
-                reply_has_metadata=True,
-                label_call=call,
-                example_id=f"{index}:{position}",
-            )
-        )
-    return examples
-
-
-def evaluation_examples(
-    records: Sequence[dict], tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """Evaluation prompts: one per input-output record, one per learned turn of a conversation."""
-    examples = []
-    for index, record in enumerate(records):
-        if "conversations" in record:
-            examples += turn_examples(record, index, tokenizer, max_source_length)
-        else:
-            example = build_prompt_example(record, tokenizer, max_source_length, reference_from_record=True)
-            example.example_id = str(index)
-            examples.append(example)
-    return examples
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

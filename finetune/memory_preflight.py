@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .data.encoding import input_output_row_length
+from .data.formats import FORMATS
+from .data.formats.base import EncodingLimits
 from .methods import method_named
 from .methods.base import mixed_precision_dtype
 from .model.configuration import ChatGLMConfig
@@ -475,22 +476,17 @@ def _deepspeed_settings(deepspeed: object) -> tuple[int, bool, bool]:
 def longest_row(data_args: object, data_format: str | None = None) -> int | None:
     """The longest training row the data arguments allow, or None when they bound nothing.
 
-    input_output rows are [gMASK] sop + prompt (max_source_length) + response (max_target_length) + eos;
-    conversation rows are at most max_seq_length; packed rows are packing_length long. With the format unknown,
-    the larger bound counts.
+    Each data format says its bound (input_output: [gMASK] sop + prompt + response + eos; conversations:
+    max_seq_length); packed rows are packing_length long. With the format unknown, the largest bound counts.
     """
     if getattr(data_args, "packing", False) and getattr(data_args, "packing_length", None):
         return data_args.packing_length
     data_format = data_format or getattr(data_args, "data_format", None)
-    source = getattr(data_args, "max_source_length", None)
-    target = getattr(data_args, "max_target_length", None)
-    input_output = input_output_row_length(source, target) if source and target else None
-    conversations = getattr(data_args, "max_seq_length", None)
-    if data_format == "input_output" and input_output:
-        return input_output
-    if data_format == "conversations" and conversations:
-        return conversations
-    bounds = [bound for bound in (input_output, conversations) if bound]
+    names = ("max_source_length", "max_target_length", "max_seq_length")
+    limits = EncodingLimits(*(getattr(data_args, name, None) for name in names))
+    if data_format in FORMATS and FORMATS[data_format].longest_row(limits):
+        return FORMATS[data_format].longest_row(limits)
+    bounds = [bound for known in FORMATS.values() if (bound := known.longest_row(limits))]
     return max(bounds) if bounds else None
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from data_tools.atomic_files import write_json_atomically, write_jsonl_atomically
+from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 
 PARTIAL_PATTERN = "{name}.rank{rank}.partial"
 SETTINGS_SUFFIX = ".settings.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_tools.atomic_files import write_json_atomically
+from finetune.atomic_files import write_json_atomically
 from finetune.checkpoints import (
     checkpoint_method,
     load_for_inference,

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
-from data_tools.atomic_files import replace_folder
+from finetune.atomic_files import replace_folder
 from finetune.model.configuration import CHATGLM3_6B_FIELDS, ChatGLMConfig
 from finetune.model.modeling import ChatGLMForConditionalGeneration
 from finetune.model.tokenization import ChatGLMTokenizer, reply_stop_ids

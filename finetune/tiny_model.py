@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 from transformers import GenerationConfig
 
-from data_tools.atomic_files import replace_folder
+from finetune.atomic_files import replace_folder
 from finetune.model.configuration import ChatGLMConfig
 from finetune.model.modeling import ChatGLMForConditionalGeneration
 from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer, reply_stop_ids

@@ -28,16 +28,16 @@ from transformers import (
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import SaveStrategy, set_seed
 
-from data_tools.atomic_files import write_json_atomically, write_jsonl_atomically
+from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
 from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
-from finetune.data.encoding import CONVERSATIONS, INPUT_OUTPUT, input_output_row_length
+from finetune.data.formats import evaluation_examples, format_named, format_names
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_learned_spans, print_token_labels
-from finetune.generation import PromptExample, evaluation_examples
+from finetune.generation import PromptExample
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, method_of
 from finetune.quantization import check_4bit_layer_widths, check_quantization_available
@@ -119,8 +119,8 @@ def check_run_settings(
         raise ValueError(f"--eval_strategy {training_args.eval_strategy} needs --validation_file")
     if training_args.do_predict and not training_args.predict_with_generate:
         raise ValueError("--do_predict writes generated answers: pass --predict_with_generate too")
-    if data_args.data_format not in (None, INPUT_OUTPUT, CONVERSATIONS):
-        raise ValueError(f"--data_format must be {INPUT_OUTPUT} or {CONVERSATIONS}, got {data_args.data_format!r}")
+    if data_args.data_format not in (None, *format_names()):
+        raise ValueError(f"--data_format must be {' or '.join(format_names())}, got {data_args.data_format!r}")
     method = method_of(model_args)
     if method.zero3_problem and is_deepspeed_zero3_enabled():
         raise ValueError(method.zero3_problem)
@@ -215,9 +215,7 @@ def packing_length(data_args: DataArguments, data_format: str) -> int:
     """Tokens per packed row: --packing_length, else the longest example the length limits allow."""
     if data_args.packing_length:
         return data_args.packing_length
-    if data_format == INPUT_OUTPUT:
-        return input_output_row_length(data_args.max_source_length, data_args.max_target_length)
-    return data_args.max_seq_length
+    return format_named(data_format).longest_row(encoding_limits(data_args))
 
 
 def training_row_length(data_args: DataArguments, splits: dict[str, TrainingData]) -> int | None:

@@ -24,7 +24,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import EvalLoopOutput, SaveStrategy, rotate_checkpoints
 
-from data_tools.atomic_files import replace_folder, write_json_atomically
+from finetune.atomic_files import replace_folder, write_json_atomically
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.base_fingerprint import RECORD_FIELD as BASE_FINGERPRINT_FIELD
 from finetune.base_fingerprint import base_fingerprint

@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
-from finetune.data.validation import DataValidationError
+from finetune.data.formats import format_of, prompt_example
+from finetune.data.records import DataValidationError
 from finetune.evaluate import DEFAULT_MAX_SOURCE_LENGTH, read_checked_records
-from finetune.generation import build_generation_config, build_prompt_example, decode_reply, generate_token_ids
+from finetune.generation import build_generation_config, decode_reply, generate_token_ids
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.prediction_log import (
     OutputNotWritableError,
@@ -41,7 +42,7 @@ EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
 REPLY_STOPPED = "[reply stopped]"
 
 
-def chat_generation_kwargs(args: argparse.Namespace) -> dict:
+def chat_options(args: argparse.Namespace) -> dict:
     """Keyword arguments for model.chat/stream_chat from the command line."""
     kwargs = {"max_new_tokens": args.max_new_tokens, "max_length": None, "do_sample": args.do_sample}
     if args.do_sample:
@@ -127,8 +128,8 @@ def batch_settings(args: argparse.Namespace) -> dict:
 
 def batch_row(record: dict, prompt: str | list[dict], ids: list[int], tokenizer, has_metadata: bool) -> dict:
     """The output line of one record: its prompt or conversations, its tools, and the reply or tool call."""
-    prompt_key = "conversations" if isinstance(prompt, list) else "prompt"
-    tools = record.get("tools") if prompt_key == "conversations" else None
+    prompt_key = format_of(record).prompt_key
+    tools = record.get("tools") if has_metadata else None
     if not tools:
         return {prompt_key: prompt, "response": decode_reply(ids, tokenizer, has_metadata)}
     content, calls = assistant_reply(decode_reply(ids, tokenizer, False), tools)
@@ -144,7 +145,7 @@ def run_batch(model, tokenizer, args: argparse.Namespace, records: list[dict]) -
     Replies are appended to a partial file as they are made; a rerun with the same settings continues from it, and
     the finished run writes --output_file (one line per record, in input order) atomically.
     """
-    examples = [build_prompt_example(record, tokenizer, args.max_source_length, False) for record in records]
+    examples = [prompt_example(record, tokenizer, args.max_source_length, False) for record in records]
     final = Path(args.output_file)
     prepare_resume(final, batch_settings(args))
     done = read_partial_rows(final)
@@ -209,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             count = run_batch(model, tokenizer, args, records)
             print(f"wrote {count} replies to {args.output_file}", file=sys.stderr)
         elif args.prompt is not None:
-            stream_reply(model, tokenizer, args.prompt, [], chat_generation_kwargs(args))
+            stream_reply(model, tokenizer, args.prompt, [], chat_options(args))
         else:
-            chat_loop(model, tokenizer, chat_generation_kwargs(args))
+            chat_loop(model, tokenizer, chat_options(args))
     except (CheckpointError, ModelLoadError, DataValidationError, OutputNotWritableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

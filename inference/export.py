@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from data_tools.atomic_files import replace_folder
+from finetune.atomic_files import replace_folder
 from finetune.checkpoints import (
     DTYPES,
     CheckpointKind,

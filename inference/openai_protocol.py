@@ -13,7 +13,7 @@ import math
 import uuid
 from dataclasses import dataclass, field
 
-from data_tools.tool_calls import parse_tool_call
+from finetune.data.tool_calls import parse_tool_call
 from finetune.data.encoding import format_tool_call, tools_system_message
 from finetune.model.chat import REPLACEMENT_CHARACTER, TRAINING_DATE_PLACEHOLDER
 

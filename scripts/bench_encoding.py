@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_tools.atomic_files import write_jsonl_atomically
+from finetune.atomic_files import write_jsonl_atomically
 from finetune.data.loading import EncodingLimits, load_training_data
 from finetune.model.tokenization import ChatGLMTokenizer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import finetune  # noqa: F401  (registers the ChatGLM3 classes with the Auto classes)
+import finetune.model  # noqa: F401  (registers the ChatGLM3 classes with the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from finetune.model.prefix_checkpoint import save_prefix_weights
 

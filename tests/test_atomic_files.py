@@ -1,4 +1,4 @@
-"""data_tools/atomic_files.py: a failed write leaves the old file and no temporary file; folders are swapped whole."""
+"""finetune/atomic_files.py: a failed write leaves the old file and no temporary file; folders are swapped whole."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from data_tools.atomic_files import replace_folder, write_atomically, write_jsonl_atomically
+from finetune.atomic_files import replace_folder, write_atomically, write_jsonl_atomically
 
 
 def test_jsonl_is_written_with_non_ascii_kept_and_counted(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-import finetune  # noqa: F401  (registers ChatGLM3 with the Auto classes)
+import finetune.model  # noqa: F401  (registers ChatGLM3 with the Auto classes)
 from finetune.data.collator import RightPaddingCollator, first_fit_bins, pack_examples, packed_attention_stretch
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation
 from finetune.data.loading import EncodingLimits, load_training_data

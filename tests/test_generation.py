@@ -1,15 +1,17 @@
-"""finetune/generation.py: the stop rule, evaluation prompts per learned turn, and evaluation during training equal to
-standalone evaluation on the same checkpoint and data (batched generation itself: tests/test_evaluate.py)."""
+"""finetune/generation.py: the stop rule, evaluation prompts per learned turn (the data format splits the turns,
+generation builds their ids), and evaluation during training equal to standalone evaluation on the same checkpoint
+and data (batched generation itself: tests/test_evaluate.py)."""
 
 import json
 
 from train_helpers import conversation_records, run_arguments, write_jsonl
 
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation
+from finetune.data.formats import evaluation_examples
 from finetune.evaluate import METRICS_FILE
 from finetune.evaluate import PREDICTIONS_FILE as EVALUATION_PREDICTIONS
 from finetune.evaluate import main as evaluate_main
-from finetune.generation import cut_at_stop, evaluation_examples
+from finetune.generation import cut_at_stop
 from finetune.metrics import METRIC_NAMES
 from finetune.train import PREDICTIONS_FILE as TRAINING_PREDICTIONS
 from finetune.train import main as train_main

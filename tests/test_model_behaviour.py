@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import finetune  # noqa: F401  (registers the Auto classes)
+import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.chat import parse_tool_call, split_response

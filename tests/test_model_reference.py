@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import finetune  # noqa: F401  (registers the Auto classes)
+import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.model.prefix_checkpoint import load_prefix_checkpoint
 

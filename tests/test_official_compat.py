@@ -11,7 +11,7 @@ import torch
 from train_helpers import input_output_records, run_arguments, write_jsonl
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import finetune  # noqa: F401  (registers the Auto classes)
+import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation
 from finetune.generation import INVALID_SCORE_FALLBACK_TOKEN
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer

@@ -18,7 +18,7 @@ from finetune.data.preference import (
     encode_pair,
     load_preference_data,
 )
-from finetune.data.validation import DataValidationError
+from finetune.data.records import DataValidationError
 
 HISTORY = [
     {"role": "system", "content": "You are a shop assistant."},

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sentencepiece import sentencepiece_model_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import finetune  # noqa: F401  (registers the Auto classes)
+import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.model.modeling import ChatGLMForConditionalGeneration
 from finetune.model.tokenization import ChatGLMTokenizer
 from finetune.tiny_model import build_tiny_model, main

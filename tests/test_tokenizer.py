@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BatchEncoding
 
-import finetune  # noqa: F401  (registers ChatGLMTokenizer with AutoTokenizer)
+import finetune.model  # noqa: F401  (registers ChatGLMTokenizer with AutoTokenizer)
 from finetune.model.tokenization import CHATGLM_SPECIAL_TOKENS, ChatGLMTokenizer
 
 

@@ -1,8 +1,8 @@
-"""data_tools/tool_calls.py: ChatGLM3 tool-call text read back into a name and arguments."""
+"""finetune/data/tool_calls.py: ChatGLM3 tool-call text read back into a name and arguments."""
 
 import pytest
 
-from data_tools.tool_calls import ToolCall, parse_tool_call, read_tool_call, split_metadata, strip_code_fence
+from finetune.data.tool_calls import ToolCall, parse_tool_call, read_tool_call, split_metadata, strip_code_fence
 
 
 def test_generated_replies_are_read_as_chatglm3_reads_them():

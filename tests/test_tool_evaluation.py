@@ -80,7 +80,7 @@ def test_trained_checkpoint_calls_tools_better_than_the_untrained_one(tiny_model
 
 
 def test_reference_calls_in_both_of_our_forms():
-    from finetune.generation import reference_call
+    from finetune.data.formats.conversations import reference_call
 
     tool = {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": "晴"}
     text_form = {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='北京')\n```"}

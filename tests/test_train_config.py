@@ -13,7 +13,7 @@ from train_helpers import input_output_records, write_jsonl
 
 from finetune import train
 from finetune.arguments import BASE_MODEL_ENV, ModelArguments, parse_arguments, parse_lora_target
-from finetune.data.validation import DataValidationError
+from finetune.data.records import DataValidationError
 from finetune.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

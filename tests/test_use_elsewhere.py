@@ -22,7 +22,7 @@ from cached_test_dependencies import old_stack_folder, unavailable
 from safetensors.torch import load_file
 from train_helpers import input_output_records, run_arguments, write_jsonl
 
-import finetune  # noqa: F401  (registers the Auto classes)
+import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.checkpoints import load_for_inference
 from finetune.model import ChatGLMTokenizer
 from finetune.train import main as train

@@ -10,7 +10,8 @@ from train_helpers import write_jsonl
 
 from finetune.data.encoding import encode_input_output
 from finetune.data.loading import EncodingLimits, load_training_data
-from finetune.data.validation import SKIP_INVALID_ADVICE, DataValidationError, print_learned_spans, print_token_labels
+from finetune.data.records import SKIP_INVALID_ADVICE, DataValidationError
+from finetune.data.validation import print_learned_spans, print_token_labels
 from finetune.model.tokenization import ChatGLMTokenizer
 
 MALFORMED_DIR = Path(__file__).parent / "data" / "malformed"

@@ -1,6 +1,7 @@
 """Token ids and labels of training examples: the one module where a token gets its label.
 
-Two formats, both as in ChatGLM3's official fine-tuning code:
+The data formats (finetune/data/formats/) encode their records through these functions. The two built-in formats,
+both as in ChatGLM3's official fine-tuning code:
   input_output   {"prompt", "response"}: `[gMASK] sop` + prompt + response + eos; only response and eos learned.
   conversations  {"conversations": [...], "tools"?: [...]}: ChatGLM3 chat turns (a first system message may carry
                  its own "tools" list, as in model.chat and GLM-4 data); a token is learned when the
@@ -15,7 +16,6 @@ from finetune.model.tokenization import ChatGLMTokenizer
 
 INPUT_OUTPUT = "input_output"
 CONVERSATIONS = "conversations"
-DATA_FORMATS = (INPUT_OUTPUT, CONVERSATIONS)
 TOOLS_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:\n"
 ROLES_WITHOUT_LOSS = frozenset({"system", "user", "observation"})
 MESSAGE_ROLES = ("system", "user", "assistant", "observation", "tool")

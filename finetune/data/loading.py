@@ -4,6 +4,7 @@ All problems are collected before anything is raised, so one error lists every b
 dataset has the columns `input_ids`, `labels` and `length` (for the Trainer's group-by-length sampler).
 """
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -13,16 +14,15 @@ import datasets
 from datasets.fingerprint import Hasher
 
 from finetune.data import encoding
-from finetune.data.encoding import CONVERSATIONS, DATA_FORMATS, IGNORE_INDEX, INPUT_OUTPUT
+from finetune.data.encoding import IGNORE_INDEX
+from finetune.data.formats import default_format, detect_format, format_named
+from finetune.data.formats.base import DataFormat, EncodingLimits
+from finetune.data.records import DataProblem, DataValidationError, read_source_records
 from finetune.data.source_formats import check_not_source_format
 from finetune.data.validation import (
-    DataProblem,
     DataSummary,
-    DataValidationError,
     check_records,
-    detect_file_format,
     misspelled_keys,
-    read_source_records,
     summarize_lengths,
     untrainable_problem,
 )
@@ -33,26 +33,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(datasets.config.HF_DATASETS_CACHE) / "chatglm_finetune_encoded"
 RECORD_COLUMN = "record"
 OUTPUT_COLUMNS = ["input_ids", "labels", "length"]
-
-
-@dataclass(frozen=True)
-class EncodingLimits:
-    """Truncation lengths: prompt/response budgets for input-output data, a total for conversations."""
-
-    max_source_length: int | None = None
-    max_target_length: int | None = None
-    max_seq_length: int | None = None
-
-    def check_for(self, data_format: str) -> None:
-        """Raise ValueError when a length the format needs is missing or not positive."""
-        needed = ("max_source_length", "max_target_length") if data_format == INPUT_OUTPUT else ()
-        for name in needed:
-            if getattr(self, name) is None:
-                raise ValueError(f"{data_format} data needs {name}")
-        for name in ("max_source_length", "max_target_length", "max_seq_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of tokens, got {value}")
 
 
 @dataclass
@@ -66,18 +46,12 @@ class TrainingData:
 
 
 def encode_record_batch(
-    batch: dict[str, list], tokenizer: ChatGLMTokenizer, data_format: str, limits: EncodingLimits
+    batch: dict[str, list], tokenizer: ChatGLMTokenizer, data_format: DataFormat, limits: EncodingLimits
 ) -> dict[str, list]:
-    """Dataset.map function: encode a batch of JSON-encoded records into ids, labels and lengths."""
+    """Dataset.map function: encode a batch of JSON-encoded records of `data_format` into ids, labels and lengths."""
     encoded_batch: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "full_length": [], "learned": []}
     for text in batch[RECORD_COLUMN]:
-        example = json.loads(text)
-        if data_format == INPUT_OUTPUT:
-            encoded = encoding.encode_input_output_with_length(
-                example, tokenizer, limits.max_source_length, limits.max_target_length
-            )
-        else:
-            encoded = encoding.encode_conversation_with_length(example, tokenizer, limits.max_seq_length)
+        encoded = data_format.encode(json.loads(text), tokenizer, limits)
         encoded_batch["input_ids"].append(encoded["input_ids"])
         encoded_batch["labels"].append(encoded["labels"])
         encoded_batch["length"].append(len(encoded["input_ids"]))
@@ -87,12 +61,12 @@ def encode_record_batch(
 
 
 def _cache_file_name(
-    cache_dir: Path, records: list[str], tokenizer: ChatGLMTokenizer, data_format: str, limits: EncodingLimits
+    cache_dir: Path, records: list[str], tokenizer: ChatGLMTokenizer, data_format: DataFormat, limits: EncodingLimits
 ) -> str:
-    """Cache file for this exact data, tokenizer, format, limits and encoding code."""
-    encoding_source = Path(encoding.__file__).read_bytes()
-    fingerprint = Hasher.hash([records, Hasher.hash(tokenizer), data_format, limits, encoding_source])
-    return str(cache_dir / f"encoded-{data_format}-{fingerprint}.arrow")
+    """Cache file for this exact data, tokenizer, format, limits and encoding code (encoding.py and the format's)."""
+    code = Path(encoding.__file__).read_bytes() + Path(inspect.getfile(type(data_format))).read_bytes()
+    fingerprint = Hasher.hash([records, Hasher.hash(tokenizer), data_format.name, limits, code])
+    return str(cache_dir / f"encoded-{data_format.name}-{fingerprint}.arrow")
 
 
 def _raise_for_problems(path: Path, problems: list[DataProblem], skip_invalid: bool, examples_left: int) -> None:
@@ -116,22 +90,23 @@ def load_training_data(
     """Read, validate and encode a training file. Raise DataValidationError listing every problem unless
     `skip_invalid`, which leaves bad records out (they are logged and returned in `skipped`).
 
-    `data_format` is "input_output" or "conversations"; None picks it from the fields of the first record.
+    `data_format` names a registered format (finetune/data/formats/); None picks it from the fields of the first
+    record.
     `cache_dir=None` disables the encoding cache.
     """
     path = Path(path)
     records, problems = read_source_records(path)
     check_not_source_format(path, records)
     if data_format is None:
-        data_format = detect_file_format(records) or (CONVERSATIONS if records else None)
-    if data_format is None:
+        found = detect_format(records) or (default_format() if records else None)
+    else:
+        found = format_named(data_format)
+    if found is None:
         raise DataValidationError(problems)
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"unknown data format {data_format!r}; expected one of {DATA_FORMATS}")
-    limits.check_for(data_format)
-    valid, record_problems = check_records(records, data_format)
+    limits.check_for(found)
+    valid, record_problems = check_records(records, found.name)
     problems += record_problems
-    for warning in misspelled_keys(records, data_format):
+    for warning in misspelled_keys(records, found.name):
         logger.warning("%s", warning)
     if not valid:
         _raise_for_problems(path, problems, skip_invalid, examples_left=0)
@@ -141,11 +116,11 @@ def load_training_data(
     cache_file_name = None
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_file_name = _cache_file_name(Path(cache_dir), record_texts, tokenizer, data_format, limits)
+        cache_file_name = _cache_file_name(Path(cache_dir), record_texts, tokenizer, found, limits)
     dataset = dataset.map(
         encode_record_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "data_format": data_format, "limits": limits},
+        fn_kwargs={"tokenizer": tokenizer, "data_format": found, "limits": limits},
         remove_columns=[RECORD_COLUMN],
         num_proc=num_proc if num_proc and num_proc > 1 and len(valid) > 1 else None,
         cache_file_name=cache_file_name,
@@ -171,4 +146,4 @@ def load_training_data(
     summary = summarize_lengths([lengths[row] for row in keep], truncated, len(skipped_records))
     if len(keep) < len(valid):
         dataset = dataset.select(keep)
-    return TrainingData(dataset.select_columns(OUTPUT_COLUMNS), data_format, problems, summary)
+    return TrainingData(dataset.select_columns(OUTPUT_COLUMNS), found.name, problems, summary)

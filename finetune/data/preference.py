@@ -29,13 +29,8 @@ from finetune.data.encoding import (
     encode_input_output_with_length,
     format_tool_call,
 )
-from finetune.data.validation import (
-    DataProblem,
-    DataValidationError,
-    SourceRecord,
-    check_record,
-    read_source_records,
-)
+from finetune.data.records import DataProblem, DataValidationError, SourceRecord, read_source_records
+from finetune.data.validation import check_record
 from finetune.model.tokenization import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)

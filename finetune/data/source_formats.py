@@ -4,7 +4,8 @@ data_tools/ turns them into the toolkit's records. Training and evaluation both 
 
 from pathlib import Path
 
-from finetune.data.validation import DataProblem, DataValidationError, SourceRecord, detect_file_format
+from finetune.data.records import DataProblem, DataValidationError, SourceRecord
+from finetune.data.validation import detect_file_format
 
 
 def _first_object(records: list[SourceRecord]) -> dict | None:

@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from data_tools.atomic_files import write_text_atomically
+from finetune.atomic_files import write_text_atomically
 from finetune.arguments import LORA_TARGET_ALL, ModelArguments
 from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
 from finetune.methods.base import FinetuneMethod, SaveContext

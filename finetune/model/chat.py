@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from data_tools.tool_calls import parse_tool_call
+from finetune.data.tool_calls import parse_tool_call
 
 # Imported as a module: finetune.generation imports the model package, which imports this module.
 from finetune import generation

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_tools.atomic_files import atomic_path
+from finetune.atomic_files import atomic_path
 
 from ..checkpoint_layout import PREFIX_OFFICIAL_BIN, PREFIX_SAFETENSORS, first_file
 from .checkpoint_files import CheckpointError, check_weight_file

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from data_tools.atomic_files import atomic_path
+from finetune.atomic_files import atomic_path
 
 from .checkpoint_files import read_json_file
 

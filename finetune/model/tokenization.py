@@ -8,7 +8,7 @@ import sentencepiece as spm
 from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from data_tools.atomic_files import write_text_atomically
+from finetune.atomic_files import write_text_atomically
 
 # ChatGLM3's own tokens, in id order: they take the ids right after the SentencePiece vocabulary.
 CHATGLM_SPECIAL_TOKENS = (

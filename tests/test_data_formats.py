@@ -1,0 +1,136 @@
+"""finetune/data/formats/: the registry of data formats. A format added as one module of its own is detected,
+validated (errors with file, line and field), encoded, trained on, split for evaluation and bounded by the memory
+preflight through the normal paths, with no other file touched."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from train_helpers import PROMPTS, RESPONSES, run_arguments, write_jsonl
+
+from finetune.data import formats
+from finetune.data.encoding import IGNORE_INDEX, text_ids
+from finetune.data.formats.base import EncodingLimits
+from finetune.data.loading import load_training_data
+from finetune.data.records import DataValidationError
+from finetune.evaluate import read_checked_records
+from finetune.memory_preflight import longest_row
+from finetune.train import main as train_main
+
+# The whole of a new format: Alpaca-style records, the instruction and input as the prompt, the output learned.
+ALPACA_MODULE = '''
+from finetune.data import encoding
+from finetune.data.formats.base import DataFormat, PromptExample, check_string
+from finetune.generation import input_output_prompt_ids
+
+
+def prompt_of(record):
+    return record["instruction"] + ("\\n" + record["input"] if record.get("input") else "")
+
+
+class Alpaca(DataFormat):
+    name = "alpaca"
+    title = "Alpaca"
+    detected_by = ("instruction",)
+    record_keys = ("instruction", "input", "output")
+    needed_limits = ("max_source_length", "max_target_length")
+    prompt_key = "instruction"
+
+    def check(self, record):
+        optional_input = check_string(record, "input") if "input" in record else []
+        return check_string(record, "instruction") + optional_input + check_string(record, "output")
+
+    def encode(self, record, tokenizer, limits):
+        pair = {"prompt": prompt_of(record), "response": record["output"]}
+        return encoding.encode_input_output_with_length(
+            pair, tokenizer, limits.max_source_length, limits.max_target_length
+        )
+
+    def longest_row(self, limits):
+        return encoding.input_output_row_length(limits.max_source_length, limits.max_target_length)
+
+    def with_empty_reply(self, record):
+        return {"output": "", **record}
+
+    def prompt_example(self, record, tokenizer, max_source_length, reference_from_record):
+        label = record["output"] if reference_from_record else None
+        prompt_ids = input_output_prompt_ids(prompt_of(record), tokenizer, max_source_length)
+        return PromptExample(prompt_of(record), prompt_ids, label, reply_has_metadata=False)
+
+    def evaluation_examples(self, record, index, tokenizer, max_source_length):
+        example = self.prompt_example(record, tokenizer, max_source_length, True)
+        example.example_id = str(index)
+        return [example]
+
+
+FORMAT = Alpaca()
+'''
+
+
+@pytest.fixture
+def alpaca_format(tmp_path):
+    """The Alpaca format, written as its own module outside the package and registered for the test."""
+    path = tmp_path / "alpaca_format.py"
+    path.write_text(ALPACA_MODULE, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("alpaca_format", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["alpaca_format"] = module  # the encoding cache and Dataset.map look the class up by its module
+    spec.loader.exec_module(module)
+    formats.register_format(module.FORMAT)
+    yield module.FORMAT
+    formats.unregister_format(module.FORMAT.name)
+    del sys.modules["alpaca_format"]
+
+
+def alpaca_records(count: int) -> list[dict]:
+    """`count` Alpaca records cycling through the fixed texts."""
+    return [
+        {"instruction": PROMPTS[i % len(PROMPTS)], "input": "", "output": RESPONSES[i % len(RESPONSES)]}
+        for i in range(count)
+    ]
+
+
+def test_built_in_formats_are_detected_and_checked_by_the_registry():
+    assert formats.format_names() == ("conversations", "input_output")
+    assert formats.format_of({"prompt": "a", "response": "b"}).name == "input_output"
+    assert formats.format_of({"conversations": []}).name == "conversations"
+    assert formats.format_of({"text": "a"}) is None and formats.format_of(["a"]) is None
+    with pytest.raises(ValueError, match="unknown data format 'alpaca'; expected one of"):
+        formats.format_named("alpaca")
+
+
+def test_a_format_in_its_own_module_trains_and_evaluates_through_the_normal_path(
+    alpaca_format, tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    limits = EncodingLimits(max_source_length=48, max_target_length=48)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*alpaca_records(2), {"instruction": "x", "output": 3}])
+    with pytest.raises(DataValidationError) as error:
+        load_training_data(bad, tiny_tokenizer, limits, cache_dir=None)
+    assert f"{bad}:3 field 'output': must be a string, got number" in str(error.value)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*alpaca_records(1), {"prompt": "a", "response": "b"}])
+    with pytest.raises(DataValidationError, match=r"mixed.jsonl:2: record is in input-output format but the data is Alp"):
+        load_training_data(mixed, tiny_tokenizer, limits, cache_dir=None)
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", alpaca_records(4))
+    data = load_training_data(train_file, tiny_tokenizer, limits, cache_dir=tmp_path / "cache")
+    assert data.data_format == "alpaca" and len(data.dataset) == 4
+    first = data.dataset[0]
+    learned = [token for token in first["labels"] if token != IGNORE_INDEX]
+    assert learned == text_ids(tiny_tokenizer, RESPONSES[0]) + [tiny_tokenizer.eos_token_id]
+
+    argv = run_arguments(tiny_model_dir, train_file, tmp_path / "out", tmp_path / "cache", lora_rank=4, max_steps=1)
+    run = train_main(argv)
+    assert run.trainer.state.global_step == 1
+    record = json.loads((tmp_path / "out" / "training_record.json").read_text(encoding="utf-8"))
+    assert record["data_args"]["data_format"] == "alpaca"
+
+    records = read_checked_records(train_file, reference_from_record=True, data_format="alpaca")
+    examples = formats.evaluation_examples(records, tiny_tokenizer, max_source_length=48)
+    assert [(example.prompt, example.label) for example in examples[:2]] == list(zip(PROMPTS[:2], RESPONSES[:2]))
+    assert examples[0].prompt_ids == first["input_ids"][: first["labels"].index(learned[0])]
+
+    bounds = SimpleNamespace(max_source_length=48, max_target_length=16, max_seq_length=32, data_format="alpaca")
+    assert longest_row(bounds) == 65
