@@ -360,8 +360,6 @@ def run(
         callbacks=[ThroughputCallback(), LossCurveCallback(training_args.output_dir), *extra_callbacks, stop],
         model_args=model_args,
         data_args=data_args,
-        eval_data_collator=collator,
-        max_new_tokens=1,
         pref_args=pref_args,
         reference=reference_description(method, pref_args, model_args, adapter_start),
     )

@@ -10,17 +10,18 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
 from transformers import Seq2SeqTrainer
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import EvalLoopOutput, SaveStrategy, rotate_checkpoints
 
 from finetune.atomic_files import replace_folder
 from finetune.arguments import DataArguments, ModelArguments
@@ -36,12 +37,12 @@ from finetune.checkpoint_format import (
     staging_folder,
     write_training_record,
 )
-from finetune.generation_eval_batches import (
-    GENERATION_KEYS,
-    PROMPT_ATTENTION_MASK,
-    PROMPT_INPUT_IDS,
-    REFERENCE_IDS,
-    blank_after_stop,
+from finetune.generation import (
+    PromptExample,
+    build_generation_config,
+    generate_token_ids,
+    length_batches,
+    prediction_row,
 )
 from finetune.memory_preflight import ADAMW_STATE_BYTES as ADAM_STATE_BYTES_PER_PARAMETER
 from finetune.memory_preflight import MASTER_WEIGHT_BYTES as MASTER_WEIGHT_BYTES_PER_PARAMETER
@@ -95,15 +96,18 @@ class FinetuneTrainer(Seq2SeqTrainer):
         *args,
         model_args: ModelArguments,
         data_args: DataArguments,
-        eval_data_collator: Callable[[list[dict]], dict],
-        max_new_tokens: int,
+        generation_examples: Mapping[str, Sequence[PromptExample]] | None = None,
+        max_new_tokens: int = 1,
         **kwargs,
     ):
+        """`generation_examples`: the evaluation prompts (finetune.generation) of each split, keyed by the metric
+        prefix its evaluation uses ("eval", "predict"); with predict_with_generate their replies of at most
+        `max_new_tokens` tokens are generated and scored."""
         self.model_args = model_args
         self.base_fingerprint = base_fingerprint(model_args.model_name_or_path)
         self.method = method_of(model_args)
         self.data_args = data_args
-        self.eval_data_collator = eval_data_collator
+        self.generation_examples = dict(generation_examples or {})
         self.max_new_tokens = max_new_tokens
         model = kwargs.get("model")
         with self._allow_quantized_prefix_training(model):
@@ -112,6 +116,10 @@ class FinetuneTrainer(Seq2SeqTrainer):
         # the Trainer must scale the loss for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
         self.add_callback(ResumedScheduleCallback())
+        if self.args.label_names is None:
+            # The forward takes `labels` or, instead, `shift_labels`; Trainer would want both in every evaluation batch
+            # before it computes a loss.
+            self.label_names = ["labels"]
 
     @contextlib.contextmanager
     def _allow_quantized_prefix_training(self, model: nn.Module | None):
@@ -312,77 +320,70 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
 
-    def _get_dataloader(
-        self,
-        dataset,
-        description: str,
-        batch_size: int,
-        sampler_fn=None,
-        is_training: bool = False,
-        dataloader_key: str | None = None,
-    ):
-        """Trainer's dataloader, batched by `eval_data_collator` for evaluation and prediction."""
-        if is_training:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        training_collator = self.data_collator
-        self.data_collator = self.eval_data_collator
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        finally:
-            self.data_collator = training_collator
-
-    def _stop_token_ids(self) -> list[int]:
-        """Token ids that end a generated answer: the generation config's eos ids and the tokenizer's eos."""
-        eos = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
-        stop_ids = list(eos) if isinstance(eos, Sequence) else [eos] if eos is not None else []
-        if self.processing_class is not None and self.processing_class.eos_token_id not in stop_ids:
-            stop_ids.append(self.processing_class.eos_token_id)
-        return stop_ids
-
-    def _generation_kwargs(self, overrides: dict) -> dict:
-        """Greedy decoding of at most max_new_tokens, updated by Seq2SeqTrainer's and the caller's settings."""
-        kwargs = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": False,
-            "eos_token_id": self._stop_token_ids(),
-            "pad_token_id": self.processing_class.pad_token_id,
-            "synced_gpus": is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model),
-        }
-        kwargs.update(getattr(self, "_gen_kwargs", {}))
-        kwargs.update(overrides)
-        if kwargs.get("max_length") is not None:
-            kwargs.pop("max_new_tokens")
-        return {key: value for key, value in kwargs.items() if value is not None}
-
-    def prediction_step(
+    def compute_loss(
         self,
         model: nn.Module,
         inputs: dict[str, torch.Tensor],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-        **gen_kwargs,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Evaluation loss on the full examples and, with predict_with_generate, greedy answers to the prompts.
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, object]:
+        """Trainer's loss; out of training the model keeps only the last position's logits, which the loss (computed
+        in chunks from the hidden states) does not need."""
+        # Why overridden: no Trainer argument passes a forward keyword (logits_to_keep) to evaluation batches only.
+        if not model.training:
+            inputs = {**inputs, "logits_to_keep": 1}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        Returns (loss, generated answer ids with the prompt removed and stop tokens blanked, reference ids).
-        """
-        inputs = dict(inputs)
-        generation_inputs = {key: inputs.pop(key) for key in GENERATION_KEYS if key in inputs}
-        inputs = self._prepare_inputs(inputs)
-        loss = None
-        if "labels" in inputs:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = model(**inputs, logits_to_keep=1).loss.detach()
-        if prediction_loss_only or not self.args.predict_with_generate or not generation_inputs:
-            return loss, None, None
-        generation_inputs = self._prepare_inputs(generation_inputs)
-        prompt_ids = generation_inputs[PROMPT_INPUT_IDS]
-        kwargs = self._generation_kwargs(gen_kwargs)
-        with torch.no_grad():
-            generated = self.model.generate(
-                input_ids=prompt_ids, attention_mask=generation_inputs[PROMPT_ATTENTION_MASK], **kwargs
-            )
-        answers = blank_after_stop(generated[:, prompt_ids.shape[1] :], kwargs["eos_token_id"], kwargs["pad_token_id"])
-        if answers.shape[1] == 0:
-            answers = torch.full((answers.shape[0], 1), kwargs["pad_token_id"], device=answers.device)
-        return loss, answers, generation_inputs[REFERENCE_IDS]
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Trainer's loop for the loss; then, with predict_with_generate, the replies to the split's evaluation
+        prompts (finetune.generation), scored as `python -m finetune.evaluate` scores them. The prediction rows
+        (`generated_predictions.jsonl`'s) are the output's `predictions`."""
+        # Why overridden: generated turns (one per learned turn of a record) are not the encoded rows Trainer batches.
+        output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        examples = self.generation_examples.get(metric_key_prefix)
+        if examples is None or not self.args.predict_with_generate or self.args.prediction_loss_only:
+            return output
+        from finetune.metrics import score_rows  # jieba loads its dictionary on import: only when scoring
+
+        rows = self.prediction_rows(examples)
+        scores = {f"{metric_key_prefix}_{name}": value for name, value in score_rows(rows).items()}
+        metrics = {**output.metrics, **scores}
+        return EvalLoopOutput(predictions=rows, label_ids=None, metrics=metrics, num_samples=output.num_samples)
+
+    def prediction_rows(self, examples: Sequence[PromptExample]) -> list[dict]:
+        """Greedy replies to `examples` as prediction rows, in order: each process generates its share of the length
+        batches (of per_device_eval_batch_size prompts), and the rows of all processes are gathered."""
+        tokenizer = self.processing_class
+        batch_size = self.args.per_device_eval_batch_size
+        batches = length_batches([len(example.prompt_ids) for example in examples], batch_size)
+        world_size, rank = self.args.world_size, self.args.process_index
+        share = batches[rank::world_size]
+        synced_gpus = is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model)
+        if synced_gpus and batches:
+            # Every process takes part in every generate call: a shorter share repeats a batch (its rows kept once).
+            share += [batches[0]] * (-(-len(batches) // world_size) - len(share))
+        rows: dict[int, dict] = {}
+
+        def keep(batch: Sequence[int], new_ids: list[list[int]]) -> None:
+            for index, ids in zip(batch, new_ids, strict=True):
+                rows[index] = prediction_row(examples[index], ids, tokenizer)
+
+        generate_token_ids(
+            self.model,
+            tokenizer,
+            [example.prompt_ids for example in examples],
+            build_generation_config(tokenizer, self.max_new_tokens),
+            batch_size,
+            batches=share,
+            on_batch=keep,
+            synced_gpus=synced_gpus,
+        )
+        gathered = dict(gather_object(list(rows.items())) if world_size > 1 else rows.items())
+        return [gathered[index] for index in range(len(examples))]

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Se
 
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.data.encoding import encode_input_output
-from finetune.generation_eval_batches import GenerationEvalCollator
 from finetune.methods import apply_method
 from finetune.methods.base import load_base_model
 from finetune.model.checkpoint_files import weight_keys
@@ -301,8 +300,6 @@ def test_trainer_accepts_a_quantized_base_only_with_a_trainable_prefix_encoder(t
             args=args,
             model_args=model_args,
             data_args=DataArguments(),
-            eval_data_collator=GenerationEvalCollator(pad_token_id=0),
-            max_new_tokens=4,
         )
 
     build_trainer()
