@@ -29,7 +29,8 @@ To add a record field: add it in build_training_record (or, for a method's setti
 and setting_names), and read it through a Checkpoint's `record` (or `settings`).
 
 Opening: open_checkpoint(folder) reads the folder once (its record, which method's files it holds, the base it
-names) and returns a Checkpoint that training, resume, evaluation, inference, export and the server use.
+names) and returns a Checkpoint that training, evaluation, inference, export and the server use; a run resumes
+from the Checkpoint read_resume_checkpoint returns (trainer state and DeepSpeed state checked too).
 """
 
 import dataclasses
@@ -272,21 +273,30 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 # ---- resuming -------------------------------------------------------------------------------------------------------
 
 
-def resume_problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete training checkpoint (trainer state, record and weights, DeepSpeed's own state
-    counting as weights), or None when training can resume from it."""
+def read_resume_checkpoint(folder: Path) -> tuple[Checkpoint | None, str | None]:
+    """(the checkpoint, read once, None) when training can resume from `folder` (trainer state, record and weights
+    complete, DeepSpeed's own state counting as weights), else (None, why not)."""
     if not folder.is_dir():
-        return "no such folder"
+        return None, "no such folder"
     if (folder / INCOMPLETE_MARKER).exists():
-        return f"{INCOMPLETE_MARKER} is present: its save did not finish"
+        return None, f"{INCOMPLETE_MARKER} is present: its save did not finish"
     for name in (TRAINER_STATE_FILE, TRAINING_RECORD):
         if not (folder / name).is_file():
-            return f"{name} is missing"
+            return None, f"{name} is missing"
     try:
         read_json_file(folder / TRAINER_STATE_FILE)
         record = read_json_file(folder / TRAINING_RECORD)
-        if deepspeed_state_folder(folder) is not None:
-            return None
-        return method_named(str(record.get("method"))).weights_problem(folder)
+        method = method_named(str(record.get("method")))
+        problem = method.weights_problem(folder) if deepspeed_state_folder(folder) is None else None
     except ValueError as error:  # a CheckpointError, or a record naming no known method
-        return str(error)
+        return None, str(error)
+    if problem is not None:
+        return None, problem
+    base = str(record["base_model"]) if record.get("base_model") else None
+    return Checkpoint(folder, method, MappingProxyType(record), base, folder / TRAINING_RECORD if base else None), None
+
+
+def resume_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete training checkpoint (see read_resume_checkpoint), or None when training can
+    resume from it."""
+    return read_resume_checkpoint(folder)[1]

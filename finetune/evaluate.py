@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizer, set_seed
 
 from finetune.arguments import DEFAULT_MAX_SOURCE_LENGTH
 from finetune.atomic_files import write_json_atomically
-from finetune.checkpoint_format import read_training_record, require_checkpoint_folder
+from finetune.checkpoint_format import Checkpoint, open_checkpoint, require_checkpoint_folder
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
 from finetune.data.formats import (
     detect_format,
@@ -201,11 +201,9 @@ class ProcessGroup:
             dist.destroy_process_group()
 
 
-def training_defaults(model: str) -> tuple[int | None, str | None]:
+def training_defaults(checkpoint: Checkpoint) -> tuple[int | None, str | None]:
     """max_source_length and data_format the checkpoint was trained with (training_record.json), when recorded."""
-    folder = Path(model)
-    record = read_training_record(folder) if folder.is_dir() else None
-    data_args = (record or {}).get("data_args") or {}
+    data_args = (checkpoint.record or {}).get("data_args") or {}
     return data_args.get("max_source_length"), data_args.get("data_format")
 
 
@@ -230,7 +228,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
         output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
         check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
         return evaluate_preferences(args, output_dir)
-    recorded_length, recorded_format = training_defaults(args.model)
+    checkpoint = open_checkpoint(args.model)
+    recorded_length, recorded_format = training_defaults(checkpoint)
     max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
     records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)
     output_root = args.output_root or REPOSITORY_OUTPUT
@@ -238,7 +237,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
     group = ProcessGroup.from_environment()
     try:
-        model, tokenizer, _ = load_from_arguments(args)
+        model, tokenizer, _ = load_from_arguments(args, checkpoint=checkpoint)
         examples = evaluation_examples(records[: args.max_samples], tokenizer, max_source_length)
         generation_config = build_generation_config(
             tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams

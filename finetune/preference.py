@@ -318,7 +318,8 @@ def run(
         training_args.ddp_find_unused_parameters = False
     check_preference_settings(model_args, data_args, training_args)
     adapter_start = start_from_checkpoint(model_args, pref_args)
-    resume, tokenizer = open_run(model_args, training_args)
+    resumed, tokenizer = open_run(model_args, training_args)
+    resume = resumed.folder if resumed is not None else None
     with training_args.main_process_first(desc="encoding pairs"):
         train = load_pairs(data_args.train_file, tokenizer, data_args, data_args.max_train_samples)
         evaluation = (

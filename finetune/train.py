@@ -31,7 +31,7 @@ from transformers.trainer_utils import SaveStrategy, set_seed
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
-from finetune.checkpoint_format import checkpoint_folder_name, checkpoint_folders, checkpoint_step
+from finetune.checkpoint_format import Checkpoint, checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
 from finetune.data.formats import evaluation_examples, format_named, format_names
@@ -377,10 +377,10 @@ def predict_and_save(trainer: FinetuneTrainer, test: TrainingData) -> dict:
 
 def open_run(
     model_args: ModelArguments, training_args: Seq2SeqTrainingArguments
-) -> tuple[Path | None, PreTrainedTokenizerBase]:
+) -> tuple[Checkpoint | None, PreTrainedTokenizerBase]:
     """What every training run (fine-tuning or preference tuning) does before its data: find and check the checkpoint
     to resume, check the output folder, set the seed, check the base folder (and its layer widths for a 4-bit base);
-    returns the checkpoint to resume (or None) and the base's tokenizer."""
+    returns the checkpoint to resume (or None), as read once, and the base's tokenizer."""
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         check_checkpoint_matches(resume, model_args)
@@ -402,11 +402,12 @@ def run(
     apply_implied_settings(data_args, training_args)
     if training_args.should_log:
         log_effective_settings(model_args, data_args, training_args)
-    resume, tokenizer = open_run(model_args, training_args)
+    resumed, tokenizer = open_run(model_args, training_args)
+    resume = resumed.folder if resumed is not None else None
     splits = load_data(data_args, training_args, tokenizer)
     record_detected_format(data_args, splits)
-    if resume is not None and training_args.do_train:
-        for notice in check_resumed_data_and_processes(resume, data_args, training_args, splits["train"].data_format):
+    if resumed is not None and training_args.do_train:
+        for notice in check_resumed_data_and_processes(resumed, data_args, training_args, splits["train"].data_format):
             if training_args.should_log:
                 logger.warning(notice)
     if "train" in splits and training_args.should_log:

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from finetune.arguments import ModelArguments
 from finetune.methods.base import CheckpointKind
+from finetune.checkpoint_format import open_checkpoint
 from finetune.checkpoints import load_for_inference
 from finetune.memory_preflight import setup_from_arguments
 from finetune.methods import method_named
@@ -54,7 +55,7 @@ def test_checkpoint_is_a_whole_model_recorded_as_freeze(freeze_run, tiny_model_d
 
 
 def test_resume_refuses_another_layer_count(freeze_run, tiny_model_dir):
-    checkpoint = freeze_run.output_dir / "checkpoint-4"
+    checkpoint = open_checkpoint(freeze_run.output_dir / "checkpoint-4")
     check_checkpoint_matches(checkpoint, ModelArguments(model_name_or_path=str(tiny_model_dir), trainable_layers=1))
     with pytest.raises(CheckpointError, match="trainable_layers=1 but this run has trainable_layers=2"):
         check_checkpoint_matches(checkpoint, ModelArguments(model_name_or_path=str(tiny_model_dir), trainable_layers=2))

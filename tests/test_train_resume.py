@@ -83,8 +83,8 @@ def test_crash_during_a_save_leaves_only_complete_checkpoints(
     assert {weights_file, "optimizer.pt", "training_record.json"} <= {path.name for path in staging.iterdir()}
     assert not (staging / "trainer_state.json").exists()
     assert not (output_dir / "checkpoint-4").exists()
-    assert find_latest_checkpoint(output_dir) == output_dir / "checkpoint-2"
-    assert resolve_resume_checkpoint("auto", output_dir) == output_dir / "checkpoint-2"
+    assert find_latest_checkpoint(output_dir).folder == output_dir / "checkpoint-2"
+    assert resolve_resume_checkpoint("auto", output_dir).folder == output_dir / "checkpoint-2"
 
     resumed = main(argv + ["--resume_from_checkpoint", "auto"])
     assert resumed.trainer.state.global_step == 4
