@@ -20,37 +20,21 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from finetune.quantization import QUANTIZATION_BITS
+from finetune.methods import METHOD_OPTIONS, METHODS, selected_method_name
 from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES
 
 BASE_MODEL_ENV = "BASE_MODEL_PATH"
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
-LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-LORA_TARGET_ALL = "all"
-METHOD_PTUNING = "ptuning"
-METHOD_LORA = "lora"
-METHOD_QLORA = "qlora"
-METHOD_FREEZE = "freeze"
-METHOD_FULL = "full"
-
-
-def parse_lora_target(value: str) -> list[str]:
-    """Module names for `--lora_target`: a comma-separated list of layer Linear names, or `all` for every one."""
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    if names == [LORA_TARGET_ALL]:
-        return list(LORA_LAYER_MODULES)
-    unknown = [name for name in names if name not in LORA_LAYER_MODULES]
-    if not names or unknown:
-        raise ValueError(
-            f"--lora_target {value!r}: unknown module name(s) {unknown or [value]}; use a comma-separated list of "
-            f"{', '.join(LORA_LAYER_MODULES)}, or '{LORA_TARGET_ALL}'"
-        )
-    return names
+# Token budgets of a run that sets none (a recipe in configs/ sets its own); evaluation and chat truncate prompts to the
+# same source budget by default.
+DEFAULT_MAX_SOURCE_LENGTH = 1024
+DEFAULT_MAX_TARGET_LENGTH = 128
+DEFAULT_MAX_SEQ_LENGTH = 2048
 
 
 @dataclass
-class ModelArguments:
-    """The base model and the fine-tuning method (--method, or the one its own flags select)."""
+class BaseModelChoice:
+    """The base model and the method: the first fields of ModelArguments (also by position)."""
 
     model_name_or_path: str | None = field(
         default=None,
@@ -59,50 +43,18 @@ class ModelArguments:
     method: str | None = field(
         default=None,
         metadata={
-            "help": "The fine-tuning method (a module of finetune/methods/): ptuning, lora, qlora, dora, freeze or "
-            "full. Default: the method the flags select: --pre_seq_len P-Tuning v2, --lora_rank LoRA (QLoRA with "
-            "--quantization_bit), --trainable_layers freeze tuning, none of them full fine-tuning."
+            "help": f"The fine-tuning method (a module of finetune/methods/): {', '.join(METHODS)}. Default: the "
+            "method the flags select: --pre_seq_len P-Tuning v2, --lora_rank LoRA (QLoRA with --quantization_bit), "
+            "--trainable_layers freeze tuning, none of them full fine-tuning."
         },
     )
-    pre_seq_len: int | None = field(
-        default=None, metadata={"help": "P-Tuning v2: number of prefix tokens; trains only the prefix encoder."}
-    )
-    prefix_projection: bool = field(
-        default=False, metadata={"help": "P-Tuning v2: pass the prefix through a two-layer MLP (more parameters)."}
-    )
-    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: the adapter rank; setting it selects LoRA."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA: scaling numerator (scale = alpha / rank)."})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the adapter input."})
-    trainable_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Freeze tuning: train only the last N GLM blocks (the rest of the model stays frozen); setting "
-            "it selects freeze tuning."
-        },
-    )
-    lora_target: str = field(
-        default="query_key_value",
-        metadata={
-            "help": f"LoRA: comma-separated modules to adapt among {', '.join(LORA_LAYER_MODULES)}, or "
-            f"'{LORA_TARGET_ALL}' for all of them."
-        },
-    )
-    quantization_bit: int | None = field(
-        default=None,
-        metadata={
-            "help": "Load the frozen base in 4-bit NF4 (QLoRA with --lora_rank) or 8-bit with bitsandbytes, on a CUDA "
-            "GPU (bitsandbytes>=0.50 also runs it on the CPU, slowly: for tests). Works with LoRA and P-Tuning v2, "
-            "not with full fine-tuning."
-        },
-    )
-    save_official_bin: bool = field(
-        default=True,
-        metadata={
-            "help": "P-Tuning v2: also write the official pytorch_model.bin (transformer.prefix_encoder.* only, a few "
-            "MB) next to model.safetensors, for the official recipe and tools built on it (on by default; "
-            "--save_official_bin false or --no_save_official_bin turns it off). Other methods ignore it."
-        },
-    )
+
+
+@dataclass
+class ModelArguments(*reversed(METHOD_OPTIONS), BaseModelChoice):
+    """The base model and the fine-tuning method (--method, or the one its own flags select), with every method's
+    options (their dataclasses live in the method's module in finetune/methods/)."""
+
     recompute: str = field(
         default=RECOMPUTE_AUTO,
         metadata={
@@ -136,58 +88,19 @@ class ModelArguments:
                 f"no base model: pass --model_name_or_path PATH (or model_name_or_path in the config file), or set "
                 f"the {BASE_MODEL_ENV} environment variable"
             )
-        if self.quantization_bit == 0:
-            self.quantization_bit = None
-        if self.pre_seq_len is not None and self.pre_seq_len < 1:
-            raise ValueError(f"--pre_seq_len must be a positive number of prefix tokens, got {self.pre_seq_len}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"--lora_rank must be a positive rank, got {self.lora_rank}")
-        if self.trainable_layers is not None and self.trainable_layers < 1:
-            raise ValueError(f"--trainable_layers must be a positive number of layers, got {self.trainable_layers}")
-        chosen = [
-            flag
-            for flag, value in (
-                ("--pre_seq_len (P-Tuning v2)", self.pre_seq_len),
-                ("--lora_rank (LoRA)", self.lora_rank),
-                ("--trainable_layers (freeze tuning)", self.trainable_layers),
-            )
-            if value
-        ]
-        if len(chosen) > 1:
-            raise ValueError(f"{' and '.join(chosen)} select different methods; pass only one")
-        if self.prefix_projection and not self.pre_seq_len:
-            raise ValueError("--prefix_projection belongs to P-Tuning v2; pass --pre_seq_len too, or drop it")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        parse_lora_target(self.lora_target)
+        for options in METHOD_OPTIONS:
+            options.check_options(self)
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ValueError(f"--recompute must be one of {', '.join(RECOMPUTE_CHOICES)}, got {self.recompute!r}")
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
             raise ValueError(f"--memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib}")
-        if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
-            raise ValueError(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
-        if not self.method or (self.method == METHOD_LORA and self.quantization_bit):
-            self.method = self.method_from_flags()
-        if self.quantization_bit and self.method in (METHOD_FULL, METHOD_FREEZE):
+        self.method = selected_method_name(self)
+        trains_base = getattr(METHODS.get(self.method), "trains_base_weights", False)
+        if self.quantization_bit and trains_base:
             raise ValueError(
                 f"--quantization_bit {self.quantization_bit} cannot be used with {self.method} fine-tuning (quantized "
                 "weights are not trainable); add --lora_rank N for QLoRA or --pre_seq_len N for P-Tuning v2"
             )
-
-    def method_from_flags(self) -> str:
-        """The method the flags select when --method is not given: ptuning, lora, qlora, freeze or full."""
-        if self.pre_seq_len:
-            return METHOD_PTUNING
-        if self.lora_rank:
-            return METHOD_QLORA if self.quantization_bit else METHOD_LORA
-        if self.trainable_layers:
-            return METHOD_FREEZE
-        return METHOD_FULL
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        """The module names LoRA adapts."""
-        return parse_lora_target(self.lora_target)
 
 
 @dataclass
@@ -202,12 +115,16 @@ class DataArguments:
         metadata={"help": "input_output or conversations (default: detected from the first record)."},
     )
     max_source_length: int = field(
-        default=1024, metadata={"help": "input_output data: token budget of [gMASK] sop + prompt."}
+        default=DEFAULT_MAX_SOURCE_LENGTH,
+        metadata={"help": "input_output data: token budget of [gMASK] sop + prompt."},
     )
     max_target_length: int = field(
-        default=128, metadata={"help": "input_output data: token budget of the response (eos comes on top)."}
+        default=DEFAULT_MAX_TARGET_LENGTH,
+        metadata={"help": "input_output data: token budget of the response (eos comes on top)."},
     )
-    max_seq_length: int = field(default=2048, metadata={"help": "conversations data: total tokens per example."})
+    max_seq_length: int = field(
+        default=DEFAULT_MAX_SEQ_LENGTH, metadata={"help": "conversations data: total tokens per example."}
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for encoding the data (datasets' num_proc)."}
     )
@@ -288,9 +205,9 @@ def _to_number(text: str, number_type: type) -> int | float:
 def _coerce_numbers(values: dict, source: Path) -> dict:
     """Convert numbers a config file holds as strings (YAML reads `2e-5` as a string) to the field's type."""
     numeric_fields = {
-        item.name: _numeric_type(item.type)
+        name: _numeric_type(annotation)
         for argument_class in ARGUMENT_CLASSES
-        for item in dataclasses.fields(argument_class)
+        for name, annotation in typing.get_type_hints(argument_class).items()
     }
     coerced = dict(values)
     for name, value in values.items():

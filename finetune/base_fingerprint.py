@@ -13,19 +13,26 @@ import json
 import logging
 import math
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from finetune.checkpoint_layout import CONFIG_FILE, SHARD_INDEX_NAMES, TOKENIZER_FILE, TRAINING_RECORD
-from finetune.model.checkpoint_files import CheckpointError, read_json_file, weight_files, weight_keys
+from finetune.checkpoint_format import BASE_FINGERPRINT_FIELD, TOKENIZER_FILE, TRAINING_RECORD
+from finetune.model.checkpoint_files import (
+    CONFIG_FILE,
+    SHARD_INDEX_NAMES,
+    CheckpointError,
+    read_json_file,
+    weight_files,
+    weight_keys,
+)
 from finetune.model.configuration import ChatGLMConfig
 
 logger = logging.getLogger(__name__)
 
 ALLOW_OTHER_BASE_FLAG = "--allow_other_base"
-RECORD_FIELD = "base_fingerprint"
 # config.json fields that decide the network's shape and arithmetic (not names, dtypes or method settings).
 SHAPE_FIELDS = (
     "hidden_size", "num_layers", "ffn_hidden_size", "kv_channels", "num_attention_heads", "multi_query_attention",
@@ -117,13 +124,13 @@ def base_fingerprint(base: str | Path) -> dict | None:
     }
 
 
-def check_base_matches(checkpoint: str | Path, record: dict | None, base: str, allow_other_base: bool) -> None:
+def check_base_matches(checkpoint: str | Path, record: Mapping | None, base: str, allow_other_base: bool) -> None:
     """Raise CheckpointError when `base` is not the base the checkpoint's training record fingerprinted.
 
     With `allow_other_base` a mismatch is only logged; a record without a fingerprint (older checkpoints) or a base
     that is no local folder is loaded with a notice.
     """
-    recorded = (record or {}).get(RECORD_FIELD)
+    recorded = (record or {}).get(BASE_FINGERPRINT_FIELD)
     trained_on = (record or {}).get("base_model") or "an unrecorded base"
     if not recorded:
         logger.warning(

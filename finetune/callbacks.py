@@ -1,5 +1,5 @@
-"""Trainer callbacks: throughput and GPU memory in the training logs, a loss-curve plot at the end of training, and
-stopping cleanly (checkpoint saved) on SIGINT/SIGTERM."""
+"""Trainer callbacks: throughput and GPU memory in the training logs, a loss-curve plot at the end of training,
+stopping cleanly (checkpoint saved) on SIGINT/SIGTERM, and the learning rate of a resumed run."""
 
 import logging
 import os
@@ -214,3 +214,44 @@ class StopOnSignalCallback(TrainerCallback):
         if self._any_rank_received(args):
             control.should_save = True
             control.should_training_stop = True
+
+
+class ResumedScheduleCallback(TrainerCallback):
+    """On a resumed run, set the learning rate of the resumed step from this run's schedule: the saved scheduler
+    holds the peak rate and the rate the checkpoint's own schedule reached (0 at its last step when the run was
+    planned with a smaller --max_steps), which the resumed steps would otherwise use. A --learning_rate changed on
+    resume becomes the schedule's peak rate, as a changed --max_steps its length. Trainer calls on_train_begin once
+    the checkpoint's optimizer and scheduler state are loaded."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ) -> None:
+        """Recompute the resumed step's rate (a run that starts at step 0 is left alone)."""
+        scheduler, optimizer = kwargs.get("lr_scheduler"), kwargs.get("optimizer")
+        if state.global_step == 0 or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        saved_rate = scheduler.get_last_lr()[0]
+        saved_peaks = list(scheduler.base_lrs)
+        one_peak = bool(saved_peaks) and all(peak == saved_peaks[0] for peak in saved_peaks)
+        if one_peak and saved_peaks[0] != args.learning_rate:
+            logger.info(
+                "learning rate changed on resume: peak %.3g instead of the checkpoint's %.3g",
+                args.learning_rate,
+                saved_peaks[0],
+            )
+            scheduler.base_lrs = [args.learning_rate] * len(saved_peaks)
+            for group in optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
+        # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
+        scheduler.last_epoch -= 1
+        scheduler.step()
+        resumed_rate = scheduler.get_last_lr()[0]
+        if resumed_rate != saved_rate:
+            logger.info(
+                "resumed learning rate at step %d: %.3g from this run's schedule (max_steps=%d) instead of the saved "
+                "%.3g",
+                scheduler.last_epoch,
+                resumed_rate,
+                args.max_steps,
+                saved_rate,
+            )

@@ -1,6 +1,6 @@
-"""Loading any checkpoint for inference: the folder's method (finetune.methods) is found from its training record,
-else from its files (finetune.checkpoint_layout); a whole model without a record is a base model (the official
-chatglm3-6b, an export). The base of a quantized run is rebuilt with the quantization its record names.
+"""Loading any checkpoint for inference: the folder is opened once (finetune.checkpoint_format.open_checkpoint) and
+its method (finetune.methods) loads it; a whole model without a record is a base model (the official chatglm3-6b, an
+export). The base of a quantized run is rebuilt with the quantization its record names.
 """
 
 import argparse
@@ -15,19 +15,19 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
 from finetune.base_fingerprint import ALLOW_OTHER_BASE_FLAG, check_base_matches
-from finetune.checkpoint_layout import (
-    ADAPTER_CONFIG,
-    CONFIG_FILE,
+from finetune.checkpoint_format import (
     TOKENIZER_FILE,
     TRAINING_RECORD,
-    CheckpointKind,
+    Checkpoint,
+    open_checkpoint,
     read_training_record,
 )
-from finetune.methods import FinetuneMethod, method_named, recognise_checkpoint
-from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file, weight_files
+from finetune.methods import method_named, recognise_checkpoint
+from finetune.methods.base import CheckpointKind
+from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder
 from finetune.model.configuration import ChatGLMConfig
 from finetune.model.shapes import base_parameter_count
-from finetune.quantization import QUANTIZATION_BITS, check_quantization_available, quantization_config, recorded_bits
+from finetune.quantization import QUANTIZATION_BITS, check_quantization_available, quantization_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -46,46 +46,6 @@ logger = logging.getLogger(__name__)
 
 class ModelLoadError(ValueError):
     """The environment cannot load a model as asked (device, dtype or quantization unavailable)."""
-
-
-def require_checkpoint_folder(path: str | Path) -> Path:
-    """The checkpoint folder as a Path; CheckpointError when it does not exist."""
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such checkpoint folder; pass the folder written by training or export")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: is a file, not a checkpoint folder; pass the folder that holds it")
-    return folder
-
-
-def checkpoint_method(path: str | Path) -> FinetuneMethod | None:
-    """The method that wrote a checkpoint folder (its record, else its files), or None for a plain whole model."""
-    folder = require_checkpoint_folder(path)
-    record = read_training_record(folder)
-    if record is not None:
-        method = method_named(str(record["method"]))
-        problem = method.weights_problem(folder)
-        if problem is not None:
-            raise CheckpointError(
-                f"{folder / TRAINING_RECORD} says method {method.name!r} but {problem}; the checkpoint is incomplete - "
-                "use another checkpoint folder or re-run the save"
-            )
-        return method
-    method = recognise_checkpoint(folder)
-    if method is not None:
-        return method
-    if (folder / CONFIG_FILE).is_file() and weight_files(folder):
-        return None
-    raise CheckpointError(
-        f"{folder}: not a checkpoint: expected {ADAPTER_CONFIG} (LoRA), prefix weights with config.json (P-Tuning v2) "
-        "or config.json with model weights (a whole model)"
-    )
-
-
-def detect_checkpoint_kind(path: str | Path) -> CheckpointKind:
-    """Tell whether a folder is a LoRA adapter, a prefix checkpoint, a fine-tuned whole model or a plain model."""
-    method = checkpoint_method(path)
-    return method.checkpoint_kind if method is not None else CheckpointKind.BASE
 
 
 def check_tokenizer_folder(path: str | Path, knob: str) -> None:
@@ -120,36 +80,30 @@ def check_base_model_folder(path: str | Path, knob: str = "--model_name_or_path"
     check_tokenizer_folder(folder, knob)
 
 
-def resolve_base(path: str | Path, override: str | None = None) -> str:
-    """Base model of an adapter or prefix checkpoint: --base, else training_record.json, else adapter_config.json."""
+def resolve_base(checkpoint: Checkpoint, override: str | None = None) -> str:
+    """Base model of an adapter or prefix checkpoint: --base, else the one its record or adapter_config.json names."""
     if override:
         return override
-    folder = require_checkpoint_folder(path)
-    record = read_training_record(folder)
-    if record and record.get("base_model"):
-        base = str(record["base_model"])
-        source = folder / TRAINING_RECORD
-    elif (folder / ADAPTER_CONFIG).is_file() and read_json_file(folder / ADAPTER_CONFIG).get("base_model_name_or_path"):
-        base = str(read_json_file(folder / ADAPTER_CONFIG)["base_model_name_or_path"])
-        source = folder / ADAPTER_CONFIG
-    else:
+    if checkpoint.base is None:
         raise CheckpointError(
-            f"{folder}: cannot tell which base model this checkpoint was trained on (no {TRAINING_RECORD} with "
-            "'base_model'); pass the base model folder with --base /path/to/chatglm3-6b"
+            f"{checkpoint.folder}: cannot tell which base model this checkpoint was trained on (no {TRAINING_RECORD} "
+            "with 'base_model'); pass the base model folder with --base /path/to/chatglm3-6b"
         )
+    base = checkpoint.base
     looks_local = os.path.isabs(base) or base.startswith(".")
     if looks_local and not os.path.isdir(base):
         raise CheckpointError(
-            f"{source}: names base model {base}, which does not exist on this machine; pass its location with --base"
+            f"{checkpoint.base_source}: names base model {base}, which does not exist on this machine; pass its "
+            "location with --base"
         )
     return base
 
 
-def open_base(path: str | Path, override: str | None = None, allow_other_base: bool = False) -> str:
+def open_base(checkpoint: Checkpoint, override: str | None = None, allow_other_base: bool = False) -> str:
     """The base an adapter or prefix checkpoint loads on (see resolve_base), checked to be the base it was trained on
     (finetune.base_fingerprint): the one check inference, evaluation, export and the server make."""
-    base = resolve_base(path, override)
-    check_base_matches(path, read_training_record(path), base, allow_other_base)
+    base = resolve_base(checkpoint, override)
+    check_base_matches(checkpoint.folder, checkpoint.record, base, allow_other_base)
     return base
 
 
@@ -198,10 +152,10 @@ def folder_parameter_count(folder: str) -> int | None:
     return base_parameter_count(ChatGLMConfig.from_pretrained(folder))
 
 
-def inference_quantization(bits: int | None, folder: Path, device: str) -> int | None:
+def inference_quantization(bits: int | None, checkpoint: Checkpoint, device: str) -> int | None:
     """The bits to load the base with: the asked ones (0: none), else those the checkpoint's training record names."""
     if bits is None:
-        bits = recorded_bits(read_training_record(folder))
+        bits = checkpoint.quantization_bit
     if not bits:
         return None
     if bits not in QUANTIZATION_BITS:
@@ -225,7 +179,7 @@ def choose_tokenizer_source(checkpoint: Path, base: str, tokenizer: str | None) 
 
 
 def load_for_inference(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     base: str | None = None,
     tokenizer: str | None = None,
     device: str = "auto",
@@ -234,22 +188,22 @@ def load_for_inference(
     merge_lora: bool = False,
     allow_other_base: bool = False,
 ) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizer, CheckpointKind]:
-    """Load any checkpoint kind ready for generation: (model in eval mode, tokenizer, kind). An adapter or prefix
-    checkpoint on another base than it was trained on is refused unless `allow_other_base`."""
-    folder = require_checkpoint_folder(checkpoint)
-    method = checkpoint_method(folder)
-    kind = method.checkpoint_kind if method is not None else CheckpointKind.BASE
+    """Load any checkpoint (a folder, or one opened already) ready for generation: (model in eval mode, tokenizer,
+    kind). An adapter or prefix checkpoint on another base than it was trained on is refused unless
+    `allow_other_base`."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = open_checkpoint(checkpoint)
+    folder, method = checkpoint.folder, checkpoint.method
     device = resolve_device(device)
-    bits = inference_quantization(quantization_bit, folder, device)
-    if method is not None and method.needs_base:
-        base_path = open_base(folder, base, allow_other_base)
+    bits = inference_quantization(quantization_bit, checkpoint, device)
+    if checkpoint.needs_base:
+        base_path = open_base(checkpoint, base, allow_other_base)
         tokenizer_fallback = base_path
         if Path(base_path).is_dir():
             check_base_model_folder(base_path, knob="--base")
     else:
         base_path = str(folder)
-        record = read_training_record(folder) or {}
-        tokenizer_fallback = base or record.get("base_model") or base_path
+        tokenizer_fallback = base or checkpoint.base or base_path
         check_chatglm_folder(folder)
     check_tokenizer_folder(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer), knob="--tokenizer")
     load_kwargs = {
@@ -258,14 +212,14 @@ def load_for_inference(
         "quantization_config": quantization_config(bits) if bits else None,
     }
     if method is not None:
-        model = method.load_for_inference(folder, base_path, load_kwargs, merge_lora=merge_lora)
+        model = method.load_for_inference(folder, checkpoint.settings, base_path, load_kwargs, merge_lora=merge_lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
         if model.transformer.prefix_encoder is not None:
             model.transformer.prefix_encoder.float()
     model.eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(choose_tokenizer_source(folder, tokenizer_fallback, tokenizer))
-    return model, loaded_tokenizer, kind
+    return model, loaded_tokenizer, checkpoint.kind
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser, several_models: bool = False) -> None:
@@ -306,11 +260,12 @@ def add_allow_other_base_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_arguments(
-    args: argparse.Namespace, merge_lora: bool = False
+    args: argparse.Namespace, merge_lora: bool = False, checkpoint: Checkpoint | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizer, CheckpointKind]:
-    """load_for_inference with the options of add_loading_arguments, reporting what was loaded on stderr."""
+    """load_for_inference with the options of add_loading_arguments (--model, unless opened already as
+    `checkpoint`), reporting what was loaded on stderr."""
     model, tokenizer, kind = load_for_inference(
-        args.model,
+        checkpoint if checkpoint is not None else args.model,
         base=args.base,
         tokenizer=args.tokenizer,
         device=args.device,

@@ -3,10 +3,11 @@
     python -m finetune.evaluate --model output/checkpoint-1000 --data formatted_data/dev.jsonl
     torchrun --nproc_per_node 2 -m finetune.evaluate ...       # the dev set shared among processes
 
-Prompts are encoded as in training: input-output records as `[gMASK] sop` + prompt (truncated to max_source_length
-like the training encoding, taken from the checkpoint's training_record.json unless given); in conversation records
-every learned assistant turn and tool call is evaluated, given the reference history before it, followed by
-`<|assistant|>`. Generation is batched by prompt length with left padding and the KV cache; a row's output equals
+Prompts, generation and the stop rule come from finetune.generation, as in evaluation during training (which scores
+the same turns and gives the same metrics): input-output records as `[gMASK] sop` + prompt (truncated to
+max_source_length like the training encoding, taken from the checkpoint's training_record.json unless given); in
+conversation records every learned assistant turn and tool call is evaluated, given the reference history before it,
+followed by `<|assistant|>`. Generation is batched by prompt length with left padding and the KV cache; a row's output equals
 what it would get alone. The data and the output folder are checked before the model is loaded; predictions are
 appended to partial files as they are made, a rerun with the same settings continues from them, and the finished run
 writes `generated_predictions.jsonl` (per turn: prompt, label, prediction, and for conversations the reference and
@@ -20,34 +21,39 @@ reward margin, chosen and rejected log-probabilities.
 import argparse
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizer, set_seed
+from transformers import PreTrainedTokenizer, set_seed
 
+from finetune.arguments import DEFAULT_MAX_SOURCE_LENGTH
 from finetune.atomic_files import write_json_atomically
-from finetune.data.tool_calls import read_tool_call
-from finetune.checkpoints import (
-    ModelLoadError,
-    add_loading_arguments,
-    load_from_arguments,
-    read_training_record,
-    require_checkpoint_folder,
+from finetune.checkpoint_format import Checkpoint, open_checkpoint, require_checkpoint_folder
+from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
+from finetune.data.formats import (
+    detect_format,
+    evaluation_examples,
+    format_named,
+    format_names,
+    no_format_message,
+    prompt_example,
 )
-from finetune.data.formats import detect_format, format_named, format_names, format_of, no_format_message
-from finetune.data.formats.base import PromptExample
 from finetune.data.preference import detect_preference_file
-from finetune.data.source_formats import check_not_source_format
 from finetune.data.records import DataValidationError, read_source_records
+from finetune.data.source_formats import check_not_source_format
 from finetune.data.validation import check_record
-from finetune.metrics import METRIC_CONVENTIONS, PTUNING, compute_metrics, metric_scale
+from finetune.generation import (
+    PromptExample,
+    build_generation_config,
+    generate_token_ids,
+    length_batches,
+    prediction_row,
+)
+from finetune.metrics import METRIC_CONVENTIONS, PTUNING, metric_scale, score_rows
 from finetune.model.checkpoint_files import CheckpointError
-from finetune.model.tokenization import reply_stop_ids
 from finetune.prediction_log import (
     OutputNotWritableError,
     PartialWriter,
@@ -60,20 +66,11 @@ from finetune.prediction_log import (
     settings_path,
 )
 from finetune.preference_eval import evaluate_preferences
-from finetune.tool_metrics import compute_tool_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
-DEFAULT_MAX_SOURCE_LENGTH = 1024
 # The default --output_root: the repository's output/ folder, wherever the command is run from (as the launchers do).
 REPOSITORY_OUTPUT = Path(__file__).resolve().parents[1] / "output"
-
-
-def build_prompt_example(
-    record: dict, tokenizer: PreTrainedTokenizer, max_source_length: int, reference_from_record: bool
-) -> PromptExample:
-    """Encode one record as its format does; with `reference_from_record` the reference is split off."""
-    return format_of(record).prompt_example(record, tokenizer, max_source_length, reference_from_record)
 
 
 def record_problems(value: object, data_format: str, reference_from_record: bool) -> list[tuple[str | None, str]]:
@@ -134,135 +131,12 @@ def read_prompt_examples(
     """
     records = read_checked_records(path, reference_from_record, skip_invalid)
     examples = [
-        build_prompt_example(record, tokenizer, max_source_length, reference_from_record)
+        prompt_example(record, tokenizer, max_source_length, reference_from_record)
         for record in records[:max_samples]
     ]
     for index, example in enumerate(examples):
         example.example_id = str(index)
     return examples
-
-
-def evaluation_examples(
-    records: Sequence[dict], tokenizer: PreTrainedTokenizer, max_source_length: int
-) -> list[PromptExample]:
-    """Evaluation prompts, as each record's format splits it: one per input-output record, one per learned turn of a
-    conversation."""
-    examples = []
-    for index, record in enumerate(records):
-        examples += format_of(record).evaluation_examples(record, index, tokenizer, max_source_length)
-    return examples
-
-
-def cut_at_stop(ids: list[int], stop_ids: Sequence[int], keep_stop: bool = False) -> list[int]:
-    """Generated ids up to the first stop id (included with `keep_stop`); the padding after it is dropped."""
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[: position + 1] if keep_stop else ids[:position]
-    return ids
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length, longest first, so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def generate_token_ids(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizer,
-    prompts: Sequence[list[int]],
-    generation_config: GenerationConfig,
-    batch_size: int,
-    show_progress: bool = False,
-    batches: Sequence[Sequence[int]] | None = None,
-    on_batch: Callable[[Sequence[int], list[list[int]]], None] | None = None,
-) -> list[list[int]]:
-    """New token ids for each prompt, through its stop id, generated in left-padded batches of similar length.
-
-    `batches` (indices into `prompts`) overrides the length batches; prompts in no batch get []. `on_batch` is
-    called with each batch's indices and new ids as soon as they are generated. With `show_progress` the speed
-    (examples/s, generated tokens/s) is logged at the end.
-    """
-    stop_ids = generation_config.eos_token_id
-    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
-    if batches is None:
-        batches = length_batches([len(prompt) for prompt in prompts], batch_size)
-    results: list[list[int]] = [[] for _ in prompts]
-    started = time.perf_counter()
-    examples = generated_tokens = 0
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not show_progress):
-        padded = tokenizer.pad(
-            {"input_ids": [prompts[index] for index in batch]}, padding_side="left", return_tensors="pt"
-        ).to(model.device)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=padded["input_ids"],
-                attention_mask=padded["attention_mask"],
-                generation_config=generation_config,
-            )
-        new_tokens = [
-            cut_at_stop(ids, stop_ids, keep_stop=True) for ids in output[:, padded["input_ids"].shape[1] :].tolist()
-        ]
-        for index, ids in zip(batch, new_tokens, strict=True):
-            results[index] = ids
-        examples += len(batch)
-        generated_tokens += sum(len(ids) for ids in new_tokens)
-        if on_batch is not None:
-            on_batch(batch, new_tokens)
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    if show_progress and examples:
-        print(
-            f"generated {examples} examples in {elapsed:.1f} s: {examples / elapsed:.2f} examples/s, "
-            f"{generated_tokens / elapsed:.1f} generated tokens/s",
-            file=sys.stderr,
-        )
-    return results
-
-
-def decode_reply(ids: list[int], tokenizer: PreTrainedTokenizer, has_metadata: bool) -> str:
-    """The reply text of generated ids: cut at the first stop id; a chat reply loses its metadata line."""
-    text = tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer)))
-    if has_metadata and "\n" in text:
-        text = text.split("\n", 1)[1]
-    return text.strip()
-
-
-def build_generation_config(
-    tokenizer: PreTrainedTokenizer,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 0.95,
-    top_p: float = 0.7,
-    num_beams: int = 1,
-) -> GenerationConfig:
-    """Generation settings with ChatGLM3's stop ids and the KV cache; sampling knobs only when sampling."""
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_beams=num_beams,
-        eos_token_id=reply_stop_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
-
-
-def generate_replies(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizer,
-    examples: Sequence[PromptExample],
-    generation_config: GenerationConfig,
-    batch_size: int,
-    show_progress: bool = False,
-) -> list[str]:
-    """Reply text for every example, generated in batches."""
-    prompts = [example.prompt_ids for example in examples]
-    generated = generate_token_ids(model, tokenizer, prompts, generation_config, batch_size, show_progress)
-    return [
-        decode_reply(ids, tokenizer, example.reply_has_metadata)
-        for ids, example in zip(generated, examples, strict=True)
-    ]
 
 
 def format_metrics_table(metrics: dict[str, float], convention: str = PTUNING) -> str:
@@ -298,30 +172,6 @@ def default_output_dir(model: str, output_root: str | Path = REPOSITORY_OUTPUT) 
     return Path(output_root) / "evaluation" / name
 
 
-def prediction_row(example: PromptExample, ids: list[int], tokenizer: PreTrainedTokenizer) -> dict:
-    """The predictions-file row of one example: prompt, label, prediction (and tool calls for conversations)."""
-    row = {
-        "id": example.example_id,
-        "prompt": example.prompt,
-        "label": example.label,
-        "prediction": decode_reply(ids, tokenizer, example.reply_has_metadata),
-    }
-    if example.reply_has_metadata:
-        call = read_tool_call(tokenizer.decode(cut_at_stop(ids, reply_stop_ids(tokenizer))))
-        row["label_call"] = example.label_call
-        row["predicted_call"] = {"name": call.name, "arguments": call.arguments} if call else None
-    return row
-
-
-def score_rows(rows: Sequence[dict], convention: str = PTUNING) -> dict[str, float]:
-    """ROUGE/BLEU of the text replies and, when any reference turn is a tool call, the tool-call metrics."""
-    text_rows = [row for row in rows if not row.get("label_call")]
-    metrics = compute_metrics([row["prediction"] for row in text_rows], [row["label"] for row in text_rows], convention)
-    if any(row.get("label_call") for row in rows):
-        metrics.update(compute_tool_metrics(rows))
-    return metrics
-
-
 @dataclass
 class ProcessGroup:
     """This process's place among the evaluation processes (torchrun sets RANK and WORLD_SIZE)."""
@@ -351,11 +201,9 @@ class ProcessGroup:
             dist.destroy_process_group()
 
 
-def training_defaults(model: str) -> tuple[int | None, str | None]:
+def training_defaults(checkpoint: Checkpoint) -> tuple[int | None, str | None]:
     """max_source_length and data_format the checkpoint was trained with (training_record.json), when recorded."""
-    folder = Path(model)
-    record = read_training_record(folder) if folder.is_dir() else None
-    data_args = (record or {}).get("data_args") or {}
+    data_args = (checkpoint.record or {}).get("data_args") or {}
     return data_args.get("max_source_length"), data_args.get("data_format")
 
 
@@ -380,7 +228,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
         output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args.model, args.output_root)
         check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
         return evaluate_preferences(args, output_dir)
-    recorded_length, recorded_format = training_defaults(args.model)
+    checkpoint = open_checkpoint(args.model)
+    recorded_length, recorded_format = training_defaults(checkpoint)
     max_source_length = args.max_source_length or recorded_length or DEFAULT_MAX_SOURCE_LENGTH
     records = read_checked_records(args.data, True, args.skip_invalid, args.data_format or recorded_format)
     output_root = args.output_root or REPOSITORY_OUTPUT
@@ -388,7 +237,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float] | None:
     check_writable(output_dir, "--output_dir (OUTPUT_DIR)")
     group = ProcessGroup.from_environment()
     try:
-        model, tokenizer, _ = load_from_arguments(args)
+        model, tokenizer, _ = load_from_arguments(args, checkpoint=checkpoint)
         examples = evaluation_examples(records[: args.max_samples], tokenizer, max_source_length)
         generation_config = build_generation_config(
             tokenizer, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams
@@ -457,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_root",
         help="folder for the default --output_dir (default: the repository's output/, whatever the current folder)",
     )
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="longest prediction (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default: %(default)s)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
     parser.add_argument("--temperature", type=float, default=0.95, help="with --do_sample")
     parser.add_argument("--top_p", type=float, default=0.7, help="with --do_sample")

@@ -11,7 +11,7 @@ import torch
 
 from .data.formats import FORMATS
 from .data.formats.base import EncodingLimits
-from .methods import method_named
+from .methods import method_named, method_options
 from .methods.base import mixed_precision_dtype
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
@@ -28,6 +28,8 @@ USABLE_FRACTION = 0.9
 QUANTIZATION_SCALE_BYTES_PER_PARAM = 4 / 64
 # Mixed-precision full fine-tuning keeps an fp32 master copy of every trainable parameter.
 MASTER_WEIGHT_BYTES = 4
+# AdamW's two moments per trained parameter: fp32, or 8-bit with an 8-bit optimizer (finetune.trainer's disk-space
+# check of a checkpoint uses these figures too).
 ADAMW_STATE_BYTES = 8
 ADAMW_8BIT_STATE_BYTES = 2
 # Adapters (prefix encoder, LoRA) are trained in fp32 whatever the base model's dtype.
@@ -43,19 +45,16 @@ _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """The settings of a run that decide its memory, besides the model shape."""
+    """The settings of a run that decide its memory, besides the model shape. `options` are the method's options,
+    which only the method reads: the run's ModelArguments, or a mapping such as {"lora_rank": 8} for
+    finetune.methods.method_options (default: the method's defaults)."""
 
     method: str
     batch_size: int
     seq_length: int
+    options: object = None
     weight_dtype: torch.dtype = torch.bfloat16
     quantization_bit: int | None = None
-    pre_seq_len: int | None = None
-    prefix_projection: bool = False
-    lora_rank: int | None = None
-    lora_target: tuple[str, ...] = ("query_key_value",)
-    lora_dropout: float = 0.1
-    trainable_layers: int | None = None
     gradient_checkpointing: bool = False
     recompute: RecomputePlan = dataclasses.field(default_factory=RecomputePlan)
     # Packed rows: attention's one-example-per-row layout, prefix included, holds this many times the tokens
@@ -77,7 +76,9 @@ class TrainingSetup:
             method = method_named(self.method)
         except ValueError as error:
             raise ValueError(f"TrainingSetup.method: {error}") from error
-        method.check_setup(self)
+        if self.options is None or isinstance(self.options, dict):
+            object.__setattr__(self, "options", method_options(self.method, **(self.options or {})))
+        method.check_options(self.options)
         if self.quantization_bit is not None and self.quantization_bit not in QUANTIZATION_BITS:
             raise ValueError(f"TrainingSetup.quantization_bit is {self.quantization_bit}; use 4, 8 or None")
         if method.trains_base_weights and self.quantization_bit:
@@ -93,6 +94,11 @@ class TrainingSetup:
             raise ValueError(f"TrainingSetup.zero_stage is {self.zero_stage}; DeepSpeed ZeRO stages are 0-3")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("parameter offload needs ZeRO stage 3")
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Virtual tokens the method adds to every row's attention (P-Tuning v2's prefix)."""
+        return method_named(self.method).prefix_tokens(self.options)
 
     @property
     def rows(self) -> int:
@@ -189,10 +195,10 @@ def layer_activation_bytes(
     """Bytes one GLM block keeps for its backward pass, per token, when it recomputes `mode` (none, mlp or full).
 
     A frozen linear layer keeps nothing (its input gradient needs only the weight); the norms keep their input and one
-    fp32 scale; attention keeps query, key, value, output and the log-sum-exp (queries and keys P-Tuning's prefix
-    longer; packed rows `attention_stretch` times their tokens); SwiGLU keeps the up-projection (2 x ffn_hidden_size);
-    LoRA keeps a 16-bit copy of each adapted layer's input, its dropout mask and the rank-r product; a block whose
-    linear weights train (`trained`; default: when the method trains every block) keeps every linear layer's input.
+    fp32 scale; attention keeps query, key, value, output and the log-sum-exp (queries and keys the method's prefix
+    tokens longer; packed rows `attention_stretch` times their tokens); SwiGLU keeps the up-projection (2 x
+    ffn_hidden_size); an adapted layer keeps what its method's `adapter_input_bytes` says; a block whose linear weights
+    train (`trained`; default: when the method trains every block) keeps every linear layer's input.
     tests/test_recompute.py checks these counts against the tensors autograd really saves.
     """
     element = _DTYPE_BYTES[setup.weight_dtype]
@@ -202,21 +208,19 @@ def layer_activation_bytes(
     heads, groups, head_dim = config.num_attention_heads, config.num_key_value_groups, config.kv_channels
     stretch = setup.attention_stretch
     if stretch is None:
-        stretch = (setup.seq_length + (setup.pre_seq_len or 0)) / setup.seq_length
+        stretch = (setup.seq_length + setup.prefix_tokens) / setup.seq_length
     attention = stretch * (2 * heads * head_dim * element + 2 * groups * head_dim * element + heads * 4)
     shapes = linear_shapes(config)
     method = method_named(setup.method)
-    trainable_linear = method.trained_layer_count(config, setup) == config.num_layers if trained is None else trained
-    adapted = set(method.adapted_modules(config, setup))
+    if trained is None:
+        trained = method.trained_layer_count(config, setup.options) == config.num_layers
+    adapted = set(method.adapted_modules(config, setup.options))
 
     def linear_input(name: str) -> float:
         fan_in = shapes[name][0]
-        if trainable_linear:
+        if trained:
             return fan_in * element
-        if name not in adapted:
-            return 0
-        dropout_mask = fan_in if setup.lora_dropout > 0 else 0
-        return fan_in * element + dropout_mask + (setup.lora_rank or 0) * element
+        return method.adapter_input_bytes(setup.options, fan_in, element) if name in adapted else 0
 
     attention_side = norm + linear_input("query_key_value") + attention + linear_input("dense")
     mlp_input_side = 2 * config.ffn_hidden_size * element + linear_input("dense_h_to_4h")
@@ -238,7 +242,7 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
     tokens = setup.rows * setup.seq_length
     full_layers, mlp_layers = setup.layer_modes
     full_layers = config.num_layers if full_layers < 0 else full_layers
-    first_trained = config.num_layers - method_named(setup.method).trained_layer_count(config, setup)
+    first_trained = config.num_layers - method_named(setup.method).trained_layer_count(config, setup.options)
 
     def mode_of(index: int) -> str:
         if index < full_layers:
@@ -260,7 +264,7 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
         * 2
         * config.num_key_value_groups
         * config.kv_channels
-        * (setup.pre_seq_len or 0)
+        * setup.prefix_tokens
     ) * element_bytes
     return int(activations) + prefix_keys_values
 
@@ -301,7 +305,7 @@ def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> Mem
     """Estimate the peak memory of one training process for a ChatGLM3-shaped `config` and a run's `setup`."""
     base_parameters = base_parameter_count(config)
     method = method_named(setup.method)
-    trainable = method.trainable_parameter_count(config, setup)
+    trainable = method.trainable_parameter_count(config, setup.options)
     # Full fine-tuning trains the base in its own dtype; every other method adds fp32 parameters (freeze tuning's
     # fp32 copies of its layers are counted on top of the base, a slight overestimate).
     full = method.trains_base_weights
@@ -519,13 +523,8 @@ def setup_from_arguments(
         batch_size=getattr(training_args, "per_device_train_batch_size", 1),
         seq_length=seq_length,
         weight_dtype=weight_dtype,
+        options=model_args,
         quantization_bit=getattr(model_args, "quantization_bit", None) or None,
-        pre_seq_len=getattr(model_args, "pre_seq_len", None),
-        prefix_projection=bool(getattr(model_args, "prefix_projection", False)),
-        lora_rank=getattr(model_args, "lora_rank", None),
-        lora_target=tuple(getattr(model_args, "lora_target_modules", ("query_key_value",))),
-        lora_dropout=float(getattr(model_args, "lora_dropout", 0.0) or 0.0),
-        trainable_layers=getattr(model_args, "trainable_layers", None),
         gradient_checkpointing=bool(getattr(training_args, "gradient_checkpointing", False)),
         recompute=recompute,
         attention_stretch=attention_stretch,

@@ -21,15 +21,14 @@ Import this module only where metrics are computed, not from `finetune/__init__.
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jieba
 import numpy as np
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
-from transformers import EvalPrediction, PreTrainedTokenizerBase
 
-from finetune.model.loss import IGNORE_INDEX
+from finetune.tool_metrics import compute_tool_metrics
 
 METRIC_NAMES = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 PTUNING = "ptuning"
@@ -109,66 +108,11 @@ def compute_metrics(
     return {name: round(float(np.mean([scores[name] for scores in pair_scores])), DECIMALS) for name in METRIC_NAMES}
 
 
-def _first_array(value: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
-    """The array itself, or the first array when the Trainer handed over a tuple."""
-    return value[0] if isinstance(value, tuple) else value
-
-
-def _token_ids(row: np.ndarray, dropped: set[int]) -> list[int]:
-    """The ids of one row without the ignore index (-100) and the `dropped` ids (padding, special tokens)."""
-    return [int(token_id) for token_id in row if int(token_id) != IGNORE_INDEX and int(token_id) not in dropped]
-
-
-def _strip_prompt(prediction_row: np.ndarray, input_row: np.ndarray, row_index: int) -> np.ndarray:
-    """The generated part of `prediction_row`: what follows its prompt `input_row` (-100 padded at the end)."""
-    prompt_width = len(input_row)
-    while prompt_width > 0 and input_row[prompt_width - 1] == IGNORE_INDEX:
-        prompt_width -= 1
-    if not np.array_equal(prediction_row[:prompt_width], input_row[:prompt_width]):
-        raise ValueError(
-            f"generated row {row_index} does not begin with its input ids, so its prompt cannot be removed; "
-            "either leave `include_for_metrics` without 'inputs' when the trainer already strips the prompt, "
-            "or keep the prompt in the generated ids as `model.generate` returns them"
-        )
-    return prediction_row[prompt_width:]
-
-
-def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A `compute_metrics` for Seq2SeqTrainer(predict_with_generate=True) that decodes ids and scores the text.
-
-    Expected `EvalPrediction` fields (numpy int arrays, one row per example, as the Trainer gives them with
-    `eval_do_concat_batches=True`, the default; it pads rows from different batches with -100 at the end):
-    - `predictions`: generated ids. They may contain the tokenizer's pad id and -100, which are dropped.
-      When `inputs` is present (TrainingArguments(include_for_metrics=["inputs"])), every row must begin with its
-      input row, as `model.generate` returns it for a decoder-only model, and that prompt prefix is removed.
-      When `inputs` is absent, the rows must hold only the generated tokens.
-    - `label_ids`: the reference answer's ids; -100 (masked prompt, padding) and pad ids are dropped, so labels
-      masked over the prompt and answer-only labels both work.
-    Both are decoded without the tokenizer's special tokens (ChatGLM3's command tokens included: its decode, like
-    the official one, writes them even with skip_special_tokens) and scored with `compute_metrics`.
-    """
-    dropped = set(tokenizer.all_special_ids) | ({tokenizer.pad_token_id} - {None})
-
-    def compute(eval_prediction: EvalPrediction) -> dict[str, float]:
-        generated = _first_array(eval_prediction.predictions)
-        labels = _first_array(eval_prediction.label_ids)
-        if len(generated) != len(labels):
-            raise ValueError(
-                f"EvalPrediction has {len(generated)} prediction rows but {len(labels)} label rows; "
-                "they must come from the same evaluation dataset"
-            )
-        if eval_prediction.inputs is not None:
-            inputs = _first_array(eval_prediction.inputs)
-            if len(inputs) != len(generated):
-                raise ValueError(
-                    f"EvalPrediction has {len(generated)} prediction rows but {len(inputs)} input rows; "
-                    "they must come from the same evaluation dataset"
-                )
-            generated = [
-                _strip_prompt(row, prompt, index) for index, (row, prompt) in enumerate(zip(generated, inputs))
-            ]
-        prediction_texts = tokenizer.batch_decode([_token_ids(row, dropped) for row in generated])
-        reference_texts = tokenizer.batch_decode([_token_ids(row, dropped) for row in labels])
-        return compute_metrics(prediction_texts, reference_texts)
-
-    return compute
+def score_rows(rows: Sequence[dict], convention: str = PTUNING) -> dict[str, float]:
+    """ROUGE/BLEU of the text replies of prediction rows and, when any reference turn is a tool call, the tool-call
+    metrics (the rows of finetune.generation.prediction_row)."""
+    text_rows = [row for row in rows if not row.get("label_call")]
+    metrics = compute_metrics([row["prediction"] for row in text_rows], [row["label"] for row in text_rows], convention)
+    if any(row.get("label_call") for row in rows):
+        metrics.update(compute_tool_metrics(rows))
+    return metrics

@@ -25,7 +25,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
-from finetune.checkpoint_layout import CheckpointKind, read_training_record
+from finetune.checkpoint_format import base_model_reference, method_settings, open_checkpoint, read_training_record
 from finetune.checkpoints import check_base_model_folder, resolve_base
 from finetune.data.preference import REFERENCE_COLUMNS, PreferenceCollator, PreferenceData, load_preference_data
 from finetune.memory_preflight import run_preflight
@@ -50,7 +50,7 @@ from finetune.train import (
     save_metrics,
     train_until_done_or_signalled,
 )
-from finetune.trainer import FinetuneTrainer, base_model_reference
+from finetune.trainer import FinetuneTrainer
 
 logger = logging.getLogger("finetune.preference")
 
@@ -108,7 +108,7 @@ def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArgum
     folder = Path(pref_args.init_checkpoint)
     record = read_training_record(folder) if folder.is_dir() else None
     sft_method = recognise_checkpoint(folder) if record is None else method_of_record(record)
-    if sft_method is not None and sft_method.checkpoint_kind != CheckpointKind.FULL:
+    if sft_method is not None and sft_method.needs_base:
         run_method = method_of(model_args)
         if sft_method.checkpoint_kind != run_method.checkpoint_kind:
             raise ValueError(
@@ -117,10 +117,11 @@ def start_from_checkpoint(model_args: ModelArguments, pref_args: PreferenceArgum
                 f"whole model first (python inference/export.py --model {folder} --output_dir MERGED) and start from "
                 "that"
             )
-        problem = run_method.settings_mismatch(record, model_args) if record is not None else None
+        recorded = method_settings(record, run_method) if record is not None else None
+        problem = run_method.settings_mismatch(recorded, model_args) if recorded is not None else None
         if problem:
             raise ValueError(f"--init_checkpoint {folder}: {problem}; use the SFT run's settings")
-        model_args.model_name_or_path = resolve_base(folder)
+        model_args.model_name_or_path = resolve_base(open_checkpoint(folder))
         return folder
     check_base_model_folder(str(folder))
     if AutoConfig.from_pretrained(folder).pre_seq_len:
@@ -317,7 +318,8 @@ def run(
         training_args.ddp_find_unused_parameters = False
     check_preference_settings(model_args, data_args, training_args)
     adapter_start = start_from_checkpoint(model_args, pref_args)
-    resume, tokenizer = open_run(model_args, training_args)
+    resumed, tokenizer = open_run(model_args, training_args)
+    resume = resumed.folder if resumed is not None else None
     with training_args.main_process_first(desc="encoding pairs"):
         train = load_pairs(data_args.train_file, tokenizer, data_args, data_args.max_train_samples)
         evaluation = (
@@ -359,8 +361,6 @@ def run(
         callbacks=[ThroughputCallback(), LossCurveCallback(training_args.output_dir), *extra_callbacks, stop],
         model_args=model_args,
         data_args=data_args,
-        eval_data_collator=collator,
-        max_new_tokens=1,
         pref_args=pref_args,
         reference=reference_description(method, pref_args, model_args, adapter_start),
     )

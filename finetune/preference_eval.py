@@ -19,13 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from finetune.atomic_files import write_json_atomically
-from finetune.checkpoints import (
-    checkpoint_method,
-    load_for_inference,
-    load_from_arguments,
-    read_training_record,
-    require_checkpoint_folder,
-)
+from finetune.checkpoint_format import open_checkpoint
+from finetune.checkpoints import load_for_inference, load_from_arguments
 from finetune.data.preference import PreferenceCollator, load_preference_data
 from finetune.preference import sequence_log_probs
 
@@ -73,18 +68,18 @@ def evaluate_preferences(args: argparse.Namespace, output_dir: Path) -> dict[str
     """Load the checkpoint, score every pair of --data against the training reference, write metrics.json."""
     from finetune.evaluate import format_metrics_table  # finetune.evaluate imports this module: import when run
 
-    folder = require_checkpoint_folder(args.model)
-    record = read_training_record(folder) or {}
+    checkpoint = open_checkpoint(args.model)
+    folder, record = checkpoint.folder, checkpoint.record or {}
     beta = float((record.get("preference") or {}).get("beta") or DEFAULT_BETA)
     max_length = int((record.get("data_args") or {}).get("max_seq_length") or EVALUATION_MAX_LENGTH)
-    model, tokenizer, _kind = load_from_arguments(args)
+    model, tokenizer, _kind = load_from_arguments(args, checkpoint=checkpoint)
     data = load_preference_data(args.data, tokenizer, max_length, skip_invalid=args.skip_invalid)
     dataset = data.dataset
     if args.max_samples is not None and args.max_samples < len(dataset):
         dataset = dataset.select(range(args.max_samples))
     collator = PreferenceCollator(tokenizer.pad_token_id)
     chosen, rejected = pair_log_probs(model, dataset, collator, args.batch_size)
-    method = checkpoint_method(folder)
+    method = checkpoint.method
     init_checkpoint = (record.get("preference") or {}).get("init_checkpoint")
     if init_checkpoint and Path(init_checkpoint).is_dir():
         del model

@@ -1,9 +1,10 @@
 """The checkpoint a run resumes from.
 
 `--resume_from_checkpoint auto` (or the environment variable AUTORESUME_FROM_CHECKPOINT=True) picks the newest
-COMPLETE `checkpoint-N` folder in output_dir. Checkpoints are written into `tmp-checkpoint-N` and renamed when done,
-so staging folders never match; a `checkpoint-N` folder that still lacks its trainer state, training record or
-weights (copied in part, or written by another tool) is skipped with a warning.
+COMPLETE `checkpoint-N` folder in output_dir (finetune.checkpoint_format.resume_problem says what complete is);
+a `checkpoint-N` folder that still lacks its trainer state, training record or weights (copied in part, or written
+by another tool) is skipped with a warning. The checkpoint's record must match the run's method, settings and base.
+The chosen checkpoint is read once (finetune.checkpoint_format.read_resume_checkpoint) and checked from that read.
 """
 
 import logging
@@ -14,15 +15,15 @@ from transformers import TrainingArguments
 
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.base_fingerprint import check_base_matches
-from finetune.checkpoint_layout import (
-    INCOMPLETE_MARKER,
-    TRAINER_STATE_FILE,
+from finetune.checkpoint_format import (
     TRAINING_RECORD,
+    Checkpoint,
     checkpoint_folders,
     deepspeed_state_folder,
+    read_resume_checkpoint,
 )
-from finetune.methods import method_named, method_of
-from finetune.model.checkpoint_files import CheckpointError, read_json_file
+from finetune.methods import method_of
+from finetune.model.checkpoint_files import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -42,40 +43,12 @@ def autoresume_from_environment() -> bool:
     raise ValueError(f"environment variable {AUTORESUME_ENV}={value!r}: use True or False")
 
 
-def _weights_problem(folder: Path, method_name: str) -> str | None:
-    """Why the folder's model weights are missing or broken, or None (DeepSpeed's own state counts as weights)."""
-    if deepspeed_state_folder(folder) is not None:
-        return None
-    try:
-        method = method_named(method_name)
-    except ValueError as error:
-        return str(error)
-    return method.weights_problem(folder)
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` is not a complete training checkpoint, or None when training can resume from it."""
-    if not folder.is_dir():
-        return "no such folder"
-    if (folder / INCOMPLETE_MARKER).exists():
-        return f"{INCOMPLETE_MARKER} is present: its save did not finish"
-    for name in (TRAINER_STATE_FILE, TRAINING_RECORD):
-        if not (folder / name).is_file():
-            return f"{name} is missing"
-    try:
-        read_json_file(folder / TRAINER_STATE_FILE)
-        record = read_json_file(folder / TRAINING_RECORD)
-        return _weights_problem(folder, str(record.get("method")))
-    except CheckpointError as error:
-        return str(error)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint-N folder with the highest N in `output_dir`, or None."""
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Checkpoint | None:
+    """The complete checkpoint-N folder with the highest N in `output_dir`, read once, or None."""
     for _, folder in reversed(checkpoint_folders(Path(output_dir))):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
+        checkpoint, problem = read_resume_checkpoint(folder)
+        if checkpoint is not None:
+            return checkpoint
         logger.warning("not resuming from %s: %s", folder, problem)
     return None
 
@@ -88,8 +61,9 @@ def resume_requested(value: str | None) -> bool:
     return text not in FALSE_VALUES
 
 
-def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: an explicit folder (checked), the newest complete one for `auto`, or None.
+def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> Checkpoint | None:
+    """The checkpoint to resume from, read once: an explicit folder (checked), the newest complete one for `auto`,
+    or None.
 
     With no value, AUTORESUME_FROM_CHECKPOINT=True means `auto`. `auto` with no complete checkpoint starts afresh.
     """
@@ -97,36 +71,37 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
         return None
     text = (value or "").strip() or AUTO
     if text.lower() in (AUTO, "true"):
-        folder = find_latest_checkpoint(output_dir)
-        if folder is None:
+        checkpoint = find_latest_checkpoint(output_dir)
+        if checkpoint is None:
             logger.info("auto-resume: no complete checkpoint in %s, starting from scratch", output_dir)
         else:
-            logger.info("auto-resume: resuming from %s", folder)
-        return folder
+            logger.info("auto-resume: resuming from %s", checkpoint.folder)
+        return checkpoint
     folder = Path(text)
-    problem = checkpoint_problem(folder)
-    if problem is not None:
+    checkpoint, problem = read_resume_checkpoint(folder)
+    if checkpoint is None:
         raise CheckpointError(
             f"{folder}: cannot resume from this checkpoint: {problem}; pass a complete checkpoint-N folder or "
             f"--resume_from_checkpoint {AUTO}"
         )
-    return folder
+    return checkpoint
 
 
-def check_checkpoint_matches(folder: Path, model_args: ModelArguments) -> None:
+def check_checkpoint_matches(checkpoint: Checkpoint, model_args: ModelArguments) -> None:
     """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run, or
     on another base than --model_name_or_path (unless --allow_other_base; finetune.base_fingerprint)."""
-    record = read_json_file(folder / TRAINING_RECORD)
+    record = checkpoint.record or {}
     method = method_of(model_args)
     if record.get("method") != method.name:
         problem = f"the checkpoint has method={record.get('method')!r} but this run has method={method.name!r}"
     else:
-        problem = method.settings_mismatch(record, model_args)
+        problem = method.settings_mismatch(checkpoint.settings, model_args)
     if problem is not None:
         raise CheckpointError(
-            f"{folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new output_dir"
+            f"{checkpoint.folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new "
+            "output_dir"
         )
-    check_base_matches(folder, record, model_args.model_name_or_path, model_args.allow_other_base)
+    check_base_matches(checkpoint.folder, record, model_args.model_name_or_path, model_args.allow_other_base)
 
 
 def _same_file(recorded: str | None, current: str | None) -> bool:
@@ -137,11 +112,11 @@ def _same_file(recorded: str | None, current: str | None) -> bool:
 
 
 def check_resumed_data_and_processes(
-    folder: Path, data_args: DataArguments, training_args: TrainingArguments, data_format: str | None
+    checkpoint: Checkpoint, data_args: DataArguments, training_args: TrainingArguments, data_format: str | None
 ) -> list[str]:
     """Notices for a training file, data format or process count other than the checkpoint's; CheckpointError for
     another process count when the checkpoint holds DeepSpeed's per-process optimizer state."""
-    record = read_json_file(folder / TRAINING_RECORD)
+    folder, record = checkpoint.folder, checkpoint.record or {}
     recorded_data = record.get("data_args") or {}
     recorded_format = record.get("data_format") or recorded_data.get("data_format")
     processes = record.get("world_size")

@@ -31,13 +31,13 @@ from transformers.trainer_utils import SaveStrategy, set_seed
 from finetune.atomic_files import write_json_atomically, write_jsonl_atomically
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.callbacks import LossCurveCallback, StopOnSignalCallback, ThroughputCallback
-from finetune.checkpoint_layout import checkpoint_folder_name, checkpoint_folders, checkpoint_step
+from finetune.checkpoint_format import Checkpoint, checkpoint_folder_name, checkpoint_folders, checkpoint_step
 from finetune.checkpoints import check_base_model_folder
 from finetune.data.collator import RightPaddingCollator, pack_examples, packed_attention_stretch
-from finetune.data.formats import format_named, format_names
+from finetune.data.formats import evaluation_examples, format_named, format_names
 from finetune.data.loading import DEFAULT_CACHE_DIR, EncodingLimits, TrainingData, load_training_data
 from finetune.data.validation import print_learned_spans, print_token_labels
-from finetune.generation_eval_batches import GenerationEvalCollator, prediction_records
+from finetune.generation import PromptExample
 from finetune.memory_preflight import run_preflight
 from finetune.methods import build_model, method_of
 from finetune.quantization import check_4bit_layer_widths, check_quantization_available
@@ -321,11 +321,6 @@ def build_trainer(
     extra_callbacks: tuple[TrainerCallback, ...],
 ) -> FinetuneTrainer:
     """The Trainer with its training rows (see `training_rows`), eval/test data, collators, metrics and callbacks."""
-    compute_metrics = None
-    if training_args.predict_with_generate:
-        from finetune.metrics import build_compute_metrics  # jieba loads its dictionary on import: only when needed
-
-        compute_metrics = build_compute_metrics(tokenizer)
     # Official ChatGLM3 configs name no bos token: take the tokenizer's, as the Trainer would with a warning every run.
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None:
@@ -337,37 +332,55 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=splits["eval"].dataset if "eval" in splits else None,
         processing_class=tokenizer,
-        compute_metrics=compute_metrics,
         callbacks=[ThroughputCallback(), LossCurveCallback(training_args.output_dir), *extra_callbacks],
         model_args=model_args,
         data_args=data_args,
-        eval_data_collator=GenerationEvalCollator(tokenizer.pad_token_id, data_args.pad_to_multiple_of),
+        generation_examples=generation_examples(data_args, training_args, tokenizer, splits),
         max_new_tokens=generation_length(data_args),
     )
 
 
-def predict_and_save(trainer: FinetuneTrainer, test: TrainingData, tokenizer: PreTrainedTokenizerBase) -> dict:
+def generation_examples(
+    data_args: DataArguments,
+    training_args: Seq2SeqTrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, TrainingData],
+) -> dict[str, list[PromptExample]]:
+    """With predict_with_generate, the evaluation prompts of the eval and test files, keyed by their metric prefix:
+    the turns `python -m finetune.evaluate` scores (finetune.generation), from the same records the splits hold."""
+    if not training_args.predict_with_generate:
+        return {}
+    # finetune.evaluate imports this module (through preference tuning): import it when run.
+    from finetune.evaluate import read_checked_records
+
+    files = {
+        "eval": (data_args.validation_file, data_args.max_eval_samples),
+        "predict": (data_args.test_file, data_args.max_predict_samples),
+    }
+    examples = {}
+    for (prefix, (path, limit)), split in zip(files.items(), ("eval", "test")):
+        if split in splits:
+            records = read_checked_records(path, True, data_args.skip_invalid, splits[split].data_format)
+            examples[prefix] = evaluation_examples(records[:limit], tokenizer, data_args.max_source_length)
+    return examples
+
+
+def predict_and_save(trainer: FinetuneTrainer, test: TrainingData) -> dict:
     """Generate answers for the test data; write generated_predictions.jsonl and predict_results.json."""
     prediction = trainer.predict(test.dataset, metric_key_prefix="predict")
     save_metrics(trainer, "predict", prediction.metrics)
     if trainer.is_world_process_zero():
-        records = prediction_records(
-            test.dataset.select_columns(["input_ids", "labels"]).to_list(),
-            prediction.predictions,
-            tokenizer,
-            keep_prompt_special_tokens=format_named(test.data_format).reply_has_metadata,
-        )
-        write_jsonl_atomically(Path(trainer.args.output_dir) / PREDICTIONS_FILE, records)
+        write_jsonl_atomically(Path(trainer.args.output_dir) / PREDICTIONS_FILE, prediction.predictions)
     return prediction.metrics
 
 
 
 def open_run(
     model_args: ModelArguments, training_args: Seq2SeqTrainingArguments
-) -> tuple[Path | None, PreTrainedTokenizerBase]:
+) -> tuple[Checkpoint | None, PreTrainedTokenizerBase]:
     """What every training run (fine-tuning or preference tuning) does before its data: find and check the checkpoint
     to resume, check the output folder, set the seed, check the base folder (and its layer widths for a 4-bit base);
-    returns the checkpoint to resume (or None) and the base's tokenizer."""
+    returns the checkpoint to resume (or None), as read once, and the base's tokenizer."""
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume is not None:
         check_checkpoint_matches(resume, model_args)
@@ -389,11 +402,12 @@ def run(
     apply_implied_settings(data_args, training_args)
     if training_args.should_log:
         log_effective_settings(model_args, data_args, training_args)
-    resume, tokenizer = open_run(model_args, training_args)
+    resumed, tokenizer = open_run(model_args, training_args)
+    resume = resumed.folder if resumed is not None else None
     splits = load_data(data_args, training_args, tokenizer)
     record_detected_format(data_args, splits)
-    if resume is not None and training_args.do_train:
-        for notice in check_resumed_data_and_processes(resume, data_args, training_args, splits["train"].data_format):
+    if resumed is not None and training_args.do_train:
+        for notice in check_resumed_data_and_processes(resumed, data_args, training_args, splits["train"].data_format):
             if training_args.should_log:
                 logger.warning(notice)
     if "train" in splits and training_args.should_log:
@@ -446,7 +460,7 @@ def run(
         outcome.metrics["eval"] = trainer.evaluate(metric_key_prefix="eval")
         save_metrics(trainer, "eval", outcome.metrics["eval"])
     if training_args.do_predict:
-        outcome.metrics["predict"] = predict_and_save(trainer, splits["test"], tokenizer)
+        outcome.metrics["predict"] = predict_and_save(trainer, splits["test"])
     return outcome
 
 

@@ -1,51 +1,53 @@
 """The toolkit's Trainer: Seq2SeqTrainer that saves the method's checkpoint files (finetune.methods) with
-training_record.json in the layout of finetune.checkpoint_layout, atomically, and evaluates by generating answers.
+training_record.json in the layout of finetune.checkpoint_format, atomically, and evaluates by generating answers.
 
 A checkpoint is written into `tmp-checkpoint-N` and renamed to `checkpoint-N` only once every file is in place, so a
 crash mid-save never leaves a folder that resume would use.
 """
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from peft import PeftModel
 from torch import nn
 from transformers import Seq2SeqTrainer
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import EvalLoopOutput, SaveStrategy, rotate_checkpoints
 
-from finetune.atomic_files import replace_folder, write_json_atomically
+from finetune.atomic_files import replace_folder
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.base_fingerprint import RECORD_FIELD as BASE_FINGERPRINT_FIELD
 from finetune.base_fingerprint import base_fingerprint
-from finetune.checkpoint_layout import (
+from finetune.callbacks import ResumedScheduleCallback
+from finetune.checkpoint_format import (
     FINAL_STAGING_NAME,
-    FORMAT_VERSION,
-    STAGING_PREFIX,
     TRAINER_STATE_FILE,
-    TRAINING_RECORD,
+    build_training_record,
     checkpoint_folder_name,
     checkpoint_folders,
+    move_files_into,
+    staging_folder,
+    write_training_record,
 )
-from finetune.generation_eval_batches import (
-    GENERATION_KEYS,
-    PROMPT_ATTENTION_MASK,
-    PROMPT_INPUT_IDS,
-    REFERENCE_IDS,
-    blank_after_stop,
+from finetune.generation import (
+    PromptExample,
+    build_generation_config,
+    generate_token_ids,
+    length_batches,
+    prediction_row,
 )
+from finetune.memory_preflight import ADAMW_STATE_BYTES as ADAM_STATE_BYTES_PER_PARAMETER
+from finetune.memory_preflight import MASTER_WEIGHT_BYTES as MASTER_WEIGHT_BYTES_PER_PARAMETER
 from finetune.methods import FinetuneMethod, method_of
 from finetune.methods.base import SaveContext, parameter_size
-from finetune.quantization import quantization_record
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,6 @@ GIB = 1024**3
 # Below this many free bytes a failed write is taken for a full disk, whatever the writer's own message says
 # (torch.save reports "basic_ios::clear: iostream error", safetensors an "os error 28").
 NEARLY_FULL_BYTES = 1024**2
-ADAM_STATE_BYTES_PER_PARAMETER = 8  # two fp32 moments
-MASTER_WEIGHT_BYTES_PER_PARAMETER = 4  # DeepSpeed's fp32 copy of the trained weights
 
 
 class DiskFullError(OSError):
@@ -88,53 +88,6 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
     return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
-def base_model_reference(model_name_or_path: str) -> str:
-    """The base model as recorded: an absolute path for a local folder, else the name as given."""
-    path = Path(model_name_or_path)
-    return str(path.resolve()) if path.exists() else model_name_or_path
-
-
-def training_record(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args_dict: dict,
-    global_step: int,
-    base: dict | None = None,
-    world_size: int | None = None,
-) -> dict:
-    """The content of training_record.json for a checkpoint saved at `global_step`; `base` is the base model's
-    fingerprint (finetune.base_fingerprint), `world_size` the number of training processes."""
-    method = method_of(model_args)
-    return {
-        "format_version": FORMAT_VERSION,
-        "method": method.name,
-        "base_model": base_model_reference(model_args.model_name_or_path),
-        BASE_FINGERPRINT_FIELD: base,
-        "world_size": world_size,
-        "pre_seq_len": model_args.pre_seq_len,
-        "prefix_projection": model_args.prefix_projection,
-        "quantization_bit": model_args.quantization_bit,
-        "quantization": quantization_record(model_args.quantization_bit),
-        "lora": None,
-        **method.record_fields(model_args),
-        "model_args": dataclasses.asdict(model_args),
-        "data_args": dataclasses.asdict(data_args),
-        "training_args": training_args_dict,
-        "global_step": global_step,
-    }
-
-
-def move_files_into(staging: Path, target: Path, last: str) -> None:
-    """Move every entry of `staging` into `target` (each move atomic), the entry named `last` at the end."""
-    entries = sorted(staging.iterdir(), key=lambda entry: (entry.name == last, entry.name))
-    for entry in entries:
-        destination = target / entry.name
-        if entry.is_dir() and destination.is_dir():
-            shutil.rmtree(destination)
-        os.replace(entry, destination)
-    staging.rmdir()
-
-
 class FinetuneTrainer(Seq2SeqTrainer):
     """Seq2SeqTrainer that saves the agreed checkpoint format atomically and evaluates by generating answers."""
 
@@ -143,15 +96,18 @@ class FinetuneTrainer(Seq2SeqTrainer):
         *args,
         model_args: ModelArguments,
         data_args: DataArguments,
-        eval_data_collator: Callable[[list[dict]], dict],
-        max_new_tokens: int,
+        generation_examples: Mapping[str, Sequence[PromptExample]] | None = None,
+        max_new_tokens: int = 1,
         **kwargs,
     ):
+        """`generation_examples`: the evaluation prompts (finetune.generation) of each split, keyed by the metric
+        prefix its evaluation uses ("eval", "predict"); with predict_with_generate their replies of at most
+        `max_new_tokens` tokens are generated and scored."""
         self.model_args = model_args
         self.base_fingerprint = base_fingerprint(model_args.model_name_or_path)
         self.method = method_of(model_args)
         self.data_args = data_args
-        self.eval_data_collator = eval_data_collator
+        self.generation_examples = dict(generation_examples or {})
         self.max_new_tokens = max_new_tokens
         model = kwargs.get("model")
         with self._allow_quantized_prefix_training(model):
@@ -159,6 +115,11 @@ class FinetuneTrainer(Seq2SeqTrainer):
         # The model's forward accepts **kwargs but computes a per-batch mean loss and ignores num_items_in_batch, so
         # the Trainer must scale the loss for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        self.add_callback(ResumedScheduleCallback())
+        if self.args.label_names is None:
+            # The forward takes `labels` or, instead, `shift_labels`; Trainer would want both in every evaluation batch
+            # before it computes a loss.
+            self.label_names = ["labels"]
 
     @contextlib.contextmanager
     def _allow_quantized_prefix_training(self, model: nn.Module | None):
@@ -183,6 +144,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     # ---- saving -------------------------------------------------------------------------------------------------
 
+    # Private override: Trainer.save_model gathers the ZeRO-3/FSDP state dict and hands it only to _save; no public
+    # hook writes the model files.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the model files of this method and training_record.json into `output_dir`."""
         if not self.args.should_save:
@@ -192,7 +155,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         logger.info("Saving %s checkpoint files to %s", self.method.name, folder)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.method.save(model, folder, SaveContext(self.model_args, self.processing_class, state_dict))
-        record = training_record(
+        record = build_training_record(
             self.model_args,
             self.data_args,
             self.args.to_dict(),
@@ -200,7 +163,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             base=self.base_fingerprint,
             world_size=self.args.world_size,
         )
-        write_json_atomically(folder / TRAINING_RECORD, {**record, **self.stage_record()})
+        write_training_record(folder, {**record, **self.stage_record()})
 
     def stage_record(self) -> dict:
         """Fields of training_record.json beyond the method's: none here; preference tuning records its stage."""
@@ -247,6 +210,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
             message = self._disk_full_message(run_dir, needed, shutil.disk_usage(run_dir).free)
             raise DiskFullError(f"{message}; the partial {staging.name} was removed") from error
 
+    # Private override: no public hook chooses the folder a checkpoint is written into (on_save runs once the files
+    # are in checkpoint-N), so writing into tmp-checkpoint-N and renaming it needs this method.
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         """Write checkpoint-N as Trainer does, but into tmp-checkpoint-N, renamed to checkpoint-N when complete.
 
@@ -256,7 +221,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
         name = checkpoint_folder_name(self.state.global_step)
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / name
-        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        staging = staging_folder(final)
         if self.args.should_save and staging.exists():
             shutil.rmtree(staging)
         self.check_free_space(run_dir)
@@ -315,7 +280,7 @@ class FinetuneTrainer(Seq2SeqTrainer):
             self.save_model(str(staging), _internal_call=True)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            move_files_into(staging, output_dir, last=TRAINING_RECORD)
+            move_files_into(staging, output_dir)
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -326,46 +291,16 @@ class FinetuneTrainer(Seq2SeqTrainer):
         """Load the trained weights of a checkpoint folder of this method into the model (e.g. to evaluate it)."""
         self._load_from_checkpoint(str(folder))
 
+    # Private override: Trainer.train loads a resumed checkpoint's weights only here; no public hook lets the method
+    # load its own weights (a prefix into the prefix encoder).
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Load a checkpoint's weights: by the method when it loads them itself (a prefix into the prefix encoder)."""
         if self.method.load_trained_weights(model if model is not None else self.model, Path(resume_from_checkpoint)):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Load the optimizer and scheduler state, then set the learning rate of the resumed step from this run's
-        schedule: the saved state holds the peak rate and the rate the checkpoint's own schedule reached (0 at its
-        last step when the run was planned with a smaller --max_steps), which the resumed steps would otherwise use.
-        A --learning_rate changed on resume becomes the schedule's peak rate, as a changed --max_steps its length."""
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return
-        saved_rate = self.lr_scheduler.get_last_lr()[0]
-        saved_peaks = list(self.lr_scheduler.base_lrs)
-        one_peak = bool(saved_peaks) and all(peak == saved_peaks[0] for peak in saved_peaks)
-        if one_peak and saved_peaks[0] != self.args.learning_rate:
-            logger.info(
-                "learning rate changed on resume: peak %.3g instead of the checkpoint's %.3g",
-                self.args.learning_rate,
-                saved_peaks[0],
-            )
-            self.lr_scheduler.base_lrs = [self.args.learning_rate] * len(saved_peaks)
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.args.learning_rate
-        # step() advances last_epoch and recomputes every group's rate from the schedule: step back first.
-        self.lr_scheduler.last_epoch -= 1
-        self.lr_scheduler.step()
-        resumed_rate = self.lr_scheduler.get_last_lr()[0]
-        if resumed_rate != saved_rate:
-            logger.info(
-                "resumed learning rate at step %d: %.3g from this run's schedule (max_steps=%d) instead of the saved "
-                "%.3g",
-                self.lr_scheduler.last_epoch,
-                resumed_rate,
-                self.args.max_steps,
-                saved_rate,
-            )
-
+    # Private override: load_best_model_at_end loads the best checkpoint only here; no public hook lets the method
+    # load its own weights.
     def _load_best_model(self) -> None:
         """Load the best checkpoint at the end of training, by the method when it loads its weights itself."""
         if not self.is_deepspeed_enabled and self.method.load_trained_weights(
@@ -385,77 +320,70 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
 
-    def _get_dataloader(
-        self,
-        dataset,
-        description: str,
-        batch_size: int,
-        sampler_fn=None,
-        is_training: bool = False,
-        dataloader_key: str | None = None,
-    ):
-        """Trainer's dataloader, batched by `eval_data_collator` for evaluation and prediction."""
-        if is_training:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        training_collator = self.data_collator
-        self.data_collator = self.eval_data_collator
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
-        finally:
-            self.data_collator = training_collator
-
-    def _stop_token_ids(self) -> list[int]:
-        """Token ids that end a generated answer: the generation config's eos ids and the tokenizer's eos."""
-        eos = self.accelerator.unwrap_model(self.model).generation_config.eos_token_id
-        stop_ids = list(eos) if isinstance(eos, Sequence) else [eos] if eos is not None else []
-        if self.processing_class is not None and self.processing_class.eos_token_id not in stop_ids:
-            stop_ids.append(self.processing_class.eos_token_id)
-        return stop_ids
-
-    def _generation_kwargs(self, overrides: dict) -> dict:
-        """Greedy decoding of at most max_new_tokens, updated by Seq2SeqTrainer's and the caller's settings."""
-        kwargs = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": False,
-            "eos_token_id": self._stop_token_ids(),
-            "pad_token_id": self.processing_class.pad_token_id,
-            "synced_gpus": is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model),
-        }
-        kwargs.update(getattr(self, "_gen_kwargs", {}))
-        kwargs.update(overrides)
-        if kwargs.get("max_length") is not None:
-            kwargs.pop("max_new_tokens")
-        return {key: value for key, value in kwargs.items() if value is not None}
-
-    def prediction_step(
+    def compute_loss(
         self,
         model: nn.Module,
         inputs: dict[str, torch.Tensor],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-        **gen_kwargs,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Evaluation loss on the full examples and, with predict_with_generate, greedy answers to the prompts.
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, object]:
+        """Trainer's loss; out of training the model keeps only the last position's logits, which the loss (computed
+        in chunks from the hidden states) does not need."""
+        # Why overridden: no Trainer argument passes a forward keyword (logits_to_keep) to evaluation batches only.
+        if not model.training:
+            inputs = {**inputs, "logits_to_keep": 1}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        Returns (loss, generated answer ids with the prompt removed and stop tokens blanked, reference ids).
-        """
-        inputs = dict(inputs)
-        generation_inputs = {key: inputs.pop(key) for key in GENERATION_KEYS if key in inputs}
-        inputs = self._prepare_inputs(inputs)
-        loss = None
-        if "labels" in inputs:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = model(**inputs, logits_to_keep=1).loss.detach()
-        if prediction_loss_only or not self.args.predict_with_generate or not generation_inputs:
-            return loss, None, None
-        generation_inputs = self._prepare_inputs(generation_inputs)
-        prompt_ids = generation_inputs[PROMPT_INPUT_IDS]
-        kwargs = self._generation_kwargs(gen_kwargs)
-        with torch.no_grad():
-            generated = self.model.generate(
-                input_ids=prompt_ids, attention_mask=generation_inputs[PROMPT_ATTENTION_MASK], **kwargs
-            )
-        answers = blank_after_stop(generated[:, prompt_ids.shape[1] :], kwargs["eos_token_id"], kwargs["pad_token_id"])
-        if answers.shape[1] == 0:
-            answers = torch.full((answers.shape[0], 1), kwargs["pad_token_id"], device=answers.device)
-        return loss, answers, generation_inputs[REFERENCE_IDS]
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """Trainer's loop for the loss; then, with predict_with_generate, the replies to the split's evaluation
+        prompts (finetune.generation), scored as `python -m finetune.evaluate` scores them. The prediction rows
+        (`generated_predictions.jsonl`'s) are the output's `predictions`."""
+        # Why overridden: generated turns (one per learned turn of a record) are not the encoded rows Trainer batches.
+        output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        examples = self.generation_examples.get(metric_key_prefix)
+        if examples is None or not self.args.predict_with_generate or self.args.prediction_loss_only:
+            return output
+        from finetune.metrics import score_rows  # jieba loads its dictionary on import: only when scoring
+
+        rows = self.prediction_rows(examples)
+        scores = {f"{metric_key_prefix}_{name}": value for name, value in score_rows(rows).items()}
+        metrics = {**output.metrics, **scores}
+        return EvalLoopOutput(predictions=rows, label_ids=None, metrics=metrics, num_samples=output.num_samples)
+
+    def prediction_rows(self, examples: Sequence[PromptExample]) -> list[dict]:
+        """Greedy replies to `examples` as prediction rows, in order: each process generates its share of the length
+        batches (of per_device_eval_batch_size prompts), and the rows of all processes are gathered."""
+        tokenizer = self.processing_class
+        batch_size = self.args.per_device_eval_batch_size
+        batches = length_batches([len(example.prompt_ids) for example in examples], batch_size)
+        world_size, rank = self.args.world_size, self.args.process_index
+        share = batches[rank::world_size]
+        synced_gpus = is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self.model)
+        if synced_gpus and batches:
+            # Every process takes part in every generate call: a shorter share repeats a batch (its rows kept once).
+            share += [batches[0]] * (-(-len(batches) // world_size) - len(share))
+        rows: dict[int, dict] = {}
+
+        def keep(batch: Sequence[int], new_ids: list[list[int]]) -> None:
+            for index, ids in zip(batch, new_ids, strict=True):
+                rows[index] = prediction_row(examples[index], ids, tokenizer)
+
+        generate_token_ids(
+            self.model,
+            tokenizer,
+            [example.prompt_ids for example in examples],
+            build_generation_config(tokenizer, self.max_new_tokens),
+            batch_size,
+            batches=share,
+            on_batch=keep,
+            synced_gpus=synced_gpus,
+        )
+        gathered = dict(gather_object(list(rows.items())) if world_size > 1 else rows.items())
+        return [gathered[index] for index in range(len(examples))]

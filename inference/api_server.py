@@ -37,13 +37,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.background import BackgroundTask
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments
+from finetune.generation import chat_prompt_ids, reply_stop_ids
 from finetune.model.checkpoint_files import CheckpointError
 from inference.openai_protocol import (
     ChatRequest,
     RequestError,
     assistant_reply,
     chatglm_turns,
-    cut_at_stop,
+    cut_at_stop_strings,
     parse_chat_request,
     streamable_content,
 )
@@ -151,7 +152,7 @@ class EventRelay:
 def ids_through_stop(ids: list[int], checked: int, decode: Callable[[list[int]], str], stop: list[str]) -> list[int]:
     """`ids` up to the one whose text completes a stop sequence (the first `checked` ids are known to hold none)."""
     for end in range(checked + 1, len(ids) + 1):
-        if cut_at_stop(decode(ids[:end]), stop)[1]:
+        if cut_at_stop_strings(decode(ids[:end]), stop)[1]:
             return ids[:end]
     return ids
 
@@ -187,7 +188,7 @@ class ChatService:
                 f"model {request.model!r} is not served here; served models: {', '.join(self.models)}", field="model"
             )
         history, query, role = chatglm_turns(request)
-        prompt_ids = served.tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
+        prompt_ids = chat_prompt_ids(served.tokenizer, query, history, role)
         reply_prefix = ""
         if request.forced_tool is not None:  # the reply starts as a call of that tool: its name is the metadata line
             reply_prefix = f"{request.forced_tool}\n"
@@ -236,13 +237,7 @@ class ChatService:
         GenerationError when the engine failed on it."""
         events: asyncio.Queue = asyncio.Queue()
         request, served = completion.request, completion.served
-        stop_ids = frozenset(
-            [
-                served.tokenizer.eos_token_id,
-                served.tokenizer.get_command("<|user|>"),
-                served.tokenizer.get_command("<|observation|>"),
-            ]
-        )
+        stop_ids = frozenset(reply_stop_ids(served.tokenizer))
         marker = self.settings.test_fault_marker
         job = GenerationRequest(
             prompt_ids=completion.prompt_ids,
@@ -281,7 +276,7 @@ class ChatService:
                     else:
                         completion.finish_reason = value
                 text = decode(completion.generated)
-                completion.text, stopped = cut_at_stop(text, request.stop)
+                completion.text, stopped = cut_at_stop_strings(text, request.stop)
                 if stopped:
                     completion.finish_reason = "stop"
                     completion.generated = ids_through_stop(completion.generated, earlier, decode, request.stop)

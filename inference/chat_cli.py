@@ -21,16 +21,10 @@ import sys
 from pathlib import Path
 
 from finetune.checkpoints import ModelLoadError, add_loading_arguments, load_from_arguments
-from finetune.data.formats import format_of
+from finetune.data.formats import format_of, prompt_example
 from finetune.data.records import DataValidationError
-from finetune.evaluate import (
-    DEFAULT_MAX_SOURCE_LENGTH,
-    build_generation_config,
-    build_prompt_example,
-    decode_reply,
-    generate_token_ids,
-    read_checked_records,
-)
+from finetune.evaluate import DEFAULT_MAX_SOURCE_LENGTH, read_checked_records
+from finetune.generation import build_generation_config, decode_reply, generate_token_ids
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.prediction_log import (
     OutputNotWritableError,
@@ -48,7 +42,7 @@ EXIT_COMMANDS = ("exit", "quit", "/exit", "/quit")
 REPLY_STOPPED = "[reply stopped]"
 
 
-def chat_generation_kwargs(args: argparse.Namespace) -> dict:
+def chat_options(args: argparse.Namespace) -> dict:
     """Keyword arguments for model.chat/stream_chat from the command line."""
     kwargs = {"max_new_tokens": args.max_new_tokens, "max_length": None, "do_sample": args.do_sample}
     if args.do_sample:
@@ -151,7 +145,7 @@ def run_batch(model, tokenizer, args: argparse.Namespace, records: list[dict]) -
     Replies are appended to a partial file as they are made; a rerun with the same settings continues from it, and
     the finished run writes --output_file (one line per record, in input order) atomically.
     """
-    examples = [build_prompt_example(record, tokenizer, args.max_source_length, False) for record in records]
+    examples = [prompt_example(record, tokenizer, args.max_source_length, False) for record in records]
     final = Path(args.output_file)
     prepare_resume(final, batch_settings(args))
     done = read_partial_rows(final)
@@ -216,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             count = run_batch(model, tokenizer, args, records)
             print(f"wrote {count} replies to {args.output_file}", file=sys.stderr)
         elif args.prompt is not None:
-            stream_reply(model, tokenizer, args.prompt, [], chat_generation_kwargs(args))
+            stream_reply(model, tokenizer, args.prompt, [], chat_options(args))
         else:
-            chat_loop(model, tokenizer, chat_generation_kwargs(args))
+            chat_loop(model, tokenizer, chat_options(args))
     except (CheckpointError, ModelLoadError, DataValidationError, OutputNotWritableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -17,15 +17,15 @@ import tempfile
 from pathlib import Path
 
 from finetune.atomic_files import replace_folder
+from finetune.checkpoint_format import open_checkpoint
 from finetune.checkpoints import (
     DTYPES,
-    CheckpointKind,
     ModelLoadError,
     add_allow_other_base_argument,
-    checkpoint_method,
     load_for_inference,
     resolve_base,
 )
+from finetune.methods.base import CheckpointKind
 from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder, read_json_file
 from finetune.model.remote_code import copy_remote_code_files
 
@@ -65,14 +65,13 @@ def export_checkpoint(
     allow_other_base: bool = False,
 ) -> CheckpointKind:
     """Write `checkpoint` (with its base for LoRA/prefix) as a standalone model folder; return its kind."""
-    method = checkpoint_method(checkpoint)
-    on_base = method is not None and method.needs_base
-    base_path = resolve_base(checkpoint, base) if on_base else checkpoint
+    opened = open_checkpoint(checkpoint)
+    base_path = resolve_base(opened, base) if opened.needs_base else checkpoint
     target = Path(output_dir)
     check_output_dir(target, [Path(checkpoint), Path(base_path)], overwrite)
     model, loaded_tokenizer, kind = load_for_inference(
-        checkpoint,
-        base=base_path if on_base else None,
+        opened,
+        base=base_path if opened.needs_base else None,
         tokenizer=tokenizer,
         device="cpu",
         dtype=dtype or stored_dtype(base_path),

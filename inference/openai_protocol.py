@@ -404,7 +404,7 @@ def streamable_content(text: str, tools: list[dict] | None = None) -> str:
     return content.rstrip()
 
 
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+def cut_at_stop_strings(text: str, stop: list[str]) -> tuple[str, bool]:
     """`text` up to the first stop sequence, and whether one was found."""
     cuts = [text.find(sequence) for sequence in stop if sequence in text]
     if not cuts:

@@ -10,6 +10,9 @@ worker thread. Each step it:
 Rows are grouped by P-Tuning prefix length (0 = no prefix): each group is one batch, and a prefix is per-row K/V put
 in front of the row's keys. LoRA adapters are routed per row with PEFT's `adapter_names`.
 
+Prompts, sampling (`sample_token`) and the stop ids (`reply_stop_ids`) come from finetune.generation; this engine
+only runs the step loop, and applies the stop rule (a reply ends at its first stop id) to each new token.
+
 Failures stay with the requests they hit: a request whose own preparation (its seed's generator, its sampling) fails
 ends with "error: ..." alone; when a batched forward fails (a bad row, CUDA out of memory, a model that cannot run
 here), each of its rows is retried alone from the cache as it was before the step, and only the rows that fail alone
@@ -26,10 +29,10 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from finetune.generation import GREEDY_TEMPERATURE, sample_token
 from finetune.model.prefix_encoder import PrefixEncoder
 
 BASE_ADAPTER = "__base__"
-GREEDY_TEMPERATURE = 1e-5
 LOG = logging.getLogger(__name__)
 
 
@@ -49,6 +52,7 @@ class Variant:
 class GenerationRequest:
     """One prompt to continue. `on_token(token_id)` gets every generated id; `on_finish(reason)` ends it once.
 
+    `stop_ids` are finetune.generation's stop ids of the tokenizer (`reply_stop_ids`).
     reason: "stop" (a stop id was generated; it is not passed to on_token), "length" (max_new_tokens reached),
     "cancelled" (cancel() was called) or "error: ..." (running this request failed; the reason follows).
     `fail_after_tokens` is a test hook for fault tests: once the row has generated that many tokens, every batched
@@ -132,19 +136,6 @@ def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat((tensor.new_zeros(shape), tensor), dim=dim)
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Next token from 1-D logits: greedy at temperature ~0, else temperature + nucleus (top_p) sampling."""
-    if temperature <= GREEDY_TEMPERATURE:
-        return int(logits.argmax())
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probabilities, order = probabilities.sort(descending=True)
-        outside = sorted_probabilities.cumsum(-1) - sorted_probabilities > top_p
-        sorted_probabilities[outside] = 0.0
-        probabilities = torch.zeros_like(probabilities).scatter(0, order, sorted_probabilities)
-    return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
 
 
 class ServingEngine:

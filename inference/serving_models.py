@@ -1,29 +1,22 @@
 """The models a server offers: `--model CKPT` or several `--model NAME=CKPT`, loaded once per base.
 
-One checkpoint loads through finetune.checkpoints.load_for_inference (every kind). With several, LoRA adapters and
-P-Tuning v2 prefixes that name the same base share one copy of it: the adapters are added to one PeftModel under
-their own names and each prefix gets its own prefix encoder; a `NAME=BASE` entry serves that base itself. Full
-fine-tunes and other whole models are loaded on their own. A shared base is quantized as its checkpoints' training
-records say (they must agree) unless --quantization_bit is given. Each loaded model gets one ServingEngine.
+Every checkpoint is opened once (finetune.checkpoint_format.open_checkpoint). One loads through
+finetune.checkpoints.load_for_inference (every kind). With several, the checkpoints that load on a base (LoRA
+adapters, P-Tuning v2 prefixes) and name the same one share one copy of it: each is attached to it by its method
+(an adapter under its own name, a prefix encoder of its own); a `NAME=BASE` entry serves that base itself. Other
+whole models are loaded on their own. A shared base is quantized as its checkpoints' training records say (they must
+agree) unless --quantization_bit is given. Each loaded model gets one ServingEngine.
 """
 
-import copy
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-from peft import PeftModel
-
-from finetune.checkpoint_layout import CheckpointKind, read_training_record
-from finetune.checkpoints import detect_checkpoint_kind, load_for_inference, open_base
-from finetune.methods.lora import load_lora_adapter
-from finetune.methods.ptuning import prefix_settings
+from finetune.checkpoint_format import Checkpoint, open_checkpoint
+from finetune.checkpoints import load_for_inference, open_base
+from finetune.methods.base import Attachment, CheckpointKind
 from finetune.model.checkpoint_files import CheckpointError
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint
-from finetune.model.prefix_encoder import PrefixEncoder
-from finetune.quantization import recorded_bits
 from inference.serving_engine import ServingEngine, Variant
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -78,24 +71,9 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
     return parsed
 
 
-def load_prefix_encoder(config, folder: Path) -> PrefixEncoder:
-    """A P-Tuning v2 prefix encoder for a base with `config`, with the weights of `folder` (fp32, eval mode)."""
-    pre_seq_len, prefix_projection = prefix_settings(folder)
-    prefix_config = copy.deepcopy(config)
-    prefix_config.pre_seq_len, prefix_config.prefix_projection = pre_seq_len, prefix_projection
-    encoder = PrefixEncoder(prefix_config).float().eval()
-    holder = SimpleNamespace(config=prefix_config, transformer=SimpleNamespace(prefix_encoder=encoder))
-    load_prefix_checkpoint(holder, folder)
-    return encoder
-
-
-def _variant_of(model, kind: CheckpointKind) -> Variant:
-    """The variant a single loaded checkpoint runs with (its own adapter or prefix)."""
-    if kind is CheckpointKind.LORA and isinstance(model, PeftModel):
-        return Variant(adapter=model.active_adapter)
-    if kind is CheckpointKind.PREFIX:
-        return Variant(prefix=model.transformer.prefix_encoder)
-    return Variant()
+def variant_of(attachment: Attachment) -> Variant:
+    """The engine's variant for what a checkpoint's method attached."""
+    return Variant(adapter=attachment.adapter, prefix=attachment.prefix)
 
 
 def _load_options(options: LoadOptions) -> dict:
@@ -107,12 +85,11 @@ def _load_options(options: LoadOptions) -> dict:
     }
 
 
-def shared_base_quantization(members: list[tuple[str, str]], options: LoadOptions) -> int | None:
+def shared_base_quantization(members: list[Checkpoint], options: LoadOptions) -> int | None:
     """The bits a shared base loads with: --quantization_bit, else what the members' training records agree on."""
     if options.quantization_bit is not None:
         return options.quantization_bit
-    records = {path: read_training_record(path) for _, path in members}
-    recorded = {path: recorded_bits(record) or 0 for path, record in records.items() if record is not None}
+    recorded = {str(member.folder): member.quantization_bit or 0 for member in members if member.record is not None}
     if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{path} ({bits or 'not quantized'})" for path, bits in recorded.items())
         raise CheckpointError(
@@ -125,49 +102,45 @@ def shared_base_quantization(members: list[tuple[str, str]], options: LoadOption
 def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: int) -> dict[str, ServedModel]:
     """Load every `--model` value, sharing bases; returns the served models by name (engines started)."""
     parsed = parse_model_specs(specs)
-    kinds = {name: detect_checkpoint_kind(path) for name, path in parsed}
+    paths = dict(parsed)
+    checkpoints = {name: open_checkpoint(path) for name, path in parsed}
     served: dict[str, ServedModel] = {}
     if len(parsed) == 1:
         name, path = parsed[0]
+        checkpoint = checkpoints[name]
         model, tokenizer, kind = load_for_inference(
-            path, base=options.base, tokenizer=options.tokenizer, **_load_options(options)
+            checkpoint, base=options.base, tokenizer=options.tokenizer, **_load_options(options)
         )
         engine = ServingEngine(model, max_batch_size).start()
-        seq_length = int(model.config.seq_length)
-        served[name] = ServedModel(name, path, kind, engine, tokenizer, _variant_of(model, kind), seq_length)
+        variant = variant_of(checkpoint.attachment_of(model))
+        served[name] = ServedModel(name, path, kind, engine, tokenizer, variant, int(model.config.seq_length))
         return served
-    bases: dict[str, list[tuple[str, str]]] = {}
+    bases: dict[str, list[str]] = {}
+    for name, checkpoint in checkpoints.items():
+        if checkpoint.needs_base:
+            base = open_base(checkpoint, options.base, options.allow_other_base)
+            bases.setdefault(os.path.realpath(base), []).append(name)
     for name, path in parsed:
-        if kinds[name] in (CheckpointKind.LORA, CheckpointKind.PREFIX):
-            base = open_base(path, options.base, options.allow_other_base)
-            bases.setdefault(os.path.realpath(base), []).append((name, path))
-    for name, path in parsed:
-        real = os.path.realpath(path)
-        if kinds[name] is CheckpointKind.BASE and real in bases:
-            bases[real].append((name, path))
-        elif kinds[name] in (CheckpointKind.BASE, CheckpointKind.FULL):
-            model, tokenizer, kind = load_for_inference(path, tokenizer=options.tokenizer, **_load_options(options))
-            engine = ServingEngine(model, max_batch_size).start()
-            served[name] = ServedModel(name, path, kind, engine, tokenizer, Variant(), int(model.config.seq_length))
+        checkpoint = checkpoints[name]
+        if checkpoint.needs_base:
+            continue
+        if os.path.realpath(path) in bases:
+            bases[os.path.realpath(path)].append(name)
+            continue
+        model, tokenizer, kind = load_for_inference(checkpoint, tokenizer=options.tokenizer, **_load_options(options))
+        engine = ServingEngine(model, max_batch_size).start()
+        served[name] = ServedModel(name, path, kind, engine, tokenizer, Variant(), int(model.config.seq_length))
     for base_path, members in bases.items():
-        load_options = {**_load_options(options), "quantization_bit": shared_base_quantization(members, options)}
+        quantization = shared_base_quantization([checkpoints[name] for name in members], options)
+        load_options = {**_load_options(options), "quantization_bit": quantization}
         model, tokenizer, _ = load_for_inference(base_path, tokenizer=options.tokenizer, **load_options)
-        config = model.config
         variants = {}
-        for index, (name, path) in enumerate(members):
-            kind = kinds[name]
-            if kind is CheckpointKind.LORA:
-                model = load_lora_adapter(model, Path(path), base_path, adapter_name=f"adapter{index}")
-                variants[name] = Variant(adapter=f"adapter{index}")
-            elif kind is CheckpointKind.PREFIX:
-                encoder = load_prefix_encoder(config, Path(path)).to(next(model.parameters()).device)
-                variants[name] = Variant(prefix=encoder)
-            else:
-                variants[name] = Variant()
+        for index, name in enumerate(members):
+            model, attachment = checkpoints[name].attach(model, slot=f"adapter{index}")
+            variants[name] = variant_of(attachment)
         model.eval()
         engine = ServingEngine(model, max_batch_size).start()
-        for name, path in members:
-            served[name] = ServedModel(
-                name, path, kinds[name], engine, tokenizer, variants[name], int(config.seq_length)
-            )
+        for name in members:
+            kind, seq_length = checkpoints[name].kind, int(model.config.seq_length)
+            served[name] = ServedModel(name, paths[name], kind, engine, tokenizer, variants[name], seq_length)
     return {name: served[name] for name, _ in parsed}

@@ -1,12 +1,13 @@
 # shellcheck shell=bash
 # Sourced by the finetune_*.sh launchers: reads the shared environment-variable knobs, checks the inputs and starts
-# python -m finetune.train (through torchrun for several processes), teeing its output into OUTPUT_DIR/train.log.
+# python -m finetune.train CONFIG (through torchrun for several processes), teeing its output into OUTPUT_DIR/train.log.
 #
-# Knobs every launcher reads (defaults in brackets; each launcher sets its own for LR, lengths, RUN_NAME, DATASET_PATH):
+# Each launcher runs a recipe, configs/<name>.yaml: a knob left unset takes the recipe's value (`--help` lists them),
+# a knob set in the environment overrides it. Knobs every launcher reads (launcher-only defaults in brackets):
 #   NUM_GPUS [1; "all" = every visible GPU]  processes per node (CUDA devices; without CUDA, CPU processes on gloo)
-#   DEV_BATCH_SIZE [1]      per-device micro-batch size
-#   GRAD_ACCUMULATION_STEPS [16]  (the official misspelling GRAD_ACCUMULARION_STEPS is accepted too)
-#   MAX_STEP [1000]  SAVE_INTERVAL [500]  LR
+#   DEV_BATCH_SIZE          per-device micro-batch size
+#   GRAD_ACCUMULATION_STEPS (the official misspelling GRAD_ACCUMULARION_STEPS is accepted too)
+#   MAX_STEP  SAVE_INTERVAL  LR
 #   MAX_SOURCE_LEN  MAX_TARGET_LEN  MAX_SEQ_LEN   length bounds (input-output data / whole multi-turn rows)
 #   BASE_MODEL_PATH (required)  a ChatGLM3 model folder (the quickstart and the tests set it to the tiny test model)
 #   DATASET_PATH  RUN_NAME
@@ -14,16 +15,17 @@
 #   AUTORESUME_FROM_CHECKPOINT [0]  1/true: continue from the newest checkpoint in OUTPUT_DIR if there is one
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]   multi-node rendezvous
 #   REPORT_TO [tensorboard when installed, else none]  where the Trainer reports metrics (none, tensorboard, wandb...)
-#   PACKING [1]             1: several examples per training row (segment masks; much faster on short examples; each
+#   PACKING                 1: several examples per training row (segment masks; much faster on short examples; each
 #                           optimizer step then sees more examples, which the log states); 0: one example per row
 #   STOP_TIMEOUT [600]      seconds training gets, after Ctrl-C / SIGTERM / SIGHUP to the launcher (or to its process
 #                           group, as timeout, Slurm and Kubernetes send), to save a checkpoint and exit; the launcher
 #                           waits that long, prints the `stopped:` line last, then kills what is left
-# Arguments after the launcher's name go to finetune.py last, so they override the flags built from the knobs;
-# `--help` prints this list. An environment variable whose name is close to a knob's (MAX_STEPS for MAX_STEP) or
-# another tool's name for one (LEARNING_RATE for LR, BATCH_SIZE for DEV_BATCH_SIZE, SAVE_STEPS for SAVE_INTERVAL,
-# AUTO_RESUME, OUTPUT_PATH, DATASET) gets a warning, since the launcher ignores it. One process on one node runs
-# finetune.py directly; several processes (or DeepSpeed) run it under torchrun.
+# Arguments after the launcher's name go to finetune.py last, so they override the recipe and the knobs; `--help`
+# prints this list, `--dry-run` prints the training command that the recipe and the knobs make, without running it.
+# An environment variable whose name is close to a knob's (MAX_STEPS for MAX_STEP) or another tool's name for one
+# (LEARNING_RATE for LR, BATCH_SIZE for DEV_BATCH_SIZE, SAVE_STEPS for SAVE_INTERVAL, AUTO_RESUME, OUTPUT_PATH, DATASET)
+# gets a warning, since the launcher ignores it. One process on one node runs finetune.py directly; several processes
+# (or DeepSpeed) run it under torchrun.
 
 _LAUNCHER_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -63,6 +65,36 @@ LAUNCHER_KNOBS=(
     FULL_MAX_STEP FULL_LR FULL_BATCH_SIZE
 )
 
+# The knobs a recipe (configs/*.yaml) gives their defaults, as KNOB=argument name.
+RECIPE_KNOBS=(
+    LR=learning_rate DEV_BATCH_SIZE=per_device_train_batch_size GRAD_ACCUMULATION_STEPS=gradient_accumulation_steps
+    MAX_STEP=max_steps SAVE_INTERVAL=save_steps PACKING=packing RUN_NAME=run_name DATASET_PATH=train_file
+    DS_CONFIG=deepspeed MAX_SOURCE_LEN=max_source_length MAX_TARGET_LEN=max_target_length MAX_SEQ_LEN=max_seq_length
+    PRE_SEQ_LEN=pre_seq_len LORA_RANK=lora_rank LORA_ALPHA=lora_alpha LORA_DROPOUT=lora_dropout
+    LORA_TARGET=lora_target QUANTIZATION_BIT=quantization_bit TRAINABLE_LAYERS=trainable_layers PREF_LOSS=pref_loss
+    PREF_BETA=pref_beta
+)
+RECIPE_CONFIG=""
+RECIPE_DEFAULTS=()
+
+# Usage: use_recipe CONFIG [KNOB ...]. Every knob of RECIPE_KNOBS (or only the KNOBs named) that the environment
+# leaves empty takes CONFIG's value; the first CONFIG given is the file training starts from (RECIPE_CONFIG).
+use_recipe() {
+    local config="$1" knob value lines
+    shift
+    [ -n "$RECIPE_CONFIG" ] || RECIPE_CONFIG="$config"
+    GRAD_ACCUMULATION_STEPS="${GRAD_ACCUMULATION_STEPS:-${GRAD_ACCUMULARION_STEPS:-}}"
+    lines="$(python "$_LAUNCHER_REPO_ROOT/scripts/_recipe.py" defaults "$config" "${RECIPE_KNOBS[@]}")" || exit 2
+    while IFS=$'\t' read -r knob value; do
+        [ -n "$knob" ] || continue
+        if [ "$#" -gt 0 ] && [[ " $* " != *" $knob "* ]]; then
+            continue
+        fi
+        [ -n "${!knob:-}" ] || printf -v "$knob" '%s' "$value"
+        RECIPE_DEFAULTS+=("$knob=${value#"$_LAUNCHER_REPO_ROOT/"}")
+    done <<<"$lines"
+}
+
 # Names other tools use for a training launcher's knobs: set, they are ignored, so they are warned about.
 TRAINING_KNOB_ALIASES=(
     LEARNING_RATE=LR BATCH_SIZE=DEV_BATCH_SIZE PER_DEVICE_TRAIN_BATCH_SIZE=DEV_BATCH_SIZE SAVE_STEPS=SAVE_INTERVAL
@@ -99,6 +131,11 @@ print_launcher_help() {
     echo
     sed -n '2,/^_LAUNCHER_REPO_ROOT=/p' "$_LAUNCHER_REPO_ROOT/scripts/_common.sh" | grep '^#' | sed 's/^# \{0,1\}//'
     echo
+    if [ -n "$RECIPE_CONFIG" ]; then
+        echo "Defaults from the recipe ${RECIPE_CONFIG#"$_LAUNCHER_REPO_ROOT/"} (a knob set in the environment overrides its line):"
+        printf '  %s\n' "${RECIPE_DEFAULTS[@]}"
+        echo
+    fi
     echo "The flags finetune.py takes after the launcher's name: python -m finetune.train --help"
 }
 
@@ -112,7 +149,8 @@ else:
 }
 
 # Usage: run_finetune OUTPUT_TAG [method flags ...] -- [pass-through flags ...]
-# Needs LR, RUN_NAME and DATASET_PATH set by the calling launcher.
+# Needs the launcher's recipe (use_recipe), which sets LR, RUN_NAME and DATASET_PATH unless the environment does.
+# RECIPE_DROP_KEYS: argument names to leave out of the recipe (its copy OUTPUT_DIR/recipe.yaml is used then).
 run_finetune() {
     local output_tag="$1"
     shift
@@ -122,13 +160,18 @@ run_finetune() {
         shift
     done
     [ "$#" -gt 0 ] && shift
-    local argument
+    local argument passthrough=() dry_run=0
     for argument in "$@"; do
-        if [ "$argument" = "--help" ] || [ "$argument" = "-h" ]; then
-            print_launcher_help
-            exit 0
-        fi
+        case "$argument" in
+            --help | -h)
+                print_launcher_help
+                exit 0
+                ;;
+            --dry-run) dry_run=1 ;;
+            *) passthrough+=("$argument") ;;
+        esac
     done
+    set -- "${passthrough[@]}"
     warn_misspelled_knobs "${TRAINING_KNOB_ALIASES[@]}"
     [[ "${LR,,}" =~ ^[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?$ ]] || launcher_error "LR must be a number such as 2e-4, got '$LR'"
 
@@ -136,22 +179,27 @@ run_finetune() {
         && [ "$GRAD_ACCUMULARION_STEPS" != "$GRAD_ACCUMULATION_STEPS" ]; then
         launcher_error "GRAD_ACCUMULARION_STEPS=$GRAD_ACCUMULARION_STEPS and GRAD_ACCUMULATION_STEPS=$GRAD_ACCUMULATION_STEPS disagree; set one of them"
     fi
-    local grad_accumulation="${GRAD_ACCUMULATION_STEPS:-${GRAD_ACCUMULARION_STEPS:-16}}"
-    local dev_batch_size="${DEV_BATCH_SIZE:-1}"
-    local max_step="${MAX_STEP:-1000}"
-    local save_interval="${SAVE_INTERVAL:-500}"
     local nnodes="${NNODES:-1}"
     local node_rank="${NODE_RANK:-0}"
-    require_positive_integer GRAD_ACCUMULATION_STEPS "$grad_accumulation"
-    require_positive_integer DEV_BATCH_SIZE "$dev_batch_size"
-    require_positive_integer MAX_STEP "$max_step"
-    require_positive_integer SAVE_INTERVAL "$save_interval"
+    local knob_flags=() knob flag
+    for knob in DEV_BATCH_SIZE=per_device_train_batch_size GRAD_ACCUMULATION_STEPS=gradient_accumulation_steps \
+        MAX_STEP=max_steps SAVE_INTERVAL=save_steps; do
+        flag="${knob#*=}"
+        knob="${knob%%=*}"
+        if [ -n "${!knob:-}" ]; then
+            require_positive_integer "$knob" "${!knob}"
+            knob_flags+=("--$flag" "${!knob}")
+        fi
+    done
     require_positive_integer NNODES "$nnodes"
     [[ "$node_rank" =~ ^[0-9]+$ ]] || launcher_error "NODE_RANK must be a non-negative integer, got '$node_rank'"
     local autoresume=0
     is_true AUTORESUME_FROM_CHECKPOINT "${AUTORESUME_FROM_CHECKPOINT:-0}" && autoresume=1
     local packing_flags=()
-    is_true PACKING "${PACKING:-1}" && packing_flags=(--packing)
+    if [ -n "${PACKING:-}" ]; then
+        packing_flags=(--packing false)
+        is_true PACKING "$PACKING" && packing_flags=(--packing)
+    fi
 
     local accelerator gpu_count
     read -r accelerator gpu_count < <(detect_accelerator) || true
@@ -164,7 +212,7 @@ project's virtual environment (bash scripts/test.sh creates .venv)"
     case "$accelerator" in
         cpu)
             device_note="No CUDA device: training on CPU (fp32, gloo backend) with $num_gpus process(es) per node."
-            precision_flags=(--use_cpu)
+            precision_flags=(--use_cpu --bf16 false)
             local cores
             cores="$(nproc)"
             if ((num_gpus > cores)); then
@@ -176,6 +224,7 @@ CPU processes will share them and run slower than one; set NUM_GPUS=1 (or at mos
             ((num_gpus <= gpu_count)) || launcher_error "NUM_GPUS=$num_gpus but only $gpu_count CUDA device(s) are visible"
             device_note="Training on $num_gpus of $gpu_count CUDA device(s) per node with $accelerator mixed precision."
             precision_flags=("--$accelerator")
+            [ "$accelerator" = bf16 ] || precision_flags+=(--bf16 false)
             ;;
     esac
 
@@ -226,23 +275,30 @@ data_tools.format_advertise_gen / python -m data_tools.format_tool_alpaca) or se
         starter=(python)
     fi
 
-    local command=("${starter[@]}" -m "${_LAUNCHER_ENTRY_MODULE:-finetune.train}"
+    local recipe="$RECIPE_CONFIG"
+    if [ -n "${RECIPE_DROP_KEYS:-}" ]; then
+        recipe="$output_dir/recipe.yaml"
+        # shellcheck disable=SC2086 # RECIPE_DROP_KEYS is a list of argument names
+        python "$_LAUNCHER_REPO_ROOT/scripts/_recipe.py" without "$RECIPE_CONFIG" "$recipe" $RECIPE_DROP_KEYS || exit 2
+    fi
+    local command=("${starter[@]}" -m "${_LAUNCHER_ENTRY_MODULE:-finetune.train}" "$recipe"
         --model_name_or_path "$base_model"
         --train_file "$DATASET_PATH"
         --output_dir "$output_dir"
         --run_name "$RUN_NAME"
-        --per_device_train_batch_size "$dev_batch_size"
-        --gradient_accumulation_steps "$grad_accumulation"
-        --max_steps "$max_step"
-        --save_steps "$save_interval"
+        "${knob_flags[@]}"
         --learning_rate "$LR"
-        --logging_steps 1
         --report_to "$report_to"
         "${precision_flags[@]}"
         "${packing_flags[@]}"
         "${resume_flags[@]}"
         "${method_flags[@]}"
         "$@")
+    if ((dry_run)); then
+        printf '%q ' "${command[@]}"
+        echo
+        return 0
+    fi
     local log_file="$output_dir/train.log"
     {
         echo "===== $(date '+%Y-%m-%d %H:%M:%S') $(basename "$0") on $(hostname)"
@@ -318,5 +374,18 @@ was killed; the newest complete checkpoint-N in its output_dir is where --resume
 add_optional_flag() {
     local -n _optional_flag_target="$1"
     [ -n "$3" ] && _optional_flag_target+=("$2" "$3")
+    return 0
+}
+
+# Usage: add_knob_flags ARRAY KNOB=argument ... Appends "--argument VALUE" to the array named ARRAY for every KNOB
+# that has a value (set in the environment or by the recipe).
+add_knob_flags() {
+    local -n _knob_flags_target="$1"
+    shift
+    local pair knob
+    for pair in "$@"; do
+        knob="${pair%%=*}"
+        [ -n "${!knob:-}" ] && _knob_flags_target+=("--${pair#*=}" "${!knob}")
+    done
     return 0
 }

@@ -20,8 +20,7 @@ import torch
 from bench_encoding import ATTRIBUTES  # scripts/ is on sys.path when run as a script
 
 from finetune.checkpoints import load_for_inference
-from finetune.data.formats.input_output import input_output_prompt_ids
-from finetune.evaluate import build_generation_config, generate_token_ids
+from finetune.generation import build_generation_config, generate_token_ids, input_output_prompt_ids
 from finetune.tiny_model import build_tiny_model
 
 

@@ -60,7 +60,7 @@ from finetune.memory_preflight import (
     plan_recompute,
     recompute_budget,
 )
-from finetune.methods import apply_method, method_named
+from finetune.methods import apply_method, method_named, method_options
 from finetune.methods.base import load_base_model
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
@@ -133,9 +133,14 @@ def random_base(config: ChatGLMConfig, dtype: torch.dtype, device: str) -> ChatG
     return model
 
 
+def method_arguments(args: argparse.Namespace) -> dict:
+    """The size option of the benchmarked method: the prefix length for P-Tuning v2, else the LoRA rank."""
+    return dict(pre_seq_len=args.pre_seq_len) if args.method == "ptuning" else dict(lora_rank=args.lora_rank)
+
+
 def build_model(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """The model to train, prepared by the project's method code."""
-    method_args = dict(pre_seq_len=args.pre_seq_len) if args.method == "ptuning" else dict(lora_rank=args.lora_rank)
+    method_args = method_arguments(args)
     if args.method == "qlora":
         with tempfile.TemporaryDirectory() as folder:
             random_base(config, torch.bfloat16, "cpu").save_pretrained(folder)
@@ -163,9 +168,8 @@ def training_setup(
         batch_size=args.batch,
         seq_length=seq_length[args.realistic] if args.realistic else args.seq,
         weight_dtype=dtype,
+        options=method_options(method, **method_arguments(args)),
         quantization_bit=4 if method == "qlora" else None,
-        pre_seq_len=args.pre_seq_len if method == "ptuning" else None,
-        lora_rank=args.lora_rank if method != "ptuning" else None,
         attention_stretch=stretch,
         sequences_per_example=2 if args.preference else 1,
         reference_pass=args.preference,

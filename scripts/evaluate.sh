@@ -8,8 +8,8 @@
 #   OUTPUT_DIR       where generated_predictions.jsonl and metrics.json go
 #                    [<repository>/output/evaluation/<run>-<checkpoint>]
 #   NUM_GPUS [1]     processes (torchrun) that share the dev set; "all" uses every visible CUDA device
-#   BATCH_SIZE [8]   prompts generated together (per process)
-#   MAX_NEW_TOKENS [128]  longest prediction in tokens
+#   BATCH_SIZE       prompts generated together (per process) [finetune.evaluate's --batch_size]
+#   MAX_NEW_TOKENS   longest prediction in tokens [finetune.evaluate's --max_new_tokens]
 # Arguments go to `python -m finetune.evaluate` last (see its --help), e.g. --max_source_length 64 --device cpu;
 # `--help` prints this list.
 # A rerun with the same settings continues an interrupted evaluation.
@@ -26,11 +26,9 @@ for argument in "$@"; do
 done
 
 [ -n "${CHECKPOINT:-}" ] || launcher_error "set CHECKPOINT to the checkpoint folder to evaluate"
-BATCH_SIZE="${BATCH_SIZE:-8}"
-MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
 NUM_GPUS="${NUM_GPUS:-1}"
-require_positive_integer BATCH_SIZE "$BATCH_SIZE"
-require_positive_integer MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
+[ -z "${BATCH_SIZE:-}" ] || require_positive_integer BATCH_SIZE "$BATCH_SIZE"
+[ -z "${MAX_NEW_TOKENS:-}" ] || require_positive_integer MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
 if [ "$NUM_GPUS" = "all" ]; then
     NUM_GPUS="$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
 fi
@@ -39,10 +37,9 @@ require_positive_integer NUM_GPUS "$NUM_GPUS"
 flags=(
     --model "$CHECKPOINT"
     --data "${DATASET_PATH:-$_LAUNCHER_REPO_ROOT/formatted_data/advertise_gen_dev.jsonl}"
-    --batch_size "$BATCH_SIZE"
-    --max_new_tokens "$MAX_NEW_TOKENS"
     --output_root "$_LAUNCHER_REPO_ROOT/output"
 )
+add_knob_flags flags BATCH_SIZE=batch_size MAX_NEW_TOKENS=max_new_tokens
 add_optional_flag flags --base "${BASE_MODEL_PATH:-}"
 add_optional_flag flags --output_dir "${OUTPUT_DIR:-}"
 

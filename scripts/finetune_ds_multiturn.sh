@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
 # Full fine-tuning with DeepSpeed ZeRO on multi-turn conversations with tools (NUM_GPUS defaults to all visible GPUs).
 # Usage: [KNOB=value ...] bash scripts/finetune_ds_multiturn.sh [extra finetune.py flags]
-# Knobs: DS_CONFIG (ds_configs/zero2.json; zero3.json, or zero3_offload.json for CPU offload), LR, MAX_SEQ_LEN, and the
+# Knobs: DS_CONFIG (a file of ds_configs/: zero3.json, or zero3_offload.json for CPU offload), LR, MAX_SEQ_LEN, and the
 # shared ones in _common.sh.
+# Recipe: configs/sft_multiturn.yaml (the knobs' defaults).
 set -euo pipefail
 # shellcheck source=scripts/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+use_recipe "$_LAUNCHER_REPO_ROOT/configs/sft_multiturn.yaml"
 
-LR="${LR:-1e-5}"
-MAX_SEQ_LEN="${MAX_SEQ_LEN:-2048}"
-RUN_NAME="${RUN_NAME:-tool_alpaca_ft}"
-DATASET_PATH="${DATASET_PATH:-$_LAUNCHER_REPO_ROOT/formatted_data/tool_alpaca.jsonl}"
-DS_CONFIG="${DS_CONFIG:-$_LAUNCHER_REPO_ROOT/ds_configs/zero2.json}"
 NUM_GPUS="${NUM_GPUS:-all}"
 [ -f "$DS_CONFIG" ] || launcher_error "no DeepSpeed config at DS_CONFIG=$DS_CONFIG; use one of $_LAUNCHER_REPO_ROOT/ds_configs/*.json"
 
-run_finetune "ft-lr$LR" --deepspeed "$DS_CONFIG" --max_seq_length "$MAX_SEQ_LEN" -- "$@"
+flags=()
+add_knob_flags flags DS_CONFIG=deepspeed MAX_SEQ_LEN=max_seq_length
+run_finetune "ft-lr$LR" "${flags[@]}" -- "$@"

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import finetune.model  # noqa: F401  (registers the ChatGLM3 classes with the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from finetune.model.prefix_checkpoint import save_prefix_weights
+from finetune.methods.ptuning import save_prefix_weights
 
 PROBE_PROMPTS = ["类型#裙*颜色#红色", "hello", "类型#上衣*版型#宽松*风格#简约*图案#条纹*衣样式#衬衫"]
 

@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint
-from finetune.resume import checkpoint_problem
+from finetune.methods.ptuning import load_prefix_checkpoint
+from finetune.checkpoint_format import resume_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_TIMEOUT_S = 600
@@ -174,7 +174,7 @@ def stopped_checkpoint_step(output: str, output_dir: Path) -> int:
     step = int(line.split(" at step ")[1].split(":")[0])
     checkpoint = output_dir / f"checkpoint-{step}"
     assert f"checkpoint saved to {checkpoint}" in line and "--resume_from_checkpoint auto" in line
-    assert checkpoint_problem(checkpoint) is None
+    assert resume_problem(checkpoint) is None
     assert (output_dir / "loss_curve.png").is_file()
     assert not list(output_dir.glob("tmp-*"))
     return step

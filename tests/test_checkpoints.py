@@ -19,14 +19,13 @@ from checkpoint_builders import (
 )
 from peft import PeftModel
 
-from finetune.checkpoint_layout import read_training_record
+from finetune.checkpoint_format import open_checkpoint, read_training_record
 from finetune.checkpoints import (
     CPU_FP32_MEMORY_SHARE,
     CheckpointKind,
     ModelLoadError,
     check_base_model_folder,
     choose_tokenizer_source,
-    detect_checkpoint_kind,
     folder_parameter_count,
     load_for_inference,
     resolve_base,
@@ -67,16 +66,16 @@ def copy_checkpoint(source: Path, target: Path) -> Path:
 
 
 def test_detects_every_kind(checkpoints: dict, reference_model_dir: Path, reference_dir: Path):
-    assert detect_checkpoint_kind(checkpoints["lora"]) is CheckpointKind.LORA
-    assert detect_checkpoint_kind(checkpoints["prefix"]) is CheckpointKind.PREFIX
-    assert detect_checkpoint_kind(checkpoints["full"]) is CheckpointKind.FULL
-    assert detect_checkpoint_kind(checkpoints["exported"]) is CheckpointKind.BASE
-    assert detect_checkpoint_kind(reference_model_dir) is CheckpointKind.BASE
+    assert open_checkpoint(checkpoints["lora"]).kind is CheckpointKind.LORA
+    assert open_checkpoint(checkpoints["prefix"]).kind is CheckpointKind.PREFIX
+    assert open_checkpoint(checkpoints["full"]).kind is CheckpointKind.FULL
+    assert open_checkpoint(checkpoints["exported"]).kind is CheckpointKind.BASE
+    assert open_checkpoint(reference_model_dir).kind is CheckpointKind.BASE
 
 
 @pytest.mark.parametrize("name", ["ptuning", "ptuning_proj"])
 def test_detects_official_prefix_folders(reference_dir: Path, name: str):
-    assert detect_checkpoint_kind(reference_dir / name) is CheckpointKind.PREFIX
+    assert open_checkpoint(reference_dir / name).kind is CheckpointKind.PREFIX
     assert read_training_record(reference_dir / name) is None
 
 
@@ -85,7 +84,7 @@ def test_prefix_folder_with_official_bin_only_is_prefix(checkpoints: dict, tmp_p
     state = {key: value for key, value in checkpoints["prefix_model"].state_dict().items() if "prefix_encoder" in key}
     torch.save(state, folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    assert detect_checkpoint_kind(folder) is CheckpointKind.PREFIX
+    assert open_checkpoint(folder).kind is CheckpointKind.PREFIX
 
 
 def test_training_record_is_read(checkpoints: dict, reference_model_dir: Path):
@@ -96,14 +95,14 @@ def test_training_record_is_read(checkpoints: dict, reference_model_dir: Path):
 
 
 def test_resolve_base_sources(checkpoints: dict, reference_model_dir: Path, reference_dir: Path, tmp_path: Path):
-    assert resolve_base(checkpoints["prefix"]) == str(reference_model_dir)
-    assert resolve_base(checkpoints["prefix"], "/elsewhere/base") == "/elsewhere/base"
+    assert resolve_base(open_checkpoint(checkpoints["prefix"])) == str(reference_model_dir)
+    assert resolve_base(open_checkpoint(checkpoints["prefix"]), "/elsewhere/base") == "/elsewhere/base"
     without_record = copy_checkpoint(checkpoints["lora"], tmp_path / "lora_no_record")
     (without_record / "training_record.json").unlink()
-    assert resolve_base(without_record) == str(reference_model_dir)
+    assert resolve_base(open_checkpoint(without_record)) == str(reference_model_dir)
     with pytest.raises(CheckpointError, match="--base"):
-        resolve_base(reference_dir / "ptuning")
-    assert resolve_base(reference_dir / "ptuning", str(reference_model_dir)) == str(reference_model_dir)
+        resolve_base(open_checkpoint(reference_dir / "ptuning"))
+    assert resolve_base(open_checkpoint(reference_dir / "ptuning"), str(reference_model_dir)) == str(reference_model_dir)
 
 
 def test_record_naming_a_missing_base_asks_for_base(checkpoints: dict, tmp_path: Path):
@@ -112,7 +111,7 @@ def test_record_naming_a_missing_base_asks_for_base(checkpoints: dict, tmp_path:
     record["base_model"] = str(tmp_path / "no_such_base")
     (folder / "training_record.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"does not exist on this machine.*--base"):
-        resolve_base(folder)
+        resolve_base(open_checkpoint(folder))
 
 
 def test_prefix_checkpoint_loads_its_trained_prefix(checkpoints: dict, tokenizer: ChatGLMTokenizer):
@@ -216,14 +215,14 @@ def test_missing_checkpoint_folder(tmp_path: Path):
 
 def test_folder_that_is_no_checkpoint(tmp_path: Path):
     with pytest.raises(CheckpointError, match="not a checkpoint"):
-        detect_checkpoint_kind(tmp_path)
+        open_checkpoint(tmp_path).kind
 
 
 def test_incomplete_lora_checkpoint_is_named(checkpoints: dict, tmp_path: Path):
     folder = copy_checkpoint(checkpoints["lora"], tmp_path / "lora_incomplete")
     (folder / "adapter_config.json").unlink()
     with pytest.raises(CheckpointError, match="adapter_config.json is missing"):
-        detect_checkpoint_kind(folder)
+        open_checkpoint(folder).kind
 
 
 def test_truncated_adapter_is_reported_before_peft_loads_it(checkpoints: dict, tmp_path: Path):

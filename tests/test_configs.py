@@ -1,87 +1,122 @@
-"""configs/*.yaml parse with the training entry point's parser and match the defaults of the launcher they mirror."""
+"""configs/*.yaml are the recipes: each parses with the training entry point's parser, and each launcher runs its
+recipe, its knobs' defaults read from it and a knob set in the environment on top (checked on the command a launcher
+really builds, `--dry-run`)."""
 
-import re
+import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from launcher_helpers import LAUNCHER_KNOBS
 
-from finetune.arguments import parse_arguments
+from finetune.arguments import parse_arguments, read_config_file
+from finetune.preference import parse_preference_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO_ROOT / "scripts"
-# config file -> (launcher, method, {argument name: launcher knob whose default it must equal})
-CONFIGS = {
-    "ptuning_v2.yaml": ("finetune_pt.sh", "ptuning", {"pre_seq_len": "PRE_SEQ_LEN"}),
-    "lora.yaml": ("finetune_lora.sh", "lora", {"lora_rank": "LORA_RANK"}),
-    "sft.yaml": ("finetune_ds.sh", "full", {}),
-}
-COMMON_KNOBS = {
-    "learning_rate": "LR",
-    "max_source_length": "MAX_SOURCE_LEN",
-    "max_target_length": "MAX_TARGET_LEN",
-    "per_device_train_batch_size": "DEV_BATCH_SIZE",
-    "max_steps": "MAX_STEP",
-    "save_steps": "SAVE_INTERVAL",
-}
+CONFIGS = REPO_ROOT / "configs"
+# launcher -> (its recipe, the method the recipe selects, {knob set by the test: (argument, value it must become)})
+LAUNCHERS = {
+    "finetune_pt.sh": ("ptuning_v2.yaml", "ptuning", {"PRE_SEQ_LEN": ("pre_seq_len", 4),
+                                                      "PACKING": ("packing", False)}),
+    "finetune_pt_multiturn.sh": ("ptuning_v2_multiturn.yaml", "ptuning", {"MAX_SEQ_LEN": ("max_seq_length", 256)}),
+    "finetune_lora.sh": ("lora.yaml", "lora", {"LORA_RANK": ("lora_rank", 4), "LR": ("learning_rate", 3e-3)}),
+    "finetune_ds.sh": ("sft.yaml", "full", {"MAX_STEP": ("max_steps", 7), "GRAD_ACCUMULARION_STEPS": (
+        "gradient_accumulation_steps", 3)}),
+    "finetune_ds_multiturn.sh": ("sft_multiturn.yaml", "full", {"SAVE_INTERVAL": ("save_steps", 9)}),
+    "finetune_dpo.sh": ("dpo.yaml", "lora", {"PREF_BETA": ("pref_beta", 0.5)}),
+}  # fmt: skip
+# Arguments every launcher sets from its own knobs whatever the recipe says (the test sets those knobs), and the
+# precision it picks for the machine (no CUDA here: fp32 on the CPU).
+LAUNCHER_OWNED = {"train_file", "output_dir", "bf16"}
+ENTRY_MODULES = ("finetune.train", "finetune.preference")
+# The dry runs made at once: each launcher with its test knobs, and the DPO launcher with a method other than its
+# recipe's LoRA.
+DRY_RUNS = {
+    **{launcher: (launcher, {knob: "0" if value is False else str(value) for knob, (_, value) in knobs.items()})
+       for launcher, (_, _, knobs) in LAUNCHERS.items()},
+    "finetune_dpo.sh-ptuning": ("finetune_dpo.sh", {"METHOD": "ptuning"}),
+}  # fmt: skip
 
 
-def launcher_defaults(script: str) -> dict[str, str]:
-    """Every `KNOB="${KNOB:-default}"` default of a launcher and of scripts/_common.sh."""
-    text = (SCRIPTS / script).read_text(encoding="utf-8") + (SCRIPTS / "_common.sh").read_text(encoding="utf-8")
-    return dict(re.findall(r'"\$\{(\w+):-([^}]+)\}"', text))
+def _parse(config: Path | str, argv: list[str] | None = None) -> dict:
+    """Every argument a config (then `argv`) resolves to, as one name -> value mapping."""
+    argv = [str(config), *(argv or [])]
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:  # transformers refuses bf16 without a GPU
+        argv += ["--use_cpu", "true"]
+    parser = parse_preference_arguments if Path(config).name.startswith(("dpo", "recipe")) else parse_arguments
+    values = {}
+    for arguments in parser(argv):
+        values.update(arguments.to_dict() if hasattr(arguments, "to_dict") else vars(arguments))
+    return values
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_config_parses_and_matches_its_launcher(name, monkeypatch, tmp_path):
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_config_parses_with_its_entry_point(launcher, monkeypatch, tmp_path):
     monkeypatch.setenv("BASE_MODEL_PATH", str(tmp_path / "chatglm3-6b"))
-    monkeypatch.chdir(REPO_ROOT)
-    script, method, method_knobs = CONFIGS[name]
-    config = REPO_ROOT / "configs" / name
-    assert "\nbf16: true\n" in config.read_text(encoding="utf-8")  # as the launchers on a bf16 GPU
-    if not torch.cuda.is_available():  # transformers refuses bf16 without a GPU unless the run is on the CPU
-        config = tmp_path / name
-        config.write_text((REPO_ROOT / "configs" / name).read_text(encoding="utf-8") + "use_cpu: true\n")
-    model_args, data_args, training_args = parse_arguments([str(config)])
-    defaults = launcher_defaults(script)
-    assert model_args.method == method
-    assert model_args.model_name_or_path == str(tmp_path / "chatglm3-6b")
-    values = {**vars(model_args), **vars(data_args), **training_args.to_dict()}
-    for argument, knob in {**COMMON_KNOBS, **method_knobs}.items():
-        assert float(values[argument]) == float(defaults[knob]), f"{name}: {argument} vs {script}'s {knob}"
-    # GRAD_ACCUMULATION_STEPS falls back to the official misspelled knob, whose default is the launchers' one.
-    assert training_args.gradient_accumulation_steps == 16
-    assert "${GRAD_ACCUMULARION_STEPS:-16}" in (SCRIPTS / "_common.sh").read_text(encoding="utf-8")
-    assert data_args.packing is True and defaults["PACKING"] == "1"
-    assert data_args.train_file == defaults["DATASET_PATH"].replace("$_LAUNCHER_REPO_ROOT/", "")
-    assert training_args.logging_steps == 1 and training_args.bf16 is True
-    if "DS_CONFIG" in defaults:
-        assert training_args.deepspeed == defaults["DS_CONFIG"].replace("$_LAUNCHER_REPO_ROOT/", "")
-    else:
-        assert training_args.deepspeed is None
+    name, method, _ = LAUNCHERS[launcher]
+    values = _parse(CONFIGS / name)
+    assert values["method"] == method
+    assert values["model_name_or_path"] == str(tmp_path / "chatglm3-6b")
+    assert "\nbf16: true\n" in (CONFIGS / name).read_text(encoding="utf-8")  # as the launchers on a bf16 GPU
+    for key, value in read_config_file(CONFIGS / name).items():
+        assert values[key] == value, f"{name}: {key}"
 
 
-def test_dpo_config_parses_with_the_preference_parser_and_matches_its_launcher(monkeypatch, tmp_path):
-    from finetune.preference import parse_preference_arguments
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    """The `--dry-run` command of every case of DRY_RUNS (all started at once): the recipe path and the arguments
+    after it."""
+    folder = tmp_path_factory.mktemp("dry_run")
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text("{}")  # the launchers only check that config.json is there
+    (folder / "data.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    environment = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KNOBS}
+    environment.update(CUDA_VISIBLE_DEVICES="", BASE_MODEL_PATH=str(folder / "model"), REPORT_TO="none")
+    processes = {}
+    for case, (launcher, knobs) in DRY_RUNS.items():
+        env = dict(environment, DATASET_PATH=str(folder / "data.jsonl"), OUTPUT_DIR=str(folder / case), **knobs)
+        processes[case] = subprocess.Popen(
+            ["bash", str(REPO_ROOT / "scripts" / launcher), "--dry-run"], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    commands = {}
+    for case, process in processes.items():
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, f"{case}: {stderr}"
+        words = shlex.split(stdout.strip().splitlines()[-1])
+        start = next(index for index, word in enumerate(words) if word in ENTRY_MODULES) + 1
+        commands[case] = (Path(words[start]), words[start + 1 :])
+    return commands
 
-    monkeypatch.setenv("BASE_MODEL_PATH", str(tmp_path / "chatglm3-6b"))
-    monkeypatch.chdir(REPO_ROOT)
-    config = tmp_path / "dpo.yaml"
-    text = (REPO_ROOT / "configs" / "dpo.yaml").read_text(encoding="utf-8")
-    assert "\nbf16: true\n" in text
-    config.write_text(text + ("" if torch.cuda.is_available() else "use_cpu: true\n"), encoding="utf-8")
-    model_args, data_args, pref_args, training_args = parse_preference_arguments([str(config)])
-    defaults = launcher_defaults("finetune_dpo.sh")
-    assert model_args.method == defaults["METHOD"] == "lora"
-    assert model_args.lora_rank == int(defaults["LORA_RANK"])
-    assert pref_args.pref_loss == defaults["PREF_LOSS"] and pref_args.pref_beta == float(defaults["PREF_BETA"])
-    assert pref_args.init_checkpoint is None
-    knobs = {"learning_rate": "LR", "max_seq_length": "MAX_SEQ_LEN", "per_device_train_batch_size": "DEV_BATCH_SIZE",
-             "max_steps": "MAX_STEP", "save_steps": "SAVE_INTERVAL"}  # fmt: skip
-    values = {**vars(model_args), **vars(data_args), **training_args.to_dict()}
-    for argument, knob in knobs.items():
-        assert float(values[argument]) == float(defaults[knob]), f"dpo.yaml: {argument} vs finetune_dpo.sh's {knob}"
-    assert training_args.gradient_accumulation_steps == 16
-    # The launcher's own PACKING default (0: pairs are not packed) comes before _common.sh reads ${PACKING:-1}.
-    assert data_args.packing is False and 'PACKING="${PACKING:-0}"' in (SCRIPTS / "finetune_dpo.sh").read_text()
-    assert data_args.train_file == defaults["DATASET_PATH"].replace("$_LAUNCHER_REPO_ROOT/", "")
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_launcher_runs_its_recipe_with_the_knobs_set_on_top(launcher, dry_runs, monkeypatch):
+    name, method, knobs = LAUNCHERS[launcher]
+    monkeypatch.delenv("BASE_MODEL_PATH", raising=False)
+    recipe, argv = dry_runs[launcher]
+    assert recipe == CONFIGS / name
+    resolved = _parse(recipe, argv)
+    overridden = {argument: value for argument, value in knobs.values()}
+    assert resolved["method"] == method
+    for key, value in read_config_file(recipe).items():
+        if key in LAUNCHER_OWNED or key in overridden:
+            continue
+        if key == "deepspeed":  # the launcher passes DS_CONFIG's default as a path from the repository root
+            assert Path(resolved[key]) == REPO_ROOT / value
+        else:
+            assert resolved[key] == value, f"{launcher}: {key} is {resolved[key]!r}, the recipe says {value!r}"
+    for argument, value in overridden.items():
+        assert resolved[argument] == value, f"{launcher}: the knob for {argument} was not applied"
+    assert resolved["use_cpu"] is True and resolved["bf16"] is False
+
+
+def test_dpo_launcher_drops_the_lora_rank_of_its_recipe_for_other_methods(dry_runs, monkeypatch):
+    monkeypatch.delenv("BASE_MODEL_PATH", raising=False)
+    recipe, argv = dry_runs["finetune_dpo.sh-ptuning"]
+    assert recipe.name == "recipe.yaml" and recipe.parent.name == "finetune_dpo.sh-ptuning"  # in OUTPUT_DIR
+    resolved = _parse(recipe, argv)
+    assert resolved["method"] == "ptuning" and resolved["lora_rank"] is None
+    assert resolved["pre_seq_len"] == read_config_file(CONFIGS / "ptuning_v2.yaml")["pre_seq_len"]
+    assert resolved["pref_loss"] == read_config_file(CONFIGS / "dpo.yaml")["pref_loss"]

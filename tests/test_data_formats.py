@@ -16,7 +16,7 @@ from finetune.data.encoding import IGNORE_INDEX, text_ids
 from finetune.data.formats.base import EncodingLimits
 from finetune.data.loading import load_training_data
 from finetune.data.records import DataValidationError
-from finetune.evaluate import evaluation_examples, read_checked_records
+from finetune.evaluate import read_checked_records
 from finetune.memory_preflight import longest_row
 from finetune.train import main as train_main
 
@@ -24,7 +24,7 @@ from finetune.train import main as train_main
 ALPACA_MODULE = '''
 from finetune.data import encoding
 from finetune.data.formats.base import DataFormat, PromptExample, check_string
-from finetune.data.formats.input_output import input_output_prompt_ids
+from finetune.generation import input_output_prompt_ids
 
 
 def prompt_of(record):
@@ -128,7 +128,7 @@ def test_a_format_in_its_own_module_trains_and_evaluates_through_the_normal_path
     assert record["data_args"]["data_format"] == "alpaca"
 
     records = read_checked_records(train_file, reference_from_record=True, data_format="alpaca")
-    examples = evaluation_examples(records, tiny_tokenizer, max_source_length=48)
+    examples = formats.evaluation_examples(records, tiny_tokenizer, max_source_length=48)
     assert [(example.prompt, example.label) for example in examples[:2]] == list(zip(PROMPTS[:2], RESPONSES[:2]))
     assert examples[0].prompt_ids == first["input_ids"][: first["labels"].index(learned[0])]
 

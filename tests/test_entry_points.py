@@ -73,6 +73,8 @@ def test_every_launcher_prints_its_knobs():
         stdout, stderr = process.communicate(timeout=120)
         assert process.returncode == 0, f"{' '.join(command)}:\n{stderr.decode()[-2000:]}"
         assert "Knobs" in stdout.decode(), " ".join(command)
+        if command[1].startswith("scripts/finetune_"):  # the knobs' defaults, read from the launcher's recipe
+            assert "Defaults from the recipe configs/" in stdout.decode() and "\n  LR=" in stdout.decode()
 
 
 def test_a_bad_argument_ends_training_with_one_line(tiny_model_dir, tmp_path):

@@ -11,15 +11,12 @@ from checkpoint_builders import make_lora_checkpoint, make_prefix_checkpoint
 
 from finetune.checkpoints import load_for_inference
 from finetune.data.encoding import encode_input_output
-from finetune.data.formats.conversations import conversation_prompt_ids
-from finetune.data.formats.input_output import input_output_prompt_ids
-from finetune.evaluate import (
-    METRICS_FILE,
-    PREDICTIONS_FILE,
+from finetune.evaluate import METRICS_FILE, PREDICTIONS_FILE, main, read_prompt_examples
+from finetune.generation import (
     build_generation_config,
+    conversation_prompt_ids,
     generate_token_ids,
-    main,
-    read_prompt_examples,
+    input_output_prompt_ids,
 )
 from finetune.metrics import METRIC_NAMES, compute_metrics
 from finetune.model import ChatGLMTokenizer

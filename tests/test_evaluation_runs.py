@@ -15,7 +15,7 @@ import pytest
 from checkpoint_builders import write_training_record
 from train_helpers import conversation_records, input_output_records, write_jsonl
 
-from finetune.checkpoint_layout import read_training_record
+from finetune.checkpoint_format import open_checkpoint, read_training_record
 from finetune.evaluate import (
     METRICS_FILE,
     PREDICTIONS_FILE,
@@ -88,13 +88,32 @@ def test_rerun_continues_from_the_predictions_an_interrupted_run_kept(tiny_model
     assert read_rows(interrupted / PREDICTIONS_FILE) == reference
 
 
+def test_standalone_evaluation_reads_the_training_record_once(
+    tiny_model_dir: Path, dev_file: Path, tmp_path, monkeypatch
+):
+    checkpoint = tmp_path / "run" / "checkpoint-10"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    write_training_record(checkpoint, "full", tiny_model_dir)
+    reads = []
+    read_text = Path.read_text
+
+    def counted(path: Path, *args, **kwargs) -> str:
+        if path.name == "training_record.json":
+            reads.append(path.parent.name)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    assert main(evaluation_argv(checkpoint, dev_file, tmp_path / "out") + ["--max_samples", "2"]) == 0
+    assert reads == ["checkpoint-10"]
+
+
 def test_max_source_length_and_data_format_come_from_the_training_record(tiny_model_dir: Path, tmp_path, capsys):
     checkpoint = tmp_path / "run" / "checkpoint-10"
     shutil.copytree(tiny_model_dir, checkpoint)
     write_training_record(
         checkpoint, "full", tiny_model_dir, data_args={"max_source_length": 8, "data_format": "conversations"}
     )
-    assert training_defaults(str(checkpoint)) == (8, "conversations")
+    assert training_defaults(open_checkpoint(checkpoint)) == (8, "conversations")
     data = write_jsonl(tmp_path / "dev.jsonl", input_output_records(2))
     assert main(evaluation_argv(checkpoint, data, tmp_path / "out")) == 1
     err = capsys.readouterr().err

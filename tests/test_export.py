@@ -10,8 +10,9 @@ from checkpoint_builders import make_lora_checkpoint, make_prefix_checkpoint, pr
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from finetune.checkpoints import CheckpointKind, detect_checkpoint_kind, load_for_inference
-from finetune.model.prefix_checkpoint import PREFIX_KEY_PREFIX
+from finetune.checkpoint_format import open_checkpoint
+from finetune.checkpoints import CheckpointKind, load_for_inference
+from finetune.methods.ptuning import PREFIX_KEY_PREFIX
 from inference.export import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def test_lora_export_as_a_script_equals_unmerged_adapter(checkpoints: dict, toke
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= set(names)
     assert not any(name.startswith("adapter") for name in names)
     assert not any("lora" in key for key in stored_keys(output_dir))
-    assert detect_checkpoint_kind(output_dir) is CheckpointKind.BASE
+    assert open_checkpoint(output_dir).kind is CheckpointKind.BASE
     exported = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     unmerged, _, _ = load_for_inference(checkpoints["lora"], device="cpu", dtype="float32")
     torch.testing.assert_close(probe_logits(exported, tokenizer), probe_logits(unmerged, tokenizer), atol=1e-5, rtol=0)

@@ -14,7 +14,8 @@ import pytest
 from checkpoint_builders import make_lora_checkpoint, make_other_base, make_prefix_checkpoint, truncate_file
 
 from finetune.checkpoints import load_for_inference
-from finetune.evaluate import build_generation_config, generate_replies, read_prompt_examples
+from finetune.evaluate import read_prompt_examples
+from finetune.generation import build_generation_config, generate_replies
 from inference.chat_cli import main, reply_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

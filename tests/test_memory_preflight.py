@@ -71,16 +71,17 @@ def test_lora_count_matches_peft():
 def test_chatglm3_6b_weights_and_trainables():
     assert 6.2e9 < base_parameter_count(CHATGLM3_6B) < 6.3e9
     ptuning = estimate_training_memory(
-        CHATGLM3_6B, TrainingSetup("ptuning", batch_size=1, seq_length=1024, pre_seq_len=128)
+        CHATGLM3_6B, TrainingSetup("ptuning", batch_size=1, seq_length=1024, options={"pre_seq_len": 128})
     )
     assert 11.4 * GIB < ptuning.weights < 11.8 * GIB  # bf16 base weights plus a 7 MiB prefix
     assert ptuning.trainable_parameters == 128 * 28 * 2 * 2 * 128  # 1.8 M
-    lora = estimate_training_memory(CHATGLM3_6B, TrainingSetup("lora", batch_size=1, seq_length=1024, lora_rank=8))
+    lora_setup = TrainingSetup("lora", batch_size=1, seq_length=1024, options={"lora_rank": 8})
+    lora = estimate_training_memory(CHATGLM3_6B, lora_setup)
     assert lora.trainable_parameters < 0.001 * lora.total_parameters
     assert lora.gradients + lora.optimizer_states < 0.1 * GIB
 
     qlora = estimate_training_memory(
-        CHATGLM3_6B, TrainingSetup("qlora", batch_size=1, seq_length=1024, lora_rank=8, quantization_bit=4)
+        CHATGLM3_6B, TrainingSetup("qlora", batch_size=1, seq_length=1024, options={"lora_rank": 8}, quantization_bit=4)
     )
     # 4-bit blocks (5.7 B parameters: ~3 GiB), bf16 embedding and output layer (0.53 B parameters: ~1 GiB)
     assert 3.5 * GIB < qlora.weights < 4.5 * GIB
@@ -95,7 +96,7 @@ def test_chatglm3_6b_weights_and_trainables():
 
 
 def test_activations_scale_and_checkpointing_saves():
-    setup = TrainingSetup("ptuning", batch_size=1, seq_length=1024, pre_seq_len=128)
+    setup = TrainingSetup("ptuning", batch_size=1, seq_length=1024, options={"pre_seq_len": 128})
     plain = estimate_training_memory(CHATGLM3_6B, setup)
     double = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, batch_size=2))
     checkpointed = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, gradient_checkpointing=True))
@@ -124,7 +125,8 @@ def test_logits_estimate_matches_the_peak_of_the_chunked_loss_at_the_real_vocabu
     hidden = torch.randn(1, tokens + 1, 4096, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocabulary, (1, tokens + 1))
     config = ChatGLMConfig(**CHATGLM3_6B_FIELDS)
-    estimate = estimate_training_memory(config, TrainingSetup("lora", batch_size=1, seq_length=tokens, lora_rank=8))
+    setup = TrainingSetup("lora", batch_size=1, seq_length=tokens, options={"lora_rank": 8})
+    estimate = estimate_training_memory(config, setup)
     measured = []
     for _ in range(3):
         Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
@@ -157,7 +159,7 @@ def test_zero_stages_divide_by_gpus_and_offload_to_cpu():
 
 
 def test_advice_for_a_24gib_gpu():
-    too_big = TrainingSetup("ptuning", batch_size=8, seq_length=2048, pre_seq_len=128)
+    too_big = TrainingSetup("ptuning", batch_size=8, seq_length=2048, options={"pre_seq_len": 128})
     advice = "\n".join(memory_advice(CHATGLM3_6B, too_big, DEVICE_24GIB))
     assert "--per_device_train_batch_size" in advice and "--gradient_accumulation_steps" in advice
     assert "--gradient_checkpointing" in advice
@@ -203,7 +205,7 @@ def test_run_preflight_quiet_when_it_fits_and_on_cpu(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="finetune.memory_preflight"):
         fitting = run_preflight(CHATGLM3_6B, model_args, data_args, arguments, device_memory=DEVICE_24GIB)
         on_cpu = run_preflight(CHATGLM3_6B, model_args, data_args, arguments)
-    assert fitting.setup.method == "qlora" and fitting.setup.lora_target == ("query_key_value", "dense")
+    assert fitting.setup.method == "qlora" and fitting.setup.options.lora_target_modules == ["query_key_value", "dense"]
     assert fitting.fits is True and fitting.advice == ()
     assert on_cpu.device_memory is None and on_cpu.fits is None
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
@@ -257,7 +259,7 @@ def test_all_lora_targets():
 
 
 def test_preference_pairs_count_two_rows_and_the_reference_pass():
-    sft = TrainingSetup("lora", batch_size=1, seq_length=1024, lora_rank=8)
+    sft = TrainingSetup("lora", batch_size=1, seq_length=1024, options={"lora_rank": 8})
     dpo = dataclasses.replace(sft, sequences_per_example=2, reference_pass=True)
     sft_estimate, dpo_estimate = estimate_training_memory(CHATGLM3_6B, sft), estimate_training_memory(CHATGLM3_6B, dpo)
     assert dpo_estimate.activations == pytest.approx(2 * sft_estimate.activations, rel=0.01)

@@ -13,7 +13,7 @@ from train_helpers import input_output_records, run_arguments, write_jsonl
 from transformers import AutoConfig, AutoTokenizer
 
 from finetune.arguments import ModelArguments
-from finetune.checkpoint_layout import CheckpointKind
+from finetune.methods.base import CheckpointKind
 from finetune.checkpoints import load_for_inference
 from finetune.memory_preflight import setup_from_arguments
 from finetune.methods import method_named, method_of
@@ -35,7 +35,7 @@ def dora_run(tiny_model_dir, tmp_path_factory):
 
 def test_config_with_flags_on_top_trains_dora(dora_run):
     record = json.loads((dora_run.output_dir / "training_record.json").read_text())
-    assert record["method"] == "dora" and record["lora"]["use_dora"] is True and record["lora"]["rank"] == 4
+    assert record["method"] == "dora" and record["dora"]["use_dora"] is True and record["dora"]["rank"] == 4
     adapter_config = json.loads((dora_run.output_dir / "adapter_config.json").read_text())
     assert adapter_config["use_dora"] is True and adapter_config["r"] == 4
     trainer = dora_run.outcome.trainer
@@ -58,8 +58,8 @@ def test_preflight_counts_the_adapters_and_magnitudes(dora_run, tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     setup = setup_from_arguments(config, model_args, SimpleNamespace(), SimpleNamespace())
     trainable, _ = count_parameters(dora_run.outcome.trainer.model)
-    assert method_named(setup.method).trainable_parameter_count(config, setup) == trainable
-    lora_only = method_named("lora").trainable_parameter_count(config, setup)
+    assert method_named(setup.method).trainable_parameter_count(config, setup.options) == trainable
+    lora_only = method_named("lora").trainable_parameter_count(config, setup.options)
     assert trainable > lora_only
 
 

@@ -11,7 +11,8 @@ from train_helpers import input_output_records, run_arguments, write_jsonl
 from transformers import AutoConfig, AutoTokenizer
 
 from finetune.arguments import ModelArguments
-from finetune.checkpoint_layout import CheckpointKind
+from finetune.methods.base import CheckpointKind
+from finetune.checkpoint_format import open_checkpoint
 from finetune.checkpoints import load_for_inference
 from finetune.memory_preflight import setup_from_arguments
 from finetune.methods import method_named
@@ -44,7 +45,7 @@ def test_only_the_last_layers_train(freeze_run):
 
 def test_checkpoint_is_a_whole_model_recorded_as_freeze(freeze_run, tiny_model_dir):
     record = json.loads((freeze_run.output_dir / "training_record.json").read_text())
-    assert record["method"] == "freeze" and record["trainable_layers"] == 1
+    assert record["method"] == "freeze" and record["freeze"] == {"trainable_layers": 1}
     model, _, kind = load_for_inference(freeze_run.output_dir, device="cpu", dtype="float32")
     assert kind is CheckpointKind.FULL
     batch = AutoTokenizer.from_pretrained(tiny_model_dir)(["Hello"], return_tensors="pt")
@@ -54,7 +55,7 @@ def test_checkpoint_is_a_whole_model_recorded_as_freeze(freeze_run, tiny_model_d
 
 
 def test_resume_refuses_another_layer_count(freeze_run, tiny_model_dir):
-    checkpoint = freeze_run.output_dir / "checkpoint-4"
+    checkpoint = open_checkpoint(freeze_run.output_dir / "checkpoint-4")
     check_checkpoint_matches(checkpoint, ModelArguments(model_name_or_path=str(tiny_model_dir), trainable_layers=1))
     with pytest.raises(CheckpointError, match="trainable_layers=1 but this run has trainable_layers=2"):
         check_checkpoint_matches(checkpoint, ModelArguments(model_name_or_path=str(tiny_model_dir), trainable_layers=2))
@@ -65,7 +66,7 @@ def test_preflight_counts_the_trained_layers(freeze_run, tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     setup = setup_from_arguments(config, model_args, SimpleNamespace(), SimpleNamespace())
     trainable, _ = count_parameters(freeze_run.outcome.trainer.model)
-    assert method_named(setup.method).trainable_parameter_count(config, setup) == trainable
+    assert method_named(setup.method).trainable_parameter_count(config, setup.options) == trainable
 
 
 def test_flags_that_cannot_combine(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""ROUGE/BLEU metrics: the official reference values, hand-computed cases, edge cases and the Trainer factory."""
+"""ROUGE/BLEU metrics: the official reference values, hand-computed cases, edge cases, scoring prediction rows."""
 
 import json
 import math
@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import EvalPrediction
 
-from finetune.metrics import METRIC_NAMES, build_compute_metrics, compute_metrics, score_pair
-from finetune.model.tokenization import ChatGLMTokenizer
+from finetune.metrics import METRIC_NAMES, compute_metrics, score_pair, score_rows
 
 
 @pytest.fixture(scope="module")
@@ -109,56 +107,17 @@ def test_length_mismatch_raises() -> None:
 
 
 
-def _ids(tokenizer: ChatGLMTokenizer, text: str) -> list[int]:
-    """The ids of `text` without special tokens."""
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-PROMPT = "问：写一句连衣裙广告答："
-ANSWERS = ["这款连衣裙简约大方，适合夏天穿着。", "这款连衣裙设计简约。"]
-REFERENCES = ["这款连衣裙设计简约，夏天穿非常清凉。", "这款连衣裙设计简约。"]
-
-
-def _padded(rows: list[list[int]], value: int) -> np.ndarray:
-    """Rows right-padded with `value` to the longest, as the Trainer concatenates batches."""
-    width = max(len(row) for row in rows)
-    return np.array([row + [value] * (width - len(row)) for row in rows], dtype=np.int64)
-
-
-def test_factory_removes_prompt_and_padding(tokenizer: ChatGLMTokenizer) -> None:
-    pad, eos, user = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.get_command("<|user|>")
-    prompt = tokenizer.encode(PROMPT)  # with the [gMASK] sop prefix
-    # Row 0 is left-padded by 2 in its batch; row 1 comes from a narrower batch, so the Trainer adds -100 at the end.
-    inputs = [[pad, pad] + prompt, prompt]
-    generated = [
-        inputs[0] + _ids(tokenizer, ANSWERS[0]) + [eos, pad],
-        inputs[1] + _ids(tokenizer, ANSWERS[1]) + [user],
-    ]
-    labels = [[-100] * len(prompt) + _ids(tokenizer, reference) + [eos] for reference in REFERENCES]
-    eval_prediction = EvalPrediction(
-        predictions=_padded(generated, -100), label_ids=_padded(labels, -100), inputs=_padded(inputs, -100)
-    )
-    metrics = build_compute_metrics(tokenizer)(eval_prediction)
-    assert metrics == compute_metrics(ANSWERS, REFERENCES)
-    assert metrics["rouge-1"] == pytest.approx((66.6667 + 100.0) / 2, abs=1e-4)
-
-
-def test_factory_without_inputs_scores_generated_ids_as_they_are(tokenizer: ChatGLMTokenizer) -> None:
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    generated = [_ids(tokenizer, answer) + [eos] for answer in ANSWERS]
-    labels = [_ids(tokenizer, reference) for reference in REFERENCES]
-    eval_prediction = EvalPrediction(predictions=(_padded(generated, pad),), label_ids=_padded(labels, -100))
-    assert build_compute_metrics(tokenizer)(eval_prediction) == compute_metrics(ANSWERS, REFERENCES)
-
-
-def test_factory_rejects_generated_rows_without_their_prompt(tokenizer: ChatGLMTokenizer) -> None:
-    prompt = _ids(tokenizer, PROMPT)
-    answer = _ids(tokenizer, ANSWERS[0])
-    eval_prediction = EvalPrediction(
-        predictions=np.array([answer]), label_ids=np.array([answer]), inputs=np.array([prompt])
-    )
-    with pytest.raises(ValueError, match="generated row 0 does not begin with its input ids"):
-        build_compute_metrics(tokenizer)(eval_prediction)
+def test_score_rows_scores_text_replies_and_adds_tool_metrics_only_with_calls() -> None:
+    answers = ["这款连衣裙简约大方，适合夏天穿着。", "这款连衣裙设计简约。"]
+    references = ["这款连衣裙设计简约，夏天穿非常清凉。", "这款连衣裙设计简约。"]
+    rows = [{"prediction": answer, "label": reference} for answer, reference in zip(answers, references)]
+    assert score_rows(rows) == compute_metrics(answers, references)
+    assert score_rows(rows)["rouge-1"] == pytest.approx((66.6667 + 100.0) / 2, abs=1e-4)
+    call = {"name": "get_weather", "arguments": {"city": "北京"}}
+    with_call = rows + [{"prediction": "", "label": None, "label_call": call, "predicted_call": call}]
+    scored = score_rows(with_call)
+    assert {name: scored[name] for name in METRIC_NAMES} == compute_metrics(answers, references)
+    assert set(scored) > set(METRIC_NAMES)
 
 
 def test_finetune_demo_convention_word_bleu_on_a_0_1_scale_and_unrounded_means(metrics_reference: dict) -> None:

@@ -16,7 +16,7 @@ from finetune.model.configuration import CHATGLM3_6B_FIELDS
 from finetune.model.chat import parse_tool_call, split_response
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.model.loss import chunked_causal_lm_loss
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint, save_prefix_weights
+from finetune.methods.ptuning import load_prefix_checkpoint, save_prefix_weights
 
 
 def small_config(**overrides) -> ChatGLMConfig:

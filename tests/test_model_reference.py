@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.methods.ptuning import load_prefix_checkpoint
 
 VARIANTS = {"plain": "", "ptuning": "ptuning_", "ptuning_proj": "ptuning_proj_"}
 

@@ -13,10 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import finetune.model  # noqa: F401  (registers the Auto classes)
 from finetune.data.encoding import IGNORE_INDEX, encode_conversation
+from finetune.generation import INVALID_SCORE_FALLBACK_TOKEN
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from finetune.model.chat import INVALID_SCORE_FALLBACK_TOKEN, split_response
+from finetune.model.chat import split_response
 from finetune.model.modeling import AttentionBias, RotaryEmbedding, SelfAttention, apply_rotary
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint, prefix_state_dict
+from finetune.methods.ptuning import load_prefix_checkpoint, prefix_state_dict
 from finetune.tiny_model import build_tiny_model
 from finetune.train import main, warn_rows_beyond_context
 from inference.export import export_checkpoint

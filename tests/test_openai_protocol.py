@@ -12,7 +12,7 @@ from inference.openai_protocol import (
     RequestError,
     assistant_reply,
     chatglm_turns,
-    cut_at_stop,
+    cut_at_stop_strings,
     parse_chat_request,
     streamable_content,
 )
@@ -141,10 +141,10 @@ def test_a_reply_naming_a_tool_becomes_a_tool_call_only_when_tools_were_sent():
     assert assistant_reply("\n 你好 ", None) == ("你好", None)
 
 
-def test_cut_at_stop_cuts_at_the_earliest_sequence():
-    assert cut_at_stop("一二三四", ["三", "二"]) == ("一", True)
-    assert cut_at_stop("一二三四", ["五"]) == ("一二三四", False)
-    assert cut_at_stop("一二三四", []) == ("一二三四", False)
+def test_cut_at_stop_strings_cuts_at_the_earliest_sequence():
+    assert cut_at_stop_strings("一二三四", ["三", "二"]) == ("一", True)
+    assert cut_at_stop_strings("一二三四", ["五"]) == ("一二三四", False)
+    assert cut_at_stop_strings("一二三四", []) == ("一二三四", False)
 
 
 @pytest.mark.parametrize("tools", [None, [WEATHER_TOOL]])

@@ -26,12 +26,12 @@ NARROW = dict(multi_query_attention=True, num_layers=2, hidden_size=256, num_att
               multi_query_group_num=2, ffn_hidden_size=688, padded_vocab_size=512, use_cache=False)
 
 METHODS = {
-    "lora": (dict(lora_rank=8, lora_dropout=0.0), dict(method="lora", lora_rank=8, lora_dropout=0.0)),
+    "lora": (dict(lora_rank=8, lora_dropout=0.0), dict(method="lora", options={"lora_rank": 8, "lora_dropout": 0.0})),
     "lora_all": (
         dict(lora_rank=8, lora_dropout=0.0, lora_target="all"),
-        dict(method="lora", lora_rank=8, lora_dropout=0.0, lora_target=("all",)),
+        dict(method="lora", options={"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all"}),
     ),
-    "ptuning": (dict(pre_seq_len=16), dict(method="ptuning", pre_seq_len=16)),
+    "ptuning": (dict(pre_seq_len=16), dict(method="ptuning", options={"pre_seq_len": 16})),
 }
 
 
@@ -86,7 +86,7 @@ def test_memory_model_of_packed_rows_scales_attention_by_the_layout(method):
     attention_mask = torch.tensor(
         [sum(([segment + 1] * size for segment, size in enumerate(row)), []) for row in lengths]
     )
-    prefix = METHODS[method][1].get("pre_seq_len", 0)
+    prefix = METHODS[method][1]["options"].get("pre_seq_len", 0)
     stretch = sum(len(row) for row in lengths) * (prefix + 100) / attention_mask.numel()
     setup = TrainingSetup(batch_size=2, seq_length=128, weight_dtype=torch.bfloat16, attention_stretch=stretch,
                           **METHODS[method][1])
@@ -98,7 +98,7 @@ def test_memory_model_of_packed_rows_scales_attention_by_the_layout(method):
 
 def test_each_grain_keeps_less():
     config = ChatGLMConfig(**NARROW)
-    setup = TrainingSetup("lora", batch_size=1, seq_length=128, lora_rank=8)
+    setup = TrainingSetup("lora", batch_size=1, seq_length=128, options={"lora_rank": 8})
     none, mlp, full = (layer_activation_bytes(config, setup, mode) for mode in ("none", "mlp", "full"))
     assert none > 1.8 * mlp and mlp > 3 * full
     assert none - mlp == pytest.approx(2 * config.ffn_hidden_size * 2)
@@ -150,7 +150,7 @@ def test_apply_recompute_plan_sets_each_layer():
 
 
 def test_plan_is_the_least_recomputation_that_fits():
-    setup = TrainingSetup("lora", batch_size=4, seq_length=768, lora_rank=8)
+    setup = TrainingSetup("lora", batch_size=4, seq_length=768, options={"lora_rank": 8})
     assert plan_recompute(CHATGLM3_6B, setup, 80 * GIB) == RecomputePlan()
     assert plan_recompute(CHATGLM3_6B, setup, 11 * GIB) == RecomputePlan(full_layers=28)  # nothing fits
     previous = None

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from finetune.checkpoints import load_for_inference
-from inference.serving_engine import GenerationRequest, ServingEngine, sample_token
+from finetune.generation import sample_token
+from inference.serving_engine import GenerationRequest, ServingEngine
 
 PROMPTS = ["hello", "类型#上衣*版型#宽松*风格#简约*图案#条纹*衣样式#衬衫*衣领型#翻领", "你好", "类型#裙"]
 NEW_TOKENS = 24

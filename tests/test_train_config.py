@@ -12,8 +12,9 @@ import torch
 from train_helpers import input_output_records, write_jsonl
 
 from finetune import train
-from finetune.arguments import BASE_MODEL_ENV, ModelArguments, parse_arguments, parse_lora_target
+from finetune.arguments import BASE_MODEL_ENV, ModelArguments, parse_arguments
 from finetune.data.records import DataValidationError
+from finetune.methods.lora import parse_lora_target
 from finetune.train import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ print_first_example: false
     outcome = main([str(config)])
     assert outcome.trainer.state.global_step == 2
     record = json.loads((tmp_path / "out" / "checkpoint-2" / "training_record.json").read_text())
-    assert record["method"] == "ptuning" and record["prefix_projection"] is True
+    assert record["method"] == "ptuning" and record["ptuning"]["prefix_projection"] is True
     assert record["training_args"]["learning_rate"] == pytest.approx(0.02)
 
 
@@ -213,14 +214,15 @@ def test_check_run_settings_changes_nothing_and_implied_settings_are_applied_apa
 
 def test_argument_parsing_does_not_import_the_model_code():
     """arguments.py and what it imports from the project name no finetune.model module (the layering the parser
-    keeps: recompute.py finds GLM blocks by their recompute switch, not by importing the class)."""
+    keeps: recompute.py finds GLM blocks by their recompute switch, not by importing the class); the parser takes the
+    methods' options from the methods' registry, finetune.methods, and nothing else of theirs."""
     for module in ("arguments", "recompute", "quantization"):
         tree = ast.parse((Path(train.__file__).parent / f"{module}.py").read_text(encoding="utf-8"))
         imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
         project = [name for name in imported if name and name.startswith("finetune")]
         assert all(not name.startswith("finetune.model") for name in project), (module, project)
-        assert set(project) <= {"finetune.recompute", "finetune.quantization"}, (module, project)
+        assert set(project) <= {"finetune.recompute", "finetune.quantization", "finetune.methods"}, (module, project)
 
 
 def test_a_misspelled_flag_or_a_bad_value_ends_with_one_line_and_status_2(tmp_path):

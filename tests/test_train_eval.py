@@ -1,16 +1,15 @@
 """Evaluation by generation during training: metrics, predictions file, batched equal to per-prompt generation
-(the batches themselves: tests/test_generation_eval_batches.py)."""
+(equal to standalone evaluation: tests/test_generation.py)."""
 
 import json
 
-import datasets
 import pytest
 import torch
 from train_helpers import input_output_records, run_arguments, write_jsonl
 
-from finetune.data.encoding import IGNORE_INDEX, encode_input_output
-from finetune.generation_eval_batches import blank_after_stop
+from finetune.generation import cut_at_stop
 from finetune.metrics import METRIC_NAMES
+from finetune.model.tokenization import reply_stop_ids
 from finetune.train import PREDICTIONS_FILE, main
 
 
@@ -54,24 +53,19 @@ def test_eval_during_training_and_predictions_match_per_prompt_generation(tiny_m
 
     # Batched generation from left-padded prompts (batches of 3 with different prompt lengths) gives, token for
     # token, what generating each prompt alone gives.
-    examples = [encode_input_output(source, tiny_tokenizer, 48, 48) for source in input_output_records(5)]
-    batched = outcome.trainer.predict(datasets.Dataset.from_list(examples)).predictions
     model = outcome.trainer.model.eval()
-    stop_ids = outcome.trainer._stop_token_ids()
+    stop_ids = reply_stop_ids(tiny_tokenizer)
     answers = []
-    for row, source in zip(batched, input_output_records(5)):
+    for record, source in zip(records, input_output_records(5)):
         prompt_ids = tiny_tokenizer.encode(source["prompt"])
         with torch.no_grad():
             alone = model.generate(
                 input_ids=torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False, eos_token_id=stop_ids
             )
-        answer = blank_after_stop(alone[:, len(prompt_ids) :], stop_ids, tiny_tokenizer.pad_token_id)[0].tolist()
-        answer = [token for token in answer if token != tiny_tokenizer.pad_token_id]
-        assert [int(token) for token in row if token not in (IGNORE_INDEX, tiny_tokenizer.pad_token_id)] == answer
+        answer = cut_at_stop(alone[0, len(prompt_ids) :].tolist(), stop_ids)
+        assert record["prediction"] == tiny_tokenizer.decode(answer).strip()
         answers.append(tuple(answer))
     assert len(set(answers)) > 1, answers
-    text_ids = [token for token in answers[0] if token not in tiny_tokenizer.all_special_ids]
-    assert records[0]["prediction"] == tiny_tokenizer.decode(text_ids)
 
     # Without predict_with_generate, evaluation reports the loss only.
     outcome.trainer.args.predict_with_generate = False

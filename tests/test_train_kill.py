@@ -58,8 +58,9 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_previous_complete_one
         pytest.fail(f"could not kill the run during a checkpoint save in {ATTEMPTS} attempts")
 
     staging = sorted(output_dir.glob("tmp-checkpoint-*"))
-    complete = find_latest_checkpoint(output_dir)
-    assert staging and complete is not None
+    latest = find_latest_checkpoint(output_dir)
+    assert staging and latest is not None
+    complete = latest.folder
     interrupted_step = int(staging[0].name.rsplit("-", 1)[1])
     assert read_trainer_state(complete)["global_step"] < interrupted_step
 

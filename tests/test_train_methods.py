@@ -14,11 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Seq2SeqTrainer, Se
 
 from finetune.arguments import DataArguments, ModelArguments, parse_arguments
 from finetune.data.encoding import encode_input_output
-from finetune.generation_eval_batches import GenerationEvalCollator
 from finetune.methods import apply_method
 from finetune.methods.base import load_base_model
 from finetune.model.checkpoint_files import weight_keys
-from finetune.model.prefix_checkpoint import load_prefix_checkpoint
+from finetune.methods.ptuning import load_prefix_checkpoint
 from finetune.tiny_model import build_tiny_model
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
@@ -67,7 +66,7 @@ def test_method_saves_agreed_checkpoints_that_reload_to_the_trained_model(method
         names = {path.name for path in folder.iterdir()}
         assert EXPECTED_FILES[method] <= names, f"{folder}: {sorted(names)}"
         record = json.loads((folder / "training_record.json").read_text())
-        assert record["format_version"] == 1
+        assert record["format_version"] == 2
         assert record["method"] == method.split("_")[0]
         assert record["base_model"] == str(tiny_model_dir.resolve())
         assert record["training_args"]["max_steps"] == 4
@@ -81,7 +80,8 @@ def test_method_saves_agreed_checkpoints_that_reload_to_the_trained_model(method
         keys = set(load_file(output_dir / "model.safetensors"))
         assert keys and all(key.startswith("transformer.prefix_encoder.") for key in keys)
         assert json.loads((output_dir / "config.json").read_text())["pre_seq_len"] == 4
-        assert record["pre_seq_len"] == 4 and record["lora"] is None
+        assert record["ptuning"] == {"pre_seq_len": 4, "prefix_projection": method == "ptuning_projection"}
+        assert "lora" not in record and "pre_seq_len" not in record
     if method == "lora":
         adapter = json.loads((output_dir / "adapter_config.json").read_text())
         assert set(adapter["target_modules"]) == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
@@ -300,8 +300,6 @@ def test_trainer_accepts_a_quantized_base_only_with_a_trainable_prefix_encoder(t
             args=args,
             model_args=model_args,
             data_args=DataArguments(),
-            eval_data_collator=GenerationEvalCollator(pad_token_id=0),
-            max_new_tokens=4,
         )
 
     build_trainer()

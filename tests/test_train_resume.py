@@ -10,7 +10,8 @@ import torch
 from transformers import TrainerCallback
 from train_helpers import input_output_records, logged_losses, read_trainer_state, run_arguments, write_jsonl
 
-from finetune.resume import checkpoint_problem, find_latest_checkpoint, resolve_resume_checkpoint
+from finetune.checkpoint_format import resume_problem
+from finetune.resume import find_latest_checkpoint, resolve_resume_checkpoint
 from finetune.arguments import parse_arguments
 from finetune.train import main, run
 from finetune.trainer import FinetuneTrainer
@@ -82,14 +83,14 @@ def test_crash_during_a_save_leaves_only_complete_checkpoints(
     assert {weights_file, "optimizer.pt", "training_record.json"} <= {path.name for path in staging.iterdir()}
     assert not (staging / "trainer_state.json").exists()
     assert not (output_dir / "checkpoint-4").exists()
-    assert find_latest_checkpoint(output_dir) == output_dir / "checkpoint-2"
-    assert resolve_resume_checkpoint("auto", output_dir) == output_dir / "checkpoint-2"
+    assert find_latest_checkpoint(output_dir).folder == output_dir / "checkpoint-2"
+    assert resolve_resume_checkpoint("auto", output_dir).folder == output_dir / "checkpoint-2"
 
     resumed = main(argv + ["--resume_from_checkpoint", "auto"])
     assert resumed.trainer.state.global_step == 4
     assert [step for step, _ in logged_losses(resumed.trainer.state.log_history)] == [1, 2, 3, 4]
     assert not staging.exists()
-    assert checkpoint_problem(output_dir / "checkpoint-4") is None
+    assert resume_problem(output_dir / "checkpoint-4") is None
     assert read_trainer_state(output_dir / "checkpoint-4")["global_step"] == 4
 
 

@@ -12,7 +12,7 @@ import pytest
 from launcher_helpers import LAUNCHER_KNOBS, quick_run_flags, run_until_logging_then_signal, stopped_checkpoint_step
 from train_helpers import input_output_records, run_arguments, write_jsonl
 
-from finetune.resume import checkpoint_problem
+from finetune.checkpoint_format import resume_problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_a_signal_saves_a_checkpoint_that_resumes(stop_signal, tiny_model_dir, t
         cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, check=False,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint_problem(output_dir / f"checkpoint-{step + 1}") is None
+    assert resume_problem(output_dir / f"checkpoint-{step + 1}") is None
 
 
 def test_a_second_signal_quits_at_once(tmp_path):

@@ -4,13 +4,16 @@ Training, resume, evaluation, inference, export and the memory preflight ask the
 method-specific; to add a method, write one module with a FinetuneMethod subclass and list it in `METHODS`.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 
-from finetune.arguments import ModelArguments
 from finetune.methods.base import FinetuneMethod, count_parameters
 from finetune.methods.dora import DoRA
 from finetune.methods.freeze import FreezeTuning
@@ -19,11 +22,48 @@ from finetune.methods.lora import LoRA
 from finetune.methods.ptuning import PTuningV2
 from finetune.methods.qlora import QLoRA
 
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
 logger = logging.getLogger(__name__)
 
 METHODS: dict[str, FinetuneMethod] = {
     method.name: method for method in (PTuningV2(), LoRA(), QLoRA(), DoRA(), FreezeTuning(), FullFinetuning())
 }
+# Every method's options dataclass, once each: finetune.arguments.ModelArguments is made of them.
+METHOD_OPTIONS: tuple[type, ...] = tuple(
+    dict.fromkeys(options for method in METHODS.values() for options in method.options)
+)
+
+
+def method_options(name: str, **values: object) -> object:
+    """The options of method `name` (its options dataclasses as one object), checked; e.g. for the memory preflight:
+    method_options("lora", lora_rank=8)."""
+    method = method_named(name)
+    options_class = dataclasses.make_dataclass(f"{type(method).__name__}Options", [], bases=method.options[::-1])
+    options = options_class(**values)
+    for part in method.options:
+        part.check_options(options)
+    method.check_options(options)
+    return options
+
+
+def selected_method_name(options: object) -> str:
+    """The method a run asks for: --method, else the one whose size option is set (QLoRA for LoRA's with
+    --quantization_bit), else full fine-tuning; ValueError when size options of two methods are set."""
+    selecting = [method for method in METHODS.values() if method.selecting_option and method.options]
+    chosen = {method.selecting_option: method for method in reversed(selecting)}
+    given = [f"--{name} ({method.name})" for name, method in chosen.items() if getattr(options, name, None)]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(sorted(given))} select different methods; pass only one")
+    name = getattr(options, "method", None)
+    quantized = bool(getattr(options, "quantization_bit", None))
+    if name and not (name == LoRA.name and quantized):
+        return name
+    for option, method in chosen.items():
+        if getattr(options, option, None):
+            return QLoRA.name if method.name == LoRA.name and quantized else method.name
+    return FullFinetuning.name
 
 
 def method_named(name: str) -> FinetuneMethod:

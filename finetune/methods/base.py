@@ -5,20 +5,44 @@ Whatever the base model's dtype, every trainable parameter is kept in fp32: the 
 --bf16/--fp16) while what the method trains is upcast to fp32.
 """
 
+from __future__ import annotations
+
 import abc
 import contextlib
+import enum
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from finetune.arguments import ModelArguments
-from finetune.checkpoint_layout import CheckpointKind
 from finetune.quantization import COMPUTE_DTYPE, check_quantization_available, quantization_config
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+
+class CheckpointKind(enum.Enum):
+    """What a checkpoint folder holds, and so how it loads."""
+
+    PREFIX = "ptuning"  # P-Tuning v2 prefix weights on top of a base model
+    LORA = "lora"  # a PEFT adapter on top of a base model
+    FULL = "full"  # a whole model written by fine-tuning (full or freeze)
+    BASE = "base"  # any other whole model: the official chatglm3-6b, an exported model
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What one served checkpoint adds to a loaded base, row by row: a PEFT adapter's name, a P-Tuning v2 prefix
+    encoder, or neither (the model itself)."""
+
+    adapter: str | None = None
+    prefix: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -35,13 +59,15 @@ class FinetuneMethod(abc.ABC):
     """One fine-tuning method: how it trains, saves, recognises, checks and loads its checkpoints, and what the
     memory preflight and training_record.json need to know about it.
 
-    `setup` arguments are read duck-typed (finetune.memory_preflight.TrainingSetup or ModelArguments): pre_seq_len,
-    prefix_projection, lora_rank, lora_target, trainable_layers, quantization_bit.
+    `options` arguments are the run's method options, read duck-typed: ModelArguments, or the method's own options
+    (finetune.methods.method_options).
     """
 
     name: str
     checkpoint_kind: CheckpointKind
-    # The ModelArguments field this method needs set (its size: prefix length, rank, layers), or None.
+    # The method's options dataclasses (its flags; finetune.arguments.ModelArguments composes every method's).
+    options: tuple[type, ...] = ()
+    # The option this method needs set (its size: prefix length, rank, layers), or None.
     selecting_option: str | None = None
     # True when the method trains weights of the base itself (its checkpoint is a whole model).
     trains_base_weights: bool = False
@@ -73,15 +99,20 @@ class FinetuneMethod(abc.ABC):
         """Load the base in this method's dtype and prepare it for training."""
         return self.prepare(load_base_model(model_args, self.base_dtype(training_args)), model_args)
 
+    # The names of this method's settings in training_record.json (record_fields' keys), used to read records of
+    # format 1, which kept them at the top level (LoRA's under "lora"); see finetune.checkpoint_format.
+    setting_names: tuple[str, ...] = ()
+
     def record_fields(self, model_args: ModelArguments) -> dict:
-        """This method's settings in training_record.json (checked again on resume)."""
+        """This method's settings, written under its name in training_record.json (checked again on resume)."""
         return {}
 
-    def settings_mismatch(self, record: dict, model_args: ModelArguments) -> str | None:
-        """How a checkpoint's recorded settings differ from this run's, or None when it can resume."""
+    def settings_mismatch(self, recorded: Mapping, model_args: ModelArguments) -> str | None:
+        """How a checkpoint's recorded settings (finetune.checkpoint_format.method_settings) differ from this run's,
+        or None when it can resume."""
         for key, value in self.record_fields(model_args).items():
-            if record.get(key) != value:
-                return f"the checkpoint has {key}={record.get(key)!r} but this run has {key}={value!r}"
+            if recorded.get(key) != value:
+                return f"the checkpoint has {key}={recorded.get(key)!r} but this run has {key}={value!r}"
         return None
 
     @abc.abstractmethod
@@ -108,26 +139,53 @@ class FinetuneMethod(abc.ABC):
         """True when a checkpoint holds only what was trained and loads on top of its base model."""
         return self.checkpoint_kind in (CheckpointKind.PREFIX, CheckpointKind.LORA)
 
-    def load_for_inference(self, folder: Path, base: str, load_kwargs: dict, merge_lora: bool = False) -> nn.Module:
-        """The trained model of `folder` for generation; `base` is its base model (unused for whole models)."""
+    def named_base(self, folder: Path) -> tuple[str, Path] | None:
+        """The base model this method's own files name, and the file that names it (for a folder whose record does
+        not), or None."""
+        return None
+
+    def load_for_inference(
+        self, folder: Path, settings: Mapping, base: str, load_kwargs: dict, merge_lora: bool = False
+    ) -> nn.Module:
+        """The trained model of `folder` for generation; `settings` are its recorded method settings, `base` its
+        base model (unused for whole models)."""
         return AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+
+    def attach(self, model: nn.Module, folder: Path, settings: Mapping, slot: str) -> tuple[nn.Module, Attachment]:
+        """Add the checkpoint of `folder` to a loaded base that several checkpoints share, under the name `slot`:
+        (the model to serve, what the checkpoint's rows run with). A whole model adds nothing: it is the model."""
+        return model, Attachment()
+
+    def attachment_of(self, model: nn.Module) -> Attachment:
+        """What the rows of a checkpoint loaded on its own (load_for_inference) run with: the model itself."""
+        return Attachment()
 
     # ---- memory preflight ---------------------------------------------------------------------------------------
 
-    def check_setup(self, setup: object) -> None:
-        """Raise ValueError when the preflight setup lacks a setting this method needs."""
+    def check_options(self, options: object) -> None:
+        """Raise ValueError when the options lack the size this method needs (its `selecting_option`)."""
+        if self.selecting_option and not getattr(options, self.selecting_option, None):
+            raise ValueError(f"method {self.name!r} needs {self.selecting_option} > 0")
 
     @abc.abstractmethod
-    def trainable_parameter_count(self, config, setup: object) -> int:
-        """Parameters this method trains, for a ChatGLM3-shaped config and the run's settings."""
+    def trainable_parameter_count(self, config, options: object) -> int:
+        """Parameters this method trains, for a ChatGLM3-shaped config and the run's options."""
 
-    def trained_layer_count(self, config, setup: object) -> int:
+    def trained_layer_count(self, config, options: object) -> int:
         """How many of the last GLM blocks train their linear weights (they keep those layers' inputs)."""
         return config.num_layers if self.trains_base_weights else 0
 
-    def adapted_modules(self, config, setup: object) -> tuple[str, ...]:
+    def adapted_modules(self, config, options: object) -> tuple[str, ...]:
         """Linear layers that carry a trained adapter in every block (they keep their inputs)."""
         return ()
+
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
+        """Bytes per token an adapted linear layer keeps for its adapter's backward pass (see adapted_modules)."""
+        return 0
+
+    def prefix_tokens(self, options: object) -> int:
+        """Virtual tokens the method puts before every row in each layer's attention (their keys/values are kept)."""
+        return 0
 
     def quantized_variant(self) -> "str | None":
         """The method to suggest with a 4-bit base when memory is short (None: quantization does not apply)."""

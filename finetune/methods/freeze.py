@@ -1,13 +1,38 @@
 """Freeze tuning: train only the last N GLM blocks (--trainable_layers N), everything else frozen; the checkpoint is
 the whole model, saved and loaded like a full fine-tune."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers import PreTrainedModel
 
-from finetune.arguments import ModelArguments
 from finetune.methods.full import FullFinetuning
 from finetune.model.shapes import layer_linear_weights, layer_small_parameters
 from finetune.recompute import glm_blocks
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+
+@dataclass
+class FreezeOptions:
+    """Freeze tuning's flag; a part of the training command line (finetune.arguments.ModelArguments)."""
+
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze tuning: train only the last N GLM blocks (the rest of the model stays frozen); setting "
+            "it selects freeze tuning."
+        },
+    )
+
+    def check_options(self) -> None:
+        """A positive number of layers."""
+        if self.trainable_layers is not None and self.trainable_layers < 1:
+            raise ValueError(f"--trainable_layers must be a positive number of layers, got {self.trainable_layers}")
 
 
 class FreezeTuning(FullFinetuning):
@@ -15,6 +40,8 @@ class FreezeTuning(FullFinetuning):
 
     name = "freeze"
     selecting_option = "trainable_layers"
+    options = (FreezeOptions,)
+    setting_names = ("trainable_layers",)
 
     def make_trainable(self, model: PreTrainedModel, model_args: ModelArguments) -> nn.Module:
         """Freeze everything, then unfreeze the last `trainable_layers` GLM blocks."""
@@ -33,15 +60,11 @@ class FreezeTuning(FullFinetuning):
         """How many of the last layers trained (checked on resume)."""
         return {"trainable_layers": model_args.trainable_layers}
 
-    def check_setup(self, setup: object) -> None:
-        """Freeze tuning needs the number of trained layers."""
-        if not getattr(setup, "trainable_layers", None):
-            raise ValueError("TrainingSetup.method 'freeze' needs trainable_layers > 0")
-
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The parameters of the trained blocks."""
-        return self.trained_layer_count(config, setup) * (layer_linear_weights(config) + layer_small_parameters(config))
+        per_layer = layer_linear_weights(config) + layer_small_parameters(config)
+        return self.trained_layer_count(config, options) * per_layer
 
-    def trained_layer_count(self, config, setup: object) -> int:
+    def trained_layer_count(self, config, options: object) -> int:
         """The last `trainable_layers` blocks."""
-        return min(setup.trainable_layers, config.num_layers)
+        return min(options.trainable_layers, config.num_layers)

@@ -1,17 +1,21 @@
 """Full fine-tuning: every weight of the model trains (in fp32); the checkpoint is the whole model."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 
-from finetune.arguments import ModelArguments
-from finetune.checkpoint_layout import CheckpointKind
-from finetune.methods.base import FinetuneMethod, SaveContext
+from finetune.methods.base import CheckpointKind, FinetuneMethod, SaveContext
 from finetune.model.checkpoint_files import check_weight_file, weight_files
 from finetune.model.remote_code import copy_remote_code_files
 from finetune.model.shapes import base_parameter_count
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
 
 
 class FullFinetuning(FinetuneMethod):
@@ -46,6 +50,6 @@ class FullFinetuning(FinetuneMethod):
             check_weight_file(path)
         return None
 
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def trainable_parameter_count(self, config, options: object) -> int:
         """All of the base's parameters."""
         return base_parameter_count(config)

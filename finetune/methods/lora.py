@@ -1,21 +1,79 @@
-"""LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen."""
+"""LoRA through PEFT: low-rank adapters on chosen linear layers of every block, the base frozen.
+
+Its checkpoint is PEFT's adapter folder: adapter_config.json + adapter_model.safetensors (finetune.checkpoint_format
+describes the folder).
+"""
+
+from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from finetune.atomic_files import write_text_atomically
-from finetune.arguments import LORA_TARGET_ALL, ModelArguments
-from finetune.checkpoint_layout import ADAPTER_CONFIG, ADAPTER_WEIGHT_NAMES, CheckpointKind, first_file
-from finetune.methods.base import FinetuneMethod, SaveContext
-from finetune.model.checkpoint_files import CheckpointError, check_weight_file, read_json_file, weight_keys
+from finetune.methods.base import Attachment, CheckpointKind, FinetuneMethod, SaveContext
+from finetune.model.checkpoint_files import CheckpointError, check_weight_file, first_file, read_json_file, weight_keys
 from finetune.model.shapes import linear_shapes
+
+if TYPE_CHECKING:
+    from finetune.arguments import ModelArguments
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+LORA_TARGET_ALL = "all"
+
+
+def parse_lora_target(value: str) -> list[str]:
+    """Module names for `--lora_target`: a comma-separated list of layer Linear names, or `all` for every one."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names == [LORA_TARGET_ALL]:
+        return list(LORA_LAYER_MODULES)
+    unknown = [name for name in names if name not in LORA_LAYER_MODULES]
+    if not names or unknown:
+        raise ValueError(
+            f"--lora_target {value!r}: unknown module name(s) {unknown or [value]}; use a comma-separated list of "
+            f"{', '.join(LORA_LAYER_MODULES)}, or '{LORA_TARGET_ALL}'"
+        )
+    return names
+
+
+@dataclass
+class LoRAOptions:
+    """LoRA's (and DoRA's, QLoRA's) flags; a part of the training command line (finetune.arguments.ModelArguments)."""
+
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: the adapter rank; setting it selects LoRA."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA: scaling numerator (scale = alpha / rank)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA: dropout on the adapter input."})
+    lora_target: str = field(
+        default="query_key_value",
+        metadata={
+            "help": f"LoRA: comma-separated modules to adapt among {', '.join(LORA_LAYER_MODULES)}, or "
+            f"'{LORA_TARGET_ALL}' for all of them."
+        },
+    )
+
+    def check_options(self) -> None:
+        """A positive rank, a dropout in [0, 1) and known target modules."""
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora_rank must be a positive rank, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        parse_lora_target(self.lora_target)
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        """The module names LoRA adapts."""
+        return parse_lora_target(self.lora_target)
 
 
 def lora_config(model_args: ModelArguments) -> LoraConfig:
@@ -146,6 +204,8 @@ class LoRA(FinetuneMethod):
 
     name = "lora"
     checkpoint_kind = CheckpointKind.LORA
+    options = (LoRAOptions,)
+    setting_names = ("rank", "alpha", "dropout", "target_modules")
     selecting_option = "lora_rank"
     # DoRA (finetune.methods.dora) is LoRA with PEFT's use_dora; the adapter config says which one a folder holds.
     uses_dora = False
@@ -169,18 +229,16 @@ class LoRA(FinetuneMethod):
     def record_fields(self, model_args: ModelArguments) -> dict:
         """The LoRA settings (rank and targets are checked on resume)."""
         return {
-            "lora": {
-                "rank": model_args.lora_rank,
-                "alpha": model_args.lora_alpha,
-                "dropout": model_args.lora_dropout,
-                "target_modules": model_args.lora_target_modules,
-            }
+            "rank": model_args.lora_rank,
+            "alpha": model_args.lora_alpha,
+            "dropout": model_args.lora_dropout,
+            "target_modules": model_args.lora_target_modules,
         }
 
-    def settings_mismatch(self, record: dict, model_args: ModelArguments) -> str | None:
+    def settings_mismatch(self, recorded: Mapping, model_args: ModelArguments) -> str | None:
         """A different rank or different target modules cannot resume."""
-        stored = record.get("lora") or {}
-        wanted = self.record_fields(model_args)["lora"]
+        stored = recorded
+        wanted = self.record_fields(model_args)
         keys = ("rank", "target_modules")
         if tuple(stored.get(key) for key in keys) != tuple(wanted[key] for key in keys):
             return (
@@ -208,23 +266,39 @@ class LoRA(FinetuneMethod):
         adapter_weight_file(folder)
         return None
 
-    def load_for_inference(self, folder: Path, base: str, load_kwargs: dict, merge_lora: bool = False) -> nn.Module:
+    def named_base(self, folder: Path) -> tuple[str, Path] | None:
+        """The base_model_name_or_path of adapter_config.json."""
+        path = folder / ADAPTER_CONFIG
+        base = read_json_file(path).get("base_model_name_or_path") if path.is_file() else None
+        return (str(base), path) if base else None
+
+    def load_for_inference(
+        self, folder: Path, settings: Mapping, base: str, load_kwargs: dict, merge_lora: bool = False
+    ) -> nn.Module:
         """The base with the adapter of `folder` (merged into the base weights with `merge_lora`)."""
         model = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base, **load_kwargs), folder, base)
         return model.merge_and_unload() if merge_lora else model
 
-    def check_setup(self, setup: object) -> None:
-        """LoRA needs a rank."""
-        if not getattr(setup, "lora_rank", None):
-            raise ValueError(f"TrainingSetup.method {self.name!r} needs lora_rank > 0")
+    def attach(self, model: nn.Module, folder: Path, settings: Mapping, slot: str) -> tuple[nn.Module, Attachment]:
+        """The base as a PeftModel holding this adapter under the name `slot`; its rows run with that adapter."""
+        return load_lora_adapter(model, folder, str(model.name_or_path), adapter_name=slot), Attachment(adapter=slot)
 
-    def trainable_parameter_count(self, config, setup: object) -> int:
+    def attachment_of(self, model: nn.Module) -> Attachment:
+        """The PeftModel's active adapter (none once merged into the base)."""
+        return Attachment(adapter=model.active_adapter) if isinstance(model, PeftModel) else Attachment()
+
+    def trainable_parameter_count(self, config, options: object) -> int:
         """The adapters' parameters."""
-        return lora_parameter_count(config, setup.lora_rank, setup.lora_target)
+        return lora_parameter_count(config, options.lora_rank, options.lora_target)
 
-    def adapted_modules(self, config, setup: object) -> tuple[str, ...]:
+    def adapted_modules(self, config, options: object) -> tuple[str, ...]:
         """The LoRA target modules."""
-        return lora_targets(config, setup.lora_target)
+        return lora_targets(config, options.lora_target)
+
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
+        """A 16-bit copy of the layer's input, its dropout mask (one byte per input feature) and the rank-r product."""
+        dropout_mask = fan_in if options.lora_dropout > 0 else 0
+        return fan_in * element_bytes + dropout_mask + options.lora_rank * element_bytes
 
     def quantized_variant(self) -> str:
         """LoRA on a 4-bit base is QLoRA."""

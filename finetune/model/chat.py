@@ -7,31 +7,17 @@ from collections.abc import Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.data.tool_calls import parse_tool_call
 
-from .tokenization import reply_stop_ids
+# Imported as a module: finetune.generation imports the model package, which imports this module.
+from finetune import generation
 
 REPLACEMENT_CHARACTER = "\ufffd"
-# The official chat code writes this token when a step's scores hold NaN or inf, instead of failing to sample.
-INVALID_SCORE_FALLBACK_TOKEN = 5
 # The official response post-processing replaces this placeholder of the training data in plain answers.
 TRAINING_DATE_PLACEHOLDER = ("[[训练时间]]", "2023年")
-
-
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """The official guard of chat(): scores with NaN or inf become a certain pick of the fallback token."""
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Scores unchanged when finite, else zeros with a large score on the fallback token."""
-        if bool(torch.isfinite(scores).all()):
-            return scores
-        replaced = torch.zeros_like(scores)
-        replaced[..., INVALID_SCORE_FALLBACK_TOKEN] = 5e4
-        return replaced
 
 
 def split_response(output: str, history: list[dict]) -> tuple[str | dict, list[dict]]:
@@ -95,35 +81,16 @@ class _StopWhenSet(StoppingCriteria):
 class ChatMixin:
     """Conversation helpers mixed into ChatGLMForConditionalGeneration (the official chat API)."""
 
-    def _chat_generation_kwargs(self, tokenizer, gen_kwargs: dict) -> dict:
-        stop_ids = reply_stop_ids(tokenizer)
-        defaults = {"do_sample": True, "top_p": 0.8, "temperature": 0.8}
-        if "max_new_tokens" not in gen_kwargs:
-            defaults["max_length"] = 8192
-        processors = LogitsProcessorList(gen_kwargs.pop("logits_processor", None) or [])
-        processors.append(InvalidScoreLogitsProcessor())
-        return {
-            **defaults,
-            **gen_kwargs,
-            "logits_processor": processors,
-            "eos_token_id": stop_ids,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-
-    @staticmethod
-    def _strip_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
-        return ids[:-1] if ids and ids[-1] in stop_ids else ids
-
     @torch.inference_mode()
     def chat(
         self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user", **gen_kwargs
     ) -> tuple[str | dict, list[dict]]:
         """One conversation turn: returns the reply and the new history (official ChatGLM3 chat semantics)."""
         history = list(history or [])
-        inputs = tokenizer.build_chat_input(query, history=history, role=role).to(self.device)
-        kwargs = self._chat_generation_kwargs(tokenizer, dict(gen_kwargs))
-        outputs = self.generate(**inputs, **kwargs)
-        new_ids = self._strip_stop(outputs[0, inputs["input_ids"].shape[1] :].tolist(), kwargs["eos_token_id"])
+        input_ids = torch.tensor([generation.chat_prompt_ids(tokenizer, query, history, role)], device=self.device)
+        kwargs = generation.chat_generation_kwargs(tokenizer, dict(gen_kwargs))
+        outputs = self.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        new_ids = generation.cut_at_stop(outputs[0, input_ids.shape[1] :].tolist(), kwargs["eos_token_id"])
         history.append({"role": role, "content": query})
         return split_response(tokenizer.decode(new_ids), history)
 
@@ -188,17 +155,15 @@ class ChatMixin:
         (reply, history, past_key_values). Items with an empty or unchanged reply are not yielded.
         """
         history = list(history or [])
-        kwargs = self._chat_generation_kwargs(tokenizer, dict(gen_kwargs))
+        kwargs = generation.chat_generation_kwargs(tokenizer, dict(gen_kwargs))
         stop_ids = kwargs["eos_token_id"]
         if past_key_values is None:
-            inputs = tokenizer.build_chat_input(query, history=history, role=role)
-            input_ids = inputs["input_ids"].to(self.device)
+            input_ids = torch.tensor([generation.chat_prompt_ids(tokenizer, query, history, role)], device=self.device)
         else:
             # generate() takes the whole sequence and skips the cached part; those positions only need a placeholder.
-            new_ids = tokenizer.build_chat_input(query, role=role)["input_ids"]
+            new_ids = generation.chat_prompt_ids(tokenizer, query, [], role)
             past_length = past_key_values.get_seq_length()
-            cached = torch.full((1, past_length), tokenizer.pad_token_id, dtype=new_ids.dtype)
-            input_ids = torch.cat((cached, new_ids), dim=1).to(self.device)
+            input_ids = torch.tensor([[tokenizer.pad_token_id] * past_length + new_ids], device=self.device)
         attention_mask = torch.ones_like(input_ids)
         turn_history = history + [{"role": role, "content": query}]
         prompt_length = input_ids.shape[1]
@@ -212,7 +177,7 @@ class ChatMixin:
             **kwargs,
         ):
             ids, cache = item if return_past_key_values else (item, None)
-            text = tokenizer.decode(self._strip_stop(ids[0, prompt_length:].tolist(), stop_ids))
+            text = tokenizer.decode(generation.cut_at_stop(ids[0, prompt_length:].tolist(), stop_ids))
             if text and not text.endswith(REPLACEMENT_CHARACTER) and text != last_text:
                 last_text = text
                 reply, new_history = split_response(text, turn_history)

@@ -1,4 +1,6 @@
-"""Cheap structural checks of a checkpoint folder before loading, so failures name the file and what is wrong."""
+"""The files of a transformers model folder (config.json, weights, shard index): their names, and cheap structural
+checks before loading, so failures name the file and what is wrong. The layout of this project's checkpoints, built
+on these, is finetune.checkpoint_format's."""
 
 import json
 import pickle
@@ -8,10 +10,20 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
+
+CONFIG_FILE = "config.json"
+SINGLE_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be loaded; the message names the file and what to do."""
+
+
+def first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` that is a file in `folder`, or None."""
+    return next((folder / name for name in names if (folder / name).is_file()), None)
 
 
 def read_json_file(path: Path) -> dict:
@@ -86,14 +98,14 @@ def check_weight_file(path: Path) -> None:
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a folder (through the shard index when there is one), safetensors preferred."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in SHARD_INDEX_NAMES:
         index_path = folder / index_name
         if index_path.is_file():
             index = read_json_file(index_path)
             if "weight_map" not in index:
                 raise CheckpointError(f"{index_path}: no 'weight_map' field; the shard index is corrupt")
             return [folder / name for name in sorted(set(index["weight_map"].values()))]
-    for single_name in ("model.safetensors", "pytorch_model.bin"):
+    for single_name in SINGLE_WEIGHT_NAMES:
         if (folder / single_name).is_file():
             return [folder / single_name]
     return []
@@ -104,7 +116,7 @@ def check_chatglm_folder(folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder; pass the path of a chatglm3-6b folder")
-    config_path = folder / "config.json"
+    config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(
             f"{folder}: not a ChatGLM3 checkpoint: config.json is missing (expected an official chatglm3-6b folder "
@@ -131,3 +143,11 @@ def weight_keys(path: Path) -> list[str]:
         with safe_open(path, framework="pt") as handle:
             return list(handle.keys())
     return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors or torch weight file on CPU (torch files with weights_only=True)."""
+    check_weight_file(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -2,16 +2,20 @@
 
 Nothing outside this package branches on a format: loading, validation, training, evaluation, inference and the
 memory preflight look a format up here (`format_named`, `detect_format`) and call its methods (base.DataFormat).
+The prompts generation needs come from here too: `prompt_example` (one per record, for batch inference) and
+`evaluation_examples` (the turns evaluation scores, the same during training and in `python -m finetune.evaluate`),
+each as the record's format splits it, with prompt ids built by finetune/generation.py.
 
 To add a format: write `finetune/data/formats/<name>.py` with a `DataFormat` subclass and `FORMAT = <instance>`,
 and add the module to `BUILT_IN_MODULES` below (or call `register_format` from your own code).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from finetune.data.formats import conversations, input_output
-from finetune.data.formats.base import DataFormat
+from finetune.data.formats.base import DataFormat, PromptExample
 from finetune.data.records import SourceRecord
+from finetune.model.tokenization import ChatGLMTokenizer
 
 # In detection order: the first format that detects a record names it (conversations before input-output).
 BUILT_IN_MODULES = (conversations, input_output)
@@ -69,6 +73,25 @@ def no_format_message() -> str:
     """What a record that no format detects lacks: every format's keys."""
     keys = " nor ".join("/".join(repr(key) for key in data_format.detected_by) for data_format in FORMATS.values())
     return f"record has neither {keys}"
+
+
+def prompt_example(
+    record: dict, tokenizer: ChatGLMTokenizer, max_source_length: int, reference_from_record: bool
+) -> PromptExample:
+    """One prompt for a checked record, as its format builds it; with `reference_from_record` the reference is
+    split off as the label."""
+    return format_of(record).prompt_example(record, tokenizer, max_source_length, reference_from_record)
+
+
+def evaluation_examples(
+    records: Sequence[dict], tokenizer: ChatGLMTokenizer, max_source_length: int
+) -> list[PromptExample]:
+    """The prompts evaluation scores in checked records, as each record's format splits it (one per input-output
+    record, one per learned turn of a conversation), ids "<record index>[:<message position>]"."""
+    examples = []
+    for index, record in enumerate(records):
+        examples += format_of(record).evaluation_examples(record, index, tokenizer, max_source_length)
+    return examples
 
 
 for _module in BUILT_IN_MODULES:

@@ -3,7 +3,9 @@
 A format knows its records: whether a record is one of its own (`detects`), every problem of a record with the field
 and what to do (`check`), how a record becomes token ids and labels for training (`encode`, through
 finetune/data/encoding.py, the one module where a token gets its label), the longest row its length limits allow, and
-how a record splits into a prompt and the reference an evaluation compares the generated reply with.
+how a record splits into a prompt and the reference an evaluation compares the generated reply with: which turns
+are scored and what each one's prompt (text or message history) and reference are is the format's; the prompt's
+token ids come from finetune/generation.py, which builds every generation prompt.
 """
 
 from abc import ABC, abstractmethod
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from finetune.data.records import describe_json_type
+from finetune.generation import PromptExample
 from finetune.model.tokenization import ChatGLMTokenizer
 
 Problem = tuple[str | None, str]  # (field or None for the whole record, what is wrong and what to do)
@@ -34,22 +37,6 @@ class EncodingLimits:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens, got {value}")
-
-
-@dataclass
-class PromptExample:
-    """One prompt ready for generation: what to show as the prompt, its token ids, and the reference if any.
-
-    `label_call` is the reference tool call (`{"name", "arguments"}`) of a conversation turn that is a call, in
-    which case `label` is None; `example_id` is "<record index>" or "<record index>:<message position>".
-    """
-
-    prompt: str | list[dict]
-    prompt_ids: list[int]
-    label: str | None
-    reply_has_metadata: bool
-    label_call: dict | None = None
-    example_id: str = ""
 
 
 def check_string(container: dict, key: str, prefix: str = "") -> list[Problem]:

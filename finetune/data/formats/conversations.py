@@ -12,6 +12,7 @@ from finetune.data import encoding
 from finetune.data.formats.base import DataFormat, EncodingLimits, Problem, PromptExample, check_string
 from finetune.data.records import describe_json_type
 from finetune.data.tool_calls import parse_tool_call
+from finetune.generation import conversation_prompt_ids
 from finetune.model.tokenization import ChatGLMTokenizer
 
 MESSAGE_KEYS = ("role", "content", "metadata", "loss", "name", "parameters", "observation", "tools")
@@ -50,18 +51,6 @@ def _check_message(message: object, position: int) -> list[Problem]:
     if metadata is not None and not isinstance(metadata, str):
         problems.append((f"{prefix}metadata", f"must be a string, got {describe_json_type(metadata)}"))
     return problems
-
-
-def conversation_prompt_ids(
-    messages: list[dict], tools: list | None, tokenizer: ChatGLMTokenizer, max_source_length: int
-) -> list[int]:
-    """Chat turns as in training, then `<|assistant|>`; a long prompt loses its oldest tokens after `[gMASK] sop`."""
-    ids, _ = encoding.conversation_tokens({"conversations": messages, "tools": tools}, tokenizer)
-    ids = ids[:-1] + [tokenizer.get_command("<|assistant|>")]
-    if len(ids) > max_source_length:
-        keep = max(max_source_length - 2, 1)
-        ids = ids[:2] + ids[-keep:]
-    return ids
 
 
 def split_reference(messages: list[dict]) -> tuple[list[dict], dict | None]:

@@ -7,14 +7,8 @@ with the response.
 
 from finetune.data import encoding
 from finetune.data.formats.base import DataFormat, EncodingLimits, Problem, PromptExample, check_string
+from finetune.generation import input_output_prompt_ids
 from finetune.model.tokenization import ChatGLMTokenizer
-
-
-def input_output_prompt_ids(prompt: str, tokenizer: ChatGLMTokenizer, max_source_length: int) -> list[int]:
-    """`[gMASK] sop` + prompt ids, truncated exactly as the training encoding truncates the source."""
-    encoded = encoding.encode_input_output({"prompt": prompt, "response": ""}, tokenizer, max_source_length, 0)
-    source_length = encoded["labels"].count(encoding.IGNORE_INDEX)
-    return encoded["input_ids"][:source_length]
 
 
 class InputOutput(DataFormat):
