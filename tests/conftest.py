@@ -5,8 +5,8 @@ Background runs: the quickstart and the real-size benchmark are the suite's long
 busy, while the rest of the suite leaves about 0.8 of CI's two cores idle (tests waiting on subprocesses and servers).
 So when the session starts, `background_lane` starts the runs the selected tests need (a test module's
 `background_runs(root)`, each run named after the fixture that waits for it), one after another on one CPU thread;
-their tests then wait for the finished run and assert on it as before. Every run is killed at session end (also on
-Ctrl-C, and on SIGTERM)."""
+their tests run last (`pytest_collection_modifyitems`), by when their runs are done, and assert on them as before.
+Every run is killed at session end (also on Ctrl-C, and on SIGTERM)."""
 
 import atexit
 import json
@@ -92,6 +92,11 @@ def finished_run(tiny_model_dir: Path, tmp_path_factory) -> Path:
     output_dir = root / "out"
     main(run_arguments(tiny_model_dir, train_file, output_dir, root / "cache", pre_seq_len=4, max_steps=2))
     return output_dir
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of background runs go last, in their order: the rest of the suite runs while their runs do."""
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "background_runs"))
 
 
 @pytest.fixture(scope="session", autouse=True)
