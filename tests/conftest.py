@@ -1,11 +1,22 @@
 """Shared test fixtures: where ../shared lives, the reference ChatGLM3 tiny checkpoint and tokenizer, a tiny random
-model and its tokenizer, and a finished tiny training run."""
+model and its tokenizer, a finished tiny training run, and the lane of background runs.
 
+Background runs: the quickstart and the real-size benchmark are the suite's longest items and mostly keep one core
+busy, while the rest of the suite leaves about 0.8 of CI's two cores idle (tests waiting on subprocesses and servers).
+So when the session starts, `background_lane` starts the runs the selected tests need (a test module's
+`background_runs(root)`, each run named after the fixture that waits for it), one after another on one CPU thread;
+their tests run last (`pytest_collection_modifyitems`), by when their runs are done, and assert on them as before.
+Every run is killed at session end (also on Ctrl-C, and on SIGTERM)."""
+
+import atexit
 import json
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from background_runs import BackgroundLane
 from transformers import AutoTokenizer
 
 from finetune.model.tokenization import ChatGLMTokenizer
@@ -81,3 +92,40 @@ def finished_run(tiny_model_dir: Path, tmp_path_factory) -> Path:
     output_dir = root / "out"
     main(run_arguments(tiny_model_dir, train_file, output_dir, root / "cache", pre_seq_len=4, max_steps=2))
     return output_dir
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of background runs go last, in their order: the rest of the suite runs while their runs do."""
+    items.sort(key=lambda item: hasattr(getattr(item, "module", None), "background_runs"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_lane(request, tmp_path_factory) -> Iterator[BackgroundLane]:
+    """The lane of background runs the selected tests ask for, started before the first test (see the docstring at
+    the top); killed when the session ends, or at exit if the session is cut short."""
+    lane = BackgroundLane(tmp_path_factory.mktemp("background-logs"))
+    wanted: dict[object, set[str]] = {}  # module -> names of its runs that selected tests use, in test order
+    for item in request.session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "background_runs"):
+            wanted.setdefault(module, set()).update(item.fixturenames)
+    for module, names in wanted.items():
+        for run in module.background_runs(tmp_path_factory.mktemp(module.__name__.rsplit(".", 1)[-1])):
+            if run.name in names:
+                lane.add(run)
+    atexit.register(lane.stop)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_lane_then_terminate(signum: int, frame: object) -> None:
+        """SIGTERM (e.g. a CI time limit) ends Python without atexit: stop the runs, then end as SIGTERM does."""
+        lane.stop()
+        signal.signal(signum, previous)
+        os.kill(os.getpid(), signum)
+
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop_lane_then_terminate)
+    lane.start()
+    yield lane
+    lane.stop()
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,12 +8,12 @@ The general text's generator has its unit tests in tests/test_make_general_text.
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from background_runs import BackgroundRun, FinishedRun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 1500
@@ -50,8 +50,9 @@ class QuickstartRun:
     locations: dict[str, Path]
 
 
-def run_quickstart(root: Path) -> QuickstartRun:
-    """Run scripts/quickstart.sh with its default settings, every output under `root`, this interpreter's packages."""
+def quickstart_environment(root: Path) -> dict[str, str]:
+    """The environment of a quickstart run with its default settings, every output under `root`, this interpreter's
+    packages."""
     env = {key: value for key, value in os.environ.items() if key not in KNOBS}
     env.update(
         {
@@ -63,23 +64,49 @@ def run_quickstart(root: Path) -> QuickstartRun:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
     )
-    completed = subprocess.run(
-        ["bash", str(REPO_ROOT / "scripts" / "quickstart.sh")],
-        env=env,
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=TIMEOUT_S,
-        check=False,
-    )
-    summary = completed.stdout.split("Where everything went:", 1)[-1]
+    return env
+
+
+def quickstart_run(finished: FinishedRun) -> QuickstartRun:
+    """A finished background scripts/quickstart.sh run, with the locations its summary printed."""
+    summary = finished.stdout.split("Where everything went:", 1)[-1]
     locations = {
         match.group(1): Path(match.group(2).strip())
         for line in summary.splitlines()
         if (match := SUMMARY_LINE.match(line))
     }
-    return QuickstartRun(completed.returncode, completed.stdout, locations)
+    return QuickstartRun(-1 if finished.returncode is None else finished.returncode, finished.stdout, locations)
+
+
+@dataclass
+class FirstRunState:
+    """What the first run left that the second must not change: the base's write time, the metrics and their time."""
+
+    built_at: int
+    first_metrics: str
+    scored_at: int
+
+
+def background_runs(root: Path) -> list[BackgroundRun]:
+    """The first quickstart run (nothing built yet), then the second in the same folder, each with this interpreter's
+    packages and the script's default settings (its tiny model runs on one CPU thread); tests/conftest.py starts them
+    in the background."""
+    command = ["bash", str(REPO_ROOT / "scripts" / "quickstart.sh")]
+    env = quickstart_environment(root)
+    return [
+        BackgroundRun("first_run", command, root, root, TIMEOUT_S, env, merge_stderr=True),
+        BackgroundRun("second_run", command, root, root, TIMEOUT_S, env, merge_stderr=True, before=first_run_state),
+    ]
+
+
+def first_run_state(finished: dict[str, FinishedRun]) -> FirstRunState:
+    """What the first run left, recorded right before the second run starts."""
+    first = quickstart_run(finished["first_run"])
+    if first.returncode != 0:
+        raise ValueError("the first run failed")
+    built_at = (first.locations["base model"] / "model.safetensors").stat().st_mtime_ns
+    metrics = first.locations["metrics"]
+    return FirstRunState(built_at, metrics.read_text(encoding="utf-8"), metrics.stat().st_mtime_ns)
 
 
 def table_rows(text: str) -> dict[str, tuple[list[float], str]]:
@@ -98,15 +125,23 @@ def logged_losses(checkpoint: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def quickstart_root(tmp_path_factory) -> Path:
-    """An empty folder for one module's quickstart outputs."""
-    return tmp_path_factory.mktemp("quickstart")
+def quickstart_root(background_lane) -> Path:
+    """The folder of this module's quickstart outputs."""
+    return background_lane.run("first_run").folder
 
 
 @pytest.fixture(scope="module")
-def first_run(quickstart_root: Path) -> QuickstartRun:
-    """The quickstart run on a machine where nothing was built yet."""
-    return run_quickstart(quickstart_root)
+def first_run(background_lane) -> QuickstartRun:
+    """The quickstart run on a machine where nothing was built yet (run in the background)."""
+    return quickstart_run(background_lane.wait("first_run"))
+
+
+@pytest.fixture(scope="module")
+def second_run(background_lane, first_run) -> tuple[QuickstartRun, FirstRunState | None]:
+    """The second quickstart run in the same folder (run in the background after the first; its output says why if it
+    did not start) and what the first had left right before it started."""
+    finished = background_lane.wait("second_run")
+    return quickstart_run(finished), finished.before
 
 
 @pytest.mark.slow
@@ -198,16 +233,13 @@ def test_readme_table_is_what_the_quickstart_prints(first_run, readme):
 
 
 @pytest.mark.slow
-def test_second_quickstart_run_reuses_the_pretrained_base_training_and_scores(first_run, quickstart_root):
+def test_second_quickstart_run_reuses_the_pretrained_base_training_and_scores(first_run, second_run, quickstart_root):
     assert first_run.returncode == 0, "the first run failed; see the other test"
     model_file = first_run.locations["base model"] / "model.safetensors"
-    built_at = model_file.stat().st_mtime_ns
-    first_metrics = first_run.locations["metrics"].read_text(encoding="utf-8")
-    scored_at = first_run.locations["metrics"].stat().st_mtime_ns
-
-    second_run = run_quickstart(quickstart_root)
+    second_run, first_state = second_run  # the state was recorded right before the second run started
 
     assert second_run.returncode == 0, second_run.output[-4000:]
+    built_at, first_metrics, scored_at = first_state.built_at, first_state.first_metrics, first_state.scored_at
     assert f"already pre-trained to step {PRETRAIN_MAX_STEP} (PRETRAIN_MAX_STEP={PRETRAIN_MAX_STEP})" in second_run.output
     assert second_run.output.count(f"already trained to step {TUNING_MAX_STEP} (MAX_STEP={TUNING_MAX_STEP})") == 2
     assert f"already trained to step {FULL_MAX_STEP} (FULL_MAX_STEP={FULL_MAX_STEP})" in second_run.output
