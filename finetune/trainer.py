@@ -311,6 +311,8 @@ class FinetuneTrainer(Seq2SeqTrainer):
 
     # ---- training -----------------------------------------------------------------------------------------------
 
+    # Private override: Trainer counts num_input_tokens_seen here from attention_mask and no public hook sees the
+    # batch first; packed rows hold segment ids 1, 2, ... there, which Trainer would sum as token counts.
     def _track_num_input_tokens(self, inputs: dict) -> None:
         """Count non-padding tokens also for packed rows, whose attention_mask holds segment ids 1, 2, ..."""
         mask = inputs.get("attention_mask")
