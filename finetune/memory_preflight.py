@@ -36,7 +36,7 @@ ADAMW_8BIT_STATE_BYTES = 2
 ADAPTER_BYTES = 4
 # Logits of one loss chunk at the peak of its backward pass: the 16-bit projection, its fp32 copy, the fp32
 # log-probabilities cross-entropy keeps and their fp32 gradient (measured: about 14 bytes per entry in all at
-# chatglm3-6b's vocabulary; tests/test_memory_preflight.py).
+# chatglm3-6b's vocabulary; tests/unit/finetune/test_memory_preflight.py).
 LOGITS_BYTES_PER_ENTRY_EXTRA = 4 + 4 + 4
 ZERO3_OFFLOAD_CONFIG = "ds_configs/zero3_offload.json"
 
@@ -199,7 +199,7 @@ def layer_activation_bytes(
     tokens longer; packed rows `attention_stretch` times their tokens); SwiGLU keeps the up-projection (2 x
     ffn_hidden_size); an adapted layer keeps what its method's `adapter_input_bytes` says; a block whose linear weights
     train (`trained`; default: when the method trains every block) keeps every linear layer's input.
-    tests/test_recompute.py checks these counts against the tensors autograd really saves.
+    tests/unit/finetune/test_recompute.py checks these counts against the tensors autograd really saves.
     """
     element = _DTYPE_BYTES[setup.weight_dtype]
     norm = config.hidden_size * element + 4

@@ -1,7 +1,7 @@
 """Activation recomputation plans: which layers recompute what in the backward pass, and applying a plan to a model.
 
 Three grains per layer, from fastest to leanest. Bytes kept per token per layer for ChatGLM3-6B in bf16 with LoRA
-r=8 on query_key_value (finetune/memory_preflight.py `layer_activation_bytes`, whose counts tests/test_recompute.py
+r=8 on query_key_value (finetune/memory_preflight.py `layer_activation_bytes`, whose counts tests/unit/finetune/test_recompute.py
 checks against the tensors autograd really keeps):
   none  keep everything the backward pass needs                          98.6 KiB, no extra FLOPs
   mlp   recompute the post-attention norm, up-projection and SwiGLU      45.1 KiB, +55% of the layer's forward FLOPs

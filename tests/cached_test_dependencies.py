@@ -1,9 +1,9 @@
 """Test dependencies fetched with pip on first use and kept in a cache folder outside the repository.
 
 - `old_stack_folder()`: transformers 4.40.2 / tokenizers 0.19.1 / huggingface_hub 0.23.4 / peft 0.11.1 installed with
-  `pip install --no-deps --target`, for running THUDM's official remote code (tests/test_use_elsewhere.py).
+  `pip install --no-deps --target`, for running THUDM's official remote code (tests/e2e/test_use_elsewhere.py).
 - `transformers_common_tests()`: transformers' common model tests (`tests/test_modeling_common.py`) from the sdist
-  of the installed transformers version (tests/test_transformers_common.py).
+  of the installed transformers version (tests/unit/finetune/model/test_transformers_common.py).
 
 The cache is $CHATGLM_TEST_CACHE, else ~/.cache/chatglm3-finetune-tests. Outside CI a test that cannot fetch them
 skips with the reason; under CI (CI=true) it fails, because CI must run these comparisons.

@@ -1,6 +1,6 @@
 """Run inside the old stack (transformers 4.40.2, peft 0.11.1, ...) with THUDM's official ChatGLM3 remote code.
 
-Not a test module: tests/test_use_elsewhere.py starts it as `python official_stack_probe.py JOBS.json OUT_DIR` with
+Not a test module: tests/e2e/test_use_elsewhere.py starts it as `python official_stack_probe.py JOBS.json OUT_DIR` with
 PYTHONPATH pointing at the old stack. Each job loads a folder the way users of the official code do and writes what it
 gave (token ids, decoded text, logits) to OUT_DIR: `results.json` plus `<job name>.safetensors` for tensors.
 """
