@@ -7,11 +7,9 @@ Booleans come out as 1/0 (the launchers' knob spelling) and relative paths (trai
 repository root, as the launchers take theirs. Only PyYAML is imported, so a launcher starts without loading torch.
 """
 
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, NoReturn
 
 try:
     import yaml
@@ -64,12 +62,16 @@ def print_defaults(config: Path, pairs: list[str]) -> None:
 
 def write_without(config: Path, output: Path, keys: list[str]) -> None:
     """Write the recipe without `keys` to `output` (atomically: a temporary file renamed into place)."""
+    from finetune.atomic_files import write_atomically  # the launchers put the repository on PYTHONPATH
+
     values = {key: value for key, value in read_recipe(config).items() if key not in keys}
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent, delete=False, suffix=".tmp") as file:
+
+    def write(file: IO[str]) -> None:
         file.write(f"# {config} without {', '.join(keys)} (written by scripts/_recipe.py)\n")
         yaml.safe_dump(values, file, sort_keys=False, allow_unicode=True)
-    os.replace(file.name, output)
+
+    write_atomically(output, write)
 
 
 def main(argv: list[str]) -> None:
