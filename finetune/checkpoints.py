@@ -14,8 +14,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
-from finetune.base_fingerprint import ALLOW_OTHER_BASE_FLAG, check_base_matches
 from finetune.checkpoint_format import (
+    ALLOW_OTHER_BASE_FLAG,
     TOKENIZER_FILE,
     TRAINING_RECORD,
     Checkpoint,
@@ -101,9 +101,9 @@ def resolve_base(checkpoint: Checkpoint, override: str | None = None) -> str:
 
 def open_base(checkpoint: Checkpoint, override: str | None = None, allow_other_base: bool = False) -> str:
     """The base an adapter or prefix checkpoint loads on (see resolve_base), checked to be the base it was trained on
-    (finetune.base_fingerprint): the one check inference, evaluation, export and the server make."""
+    (Checkpoint.check_base): the one check inference, evaluation, export and the server make."""
     base = resolve_base(checkpoint, override)
-    check_base_matches(checkpoint.folder, checkpoint.record, base, allow_other_base)
+    checkpoint.check_base(base, allow_other_base)
     return base
 
 
