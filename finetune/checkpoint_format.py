@@ -17,7 +17,7 @@ finetune.model.checkpoint_files'; `checkpoint-is-incomplete.txt` marks a save tr
 
 Record (training_record.json, format 2), one JSON object:
   format_version 2; method (a name of finetune.methods.METHODS); base_model (absolute path of a local base, else its
-  hub name); base_fingerprint (finetune.base_fingerprint); world_size (training processes); quantization_bit and
+  hub name); base_fingerprint (below); world_size (training processes); quantization_bit and
   quantization (finetune.quantization); METHOD: that method's own settings under its name, e.g.
   "ptuning": {"pre_seq_len", "prefix_projection"}, "lora"/"qlora": {"rank", "alpha", "dropout", "target_modules"},
   "dora": the same + "use_dora", "freeze": {"trainable_layers"}, "full": {}; model_args, data_args, training_args
@@ -28,27 +28,51 @@ settings under "lora"; method_settings reads both.
 To add a record field: add it in build_training_record (or, for a method's setting, in that method's record_fields
 and setting_names), and read it through a Checkpoint's `record` (or `settings`).
 
+Base fingerprint. base_fingerprint(base) holds three digests of the base a run trains on: the config fields that
+shape the network, the tokenizer's SentencePiece model, and a sample of the weights (the first values of a few
+tensors spread over the checkpoint, read lazily from safetensors or memory-mapped .bin files, rounded to bfloat16 so
+that a float16 and a bfloat16 copy of one base agree); it costs a few megabytes of reading even for a 12 GB base.
+Checkpoint.check_base is the one check, made wherever a checkpoint is opened on a base (inference, evaluation,
+export, the server, resume), that the base given now is the one fingerprinted.
+
 Opening: open_checkpoint(folder) reads the folder once (its record, which method's files it holds, the base it
 names) and returns a Checkpoint that training, evaluation, inference, export and the server use; a run resumes
 from the Checkpoint read_resume_checkpoint returns (trainer state and DeepSpeed state checked too).
 """
 
 import dataclasses
+import hashlib
+import json
+import logging
+import math
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import torch
+from safetensors import safe_open
 from torch import nn
 
 from finetune.atomic_files import write_json_atomically
 from finetune.arguments import DataArguments, ModelArguments
 from finetune.methods import FinetuneMethod, method_named, method_of, recognise_checkpoint
 from finetune.methods.base import Attachment, CheckpointKind
-from finetune.model.checkpoint_files import CONFIG_FILE, CheckpointError, read_json_file, weight_files
+from finetune.model.checkpoint_files import (
+    CONFIG_FILE,
+    SHARD_INDEX_NAMES,
+    CheckpointError,
+    read_json_file,
+    weight_files,
+    weight_keys,
+)
+from finetune.model.configuration import ChatGLMConfig
 from finetune.quantization import quantization_record, recorded_bits
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 TRAINING_RECORD = "training_record.json"
@@ -62,6 +86,19 @@ CHECKPOINT_DIR_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 STAGING_PREFIX = "tmp-"
 FINAL_STAGING_NAME = STAGING_PREFIX + "final"
 BASE_FINGERPRINT_FIELD = "base_fingerprint"
+ALLOW_OTHER_BASE_FLAG = "--allow_other_base"
+# config.json fields that decide the network's shape and arithmetic (not names, dtypes or method settings).
+SHAPE_FIELDS = (
+    "hidden_size", "num_layers", "ffn_hidden_size", "kv_channels", "num_attention_heads", "multi_query_attention",
+    "multi_query_group_num", "padded_vocab_size", "seq_length", "rope_ratio", "original_rope", "rmsnorm",
+    "layernorm_epsilon", "add_qkv_bias", "add_bias_linear", "post_layer_norm",
+    "apply_residual_connection_post_layernorm",
+)  # fmt: skip
+# Buffers the official files hold and this project's saves leave out (they are computed, not trained).
+COMPUTED_TENSOR_SUFFIXES = (".inv_freq",)
+SAMPLED_TENSORS = 4
+SAMPLED_VALUES = 1024
+FINGERPRINT_PARTS = ("config", "tokenizer", "weights")
 
 
 # ---- folders of a run -----------------------------------------------------------------------------------------------
@@ -141,7 +178,7 @@ def build_training_record(
     world_size: int | None = None,
 ) -> dict:
     """The content of training_record.json for a checkpoint saved at `global_step`; `base` is the base model's
-    fingerprint (finetune.base_fingerprint), `world_size` the number of training processes."""
+    fingerprint (base_fingerprint), `world_size` the number of training processes."""
     method = method_of(model_args)
     return {
         "format_version": FORMAT_VERSION,
@@ -170,6 +207,86 @@ def method_settings(record: Mapping, method: FinetuneMethod) -> dict:
         return dict(record[method.name] or {})
     flat = {**record, **(record.get("lora") or {})}
     return {name: flat[name] for name in method.setting_names if name in flat}
+
+
+# ---- the base fingerprint -------------------------------------------------------------------------------------------
+
+
+def _digest(data: bytes) -> str:
+    """A short hex digest of `data`."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _canonical(value: object) -> object:
+    """A config value as compared: numbers as floats (a saved 1 and 1.0 agree)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def config_digest(folder: Path) -> str:
+    """Digest of the config fields in SHAPE_FIELDS (absent ones take ChatGLMConfig's defaults, as loading does)."""
+    config = {**ChatGLMConfig().to_dict(), **read_json_file(folder / CONFIG_FILE)}
+    shape = {name: _canonical(config.get(name)) for name in SHAPE_FIELDS}
+    return _digest(json.dumps(shape, sort_keys=True).encode())
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Every tensor name of a model folder and the weight file that holds it (through the shard index if any)."""
+    for index_name in SHARD_INDEX_NAMES:
+        if (folder / index_name).is_file():
+            weight_map = read_json_file(folder / index_name).get("weight_map", {})
+            return {name: folder / file_name for name, file_name in weight_map.items()}
+    return {name: path for path in weight_files(folder) for name in weight_keys(path)}
+
+
+def _first_values(path: Path, names: list[str]) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """(shape, first SAMPLED_VALUES values) of each named tensor of one weight file, reading little of it."""
+    sample = {}
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            for name in names:
+                tensor_slice = handle.get_slice(name)
+                shape = list(tensor_slice.get_shape())
+                row = max(1, math.prod(shape[1:]))
+                rows = min(shape[0], -(-SAMPLED_VALUES // row)) if shape else 0
+                values = tensor_slice[:rows] if shape else handle.get_tensor(name)
+                sample[name] = (shape, values.flatten()[:SAMPLED_VALUES])
+        return sample
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    for name in names:
+        sample[name] = (list(state[name].shape), state[name].flatten()[:SAMPLED_VALUES])
+    return sample
+
+
+def weights_digest(folder: Path) -> str:
+    """Digest of the names, shapes and first values (as bfloat16) of SAMPLED_TENSORS tensors spread by name."""
+    files = tensor_files(folder)
+    names = sorted(name for name in files if not name.endswith(COMPUTED_TENSOR_SUFFIXES))
+    if not names:
+        raise CheckpointError(f"{folder}: no weights to fingerprint")
+    count = min(SAMPLED_TENSORS, len(names))
+    chosen = sorted({names[round(i * (len(names) - 1) / max(count - 1, 1))] for i in range(count)})
+    by_file: dict[Path, list[str]] = {}
+    for name in chosen:
+        by_file.setdefault(files[name], []).append(name)
+    digest = hashlib.sha256()
+    for path, file_names in sorted(by_file.items()):
+        for name, (shape, values) in sorted(_first_values(path, file_names).items()):
+            digest.update(f"{name}{shape}".encode())
+            digest.update(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_fingerprint(base: str | Path) -> dict | None:
+    """The fingerprint of a local base model folder ({config, tokenizer, weights} digests), None for a hub name."""
+    folder = Path(base)
+    if not folder.is_dir():
+        return None
+    tokenizer = folder / TOKENIZER_FILE
+    return {
+        "config": config_digest(folder),
+        "tokenizer": _digest(tokenizer.read_bytes()) if tokenizer.is_file() else None,
+        "weights": weights_digest(folder),
+    }
 
 
 # ---- opening a checkpoint -------------------------------------------------------------------------------------------
@@ -211,6 +328,40 @@ class Checkpoint:
     def quantization_bit(self) -> int | None:
         """The bits the base was quantized to in training, as recorded (None: not quantized or no record)."""
         return recorded_bits(self.record)
+
+    def check_base(self, base: str, allow_other_base: bool = False) -> None:
+        """Raise CheckpointError when `base` is not the base this checkpoint's training record fingerprinted.
+
+        With `allow_other_base` a mismatch is only logged; a record without a fingerprint (older checkpoints) or a
+        base that is no local folder is loaded with a notice.
+        """
+        recorded = (self.record or {}).get(BASE_FINGERPRINT_FIELD)
+        trained_on = (self.record or {}).get("base_model") or "an unrecorded base"
+        if not recorded:
+            logger.warning(
+                "notice: %s records no fingerprint of its base (written before this check existed): cannot confirm "
+                "that %s is the base it was trained on (%s)",
+                self.folder / TRAINING_RECORD,
+                base,
+                trained_on,
+            )
+            return
+        current = base_fingerprint(base)
+        if current is None:
+            logger.warning(
+                "notice: %s is not a local folder: cannot confirm it is the base %s was trained on", base, self.folder
+            )
+            return
+        differing = [part for part in FINGERPRINT_PARTS if recorded.get(part) != current[part]]
+        if not differing:
+            return
+        message = (
+            f"{self.folder}: was trained on base {trained_on} but {base} is another model (its {', '.join(differing)} "
+            f"differ); pass the base it was trained on, or {ALLOW_OTHER_BASE_FLAG} to use this one anyway"
+        )
+        if not allow_other_base:
+            raise CheckpointError(message)
+        logger.warning("%s: going on as %s asks", message.split("; pass")[0], ALLOW_OTHER_BASE_FLAG)
 
     def attach(self, model: nn.Module, slot: str) -> tuple[nn.Module, Attachment]:
         """Add this checkpoint to a loaded base shared with others, under `slot` (its method's attach; a plain whole

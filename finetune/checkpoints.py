@@ -14,8 +14,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
-from finetune.base_fingerprint import ALLOW_OTHER_BASE_FLAG, check_base_matches
 from finetune.checkpoint_format import (
+    ALLOW_OTHER_BASE_FLAG,
     TOKENIZER_FILE,
     TRAINING_RECORD,
     Checkpoint,
@@ -27,7 +27,7 @@ from finetune.methods.base import CheckpointKind
 from finetune.model.checkpoint_files import CheckpointError, check_chatglm_folder
 from finetune.model.configuration import ChatGLMConfig
 from finetune.model.shapes import base_parameter_count
-from finetune.quantization import QUANTIZATION_BITS, check_quantization_available, quantization_config
+from finetune.quantization import QUANTIZATION_BITS, inference_quantization, quantization_config
 
 DTYPES = {
     "float32": torch.float32,
@@ -101,9 +101,9 @@ def resolve_base(checkpoint: Checkpoint, override: str | None = None) -> str:
 
 def open_base(checkpoint: Checkpoint, override: str | None = None, allow_other_base: bool = False) -> str:
     """The base an adapter or prefix checkpoint loads on (see resolve_base), checked to be the base it was trained on
-    (finetune.base_fingerprint): the one check inference, evaluation, export and the server make."""
+    (Checkpoint.check_base): the one check inference, evaluation, export and the server make."""
     base = resolve_base(checkpoint, override)
-    check_base_matches(checkpoint.folder, checkpoint.record, base, allow_other_base)
+    checkpoint.check_base(base, allow_other_base)
     return base
 
 
@@ -152,23 +152,6 @@ def folder_parameter_count(folder: str) -> int | None:
     return base_parameter_count(ChatGLMConfig.from_pretrained(folder))
 
 
-def inference_quantization(bits: int | None, checkpoint: Checkpoint, device: str) -> int | None:
-    """The bits to load the base with: the asked ones (0: none), else those the checkpoint's training record names."""
-    if bits is None:
-        bits = checkpoint.quantization_bit
-    if not bits:
-        return None
-    if bits not in QUANTIZATION_BITS:
-        raise ModelLoadError(f"quantization_bit must be one of {QUANTIZATION_BITS}, got {bits}")
-    try:
-        check_quantization_available(bits, device)
-    except RuntimeError as error:
-        raise ModelLoadError(str(error)) from error
-    if device == "mps":
-        raise ModelLoadError(f"quantization_bit={bits} does not run on mps; use --device cuda or cpu")
-    return bits
-
-
 def choose_tokenizer_source(checkpoint: Path, base: str, tokenizer: str | None) -> str:
     """Where the tokenizer comes from: --tokenizer, else the checkpoint if it holds tokenizer files, else the base."""
     if tokenizer:
@@ -195,7 +178,10 @@ def load_for_inference(
         checkpoint = open_checkpoint(checkpoint)
     folder, method = checkpoint.folder, checkpoint.method
     device = resolve_device(device)
-    bits = inference_quantization(quantization_bit, checkpoint, device)
+    try:
+        bits = inference_quantization(quantization_bit, checkpoint.quantization_bit, device)
+    except (ValueError, RuntimeError) as error:
+        raise ModelLoadError(str(error)) from error
     if checkpoint.needs_base:
         base_path = open_base(checkpoint, base, allow_other_base)
         tokenizer_fallback = base_path

@@ -2,7 +2,8 @@
 
 4 bits: NF4 with double quantization and bf16 compute; 8 bits: LLM.int8(). The output layer and the prefix encoder
 are never quantized. A run records its settings in training_record.json (`quantization_record`), and inference
-rebuilds the base from that record, so an adapter is always evaluated on the base it was trained on.
+rebuilds the base from that record unless told otherwise (`inference_quantization`), so an adapter is always
+evaluated on the base it was trained on.
 """
 
 import importlib.metadata
@@ -42,6 +43,20 @@ def check_quantization_available(bits: int, device: str | None = None) -> None:
             f"backend), but {installed} is installed: `pip install -U bitsandbytes`, run on a GPU machine, or leave "
             "out --quantization_bit"
         )
+
+
+def inference_quantization(asked: int | None, recorded: int | None, device: str) -> int | None:
+    """The bits to load a base with for inference: the asked ones (0: none), else the ones its checkpoint's training
+    record names (`recorded`); ValueError or RuntimeError, saying what to do, when they cannot run on `device`."""
+    bits = recorded if asked is None else asked
+    if not bits:
+        return None
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"quantization_bit must be one of {QUANTIZATION_BITS}, got {bits}")
+    check_quantization_available(bits, device)
+    if device == "mps":
+        raise RuntimeError(f"quantization_bit={bits} does not run on mps; use --device cuda or cpu")
+    return bits
 
 
 def quantization_config(bits: int) -> BitsAndBytesConfig:

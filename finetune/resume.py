@@ -14,7 +14,6 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.base_fingerprint import check_base_matches
 from finetune.checkpoint_format import (
     TRAINING_RECORD,
     Checkpoint,
@@ -89,7 +88,7 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
 
 def check_checkpoint_matches(checkpoint: Checkpoint, model_args: ModelArguments) -> None:
     """Raise CheckpointError when a checkpoint was trained with another method or method settings than this run, or
-    on another base than --model_name_or_path (unless --allow_other_base; finetune.base_fingerprint)."""
+    on another base than --model_name_or_path (unless --allow_other_base; Checkpoint.check_base)."""
     record = checkpoint.record or {}
     method = method_of(model_args)
     if record.get("method") != method.name:
@@ -101,7 +100,7 @@ def check_checkpoint_matches(checkpoint: Checkpoint, model_args: ModelArguments)
             f"{checkpoint.folder / TRAINING_RECORD}: {problem}; resume with the checkpoint's settings or use a new "
             "output_dir"
         )
-    check_base_matches(checkpoint.folder, record, model_args.model_name_or_path, model_args.allow_other_base)
+    checkpoint.check_base(model_args.model_name_or_path, model_args.allow_other_base)
 
 
 def _same_file(recorded: str | None, current: str | None) -> bool:

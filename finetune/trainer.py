@@ -25,11 +25,11 @@ from transformers.trainer_utils import EvalLoopOutput, SaveStrategy, rotate_chec
 
 from finetune.atomic_files import replace_folder
 from finetune.arguments import DataArguments, ModelArguments
-from finetune.base_fingerprint import base_fingerprint
 from finetune.callbacks import ResumedScheduleCallback
 from finetune.checkpoint_format import (
     FINAL_STAGING_NAME,
     TRAINER_STATE_FILE,
+    base_fingerprint,
     build_training_record,
     checkpoint_folder_name,
     checkpoint_folders,

@@ -10,6 +10,7 @@ from finetune.quantization import (
     UNQUANTIZED_MODULES,
     check_4bit_layer_widths,
     check_quantization_available,
+    inference_quantization,
     quantization_config,
     quantization_record,
     quantized_layer_widths,
@@ -44,6 +45,17 @@ def test_record_says_what_the_config_does_and_reads_back():
     assert recorded_bits({"method": "qlora", "quantization_bit": 8}) == 8  # records written before `quantization`
     assert recorded_bits({"method": "lora", "quantization": None, "quantization_bit": None}) is None
     assert recorded_bits(None) is None
+
+
+def test_inference_loads_the_asked_bits_else_the_recorded_ones():
+    assert inference_quantization(None, None, "cpu") is None
+    assert inference_quantization(0, 4, "cpu") is None  # 0 asks for an unquantized base
+    with pytest.raises(ValueError, match=r"^quantization_bit must be one of \(4, 8\), got 3$"):
+        inference_quantization(None, 3, "cpu")
+    if BITSANDBYTES_INSTALLED:
+        assert inference_quantization(None, 4, "cpu") == 4 and inference_quantization(8, 4, "cpu") == 8
+        with pytest.raises(RuntimeError, match=r"^quantization_bit=4 does not run on mps; use --device cuda or cpu$"):
+            inference_quantization(None, 4, "mps")
 
 
 @pytest.mark.skipif(BITSANDBYTES_INSTALLED, reason="bitsandbytes is installed here")
