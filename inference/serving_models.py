@@ -99,6 +99,11 @@ def shared_base_quantization(members: list[Checkpoint], options: LoadOptions) ->
     return next(iter(recorded.values()), 0)
 
 
+def base_key(base: str) -> str:
+    """What identifies a base for sharing: a local folder's real path (links and `..` resolved), else the hub name."""
+    return os.path.realpath(base) if os.path.isdir(base) else base
+
+
 def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: int) -> dict[str, ServedModel]:
     """Load every `--model` value, sharing bases; returns the served models by name (engines started)."""
     parsed = parse_model_specs(specs)
@@ -119,13 +124,13 @@ def load_served_models(specs: list[str], options: LoadOptions, max_batch_size: i
     for name, checkpoint in checkpoints.items():
         if checkpoint.needs_base:
             base = open_base(checkpoint, options.base, options.allow_other_base)
-            bases.setdefault(os.path.realpath(base), []).append(name)
+            bases.setdefault(base_key(base), []).append(name)
     for name, path in parsed:
         checkpoint = checkpoints[name]
         if checkpoint.needs_base:
             continue
-        if os.path.realpath(path) in bases:
-            bases[os.path.realpath(path)].append(name)
+        if base_key(path) in bases:
+            bases[base_key(path)].append(name)
             continue
         model, tokenizer, kind = load_for_inference(checkpoint, tokenizer=options.tokenizer, **_load_options(options))
         engine = ServingEngine(model, max_batch_size).start()

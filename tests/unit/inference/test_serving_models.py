@@ -10,7 +10,13 @@ from finetune.checkpoint_format import TRAINING_RECORD, Checkpoint
 from finetune.methods import method_named
 from finetune.model.checkpoint_files import CheckpointError
 from finetune.quantization import quantization_record
-from inference.serving_models import LoadOptions, load_served_models, parse_model_specs, shared_base_quantization
+from inference.serving_models import (
+    LoadOptions,
+    base_key,
+    load_served_models,
+    parse_model_specs,
+    shared_base_quantization,
+)
 
 
 def checkpoint(folder: Path, bits: int | None) -> Checkpoint:
@@ -65,3 +71,12 @@ def test_serving_a_lora_and_a_prefix_on_one_base_reads_each_record_once(tiny_mod
     finally:
         served["lora"].engine.stop()
     assert sorted(reads) == ["lora", "prefix"]
+
+
+def test_a_shared_base_is_one_folder_through_links_and_a_hub_name_stays_a_name(tmp_path: Path, monkeypatch):
+    base = tmp_path / "chatglm3-6b"
+    base.mkdir()
+    (tmp_path / "link").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    assert base_key(str(tmp_path / "link")) == base_key("chatglm3-6b/") == str(base)
+    assert base_key("THUDM/chatglm3-6b") == "THUDM/chatglm3-6b"
