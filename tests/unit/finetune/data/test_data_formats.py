@@ -1,11 +1,8 @@
 """finetune/data/formats/: the registry of data formats. A format added as one module of its own is detected,
 validated (errors with file, line and field), encoded, trained on, split for evaluation and bounded by the memory
-preflight through the normal paths, with no other file touched."""
+preflight through the normal paths, with no other file touched (the format: conftest.py's `alpaca_format` here)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,70 +16,6 @@ from finetune.data.records import DataValidationError
 from finetune.evaluate import read_checked_records
 from finetune.memory_preflight import longest_row
 from finetune.train import main as train_main
-
-# The whole of a new format: Alpaca-style records, the instruction and input as the prompt, the output learned.
-ALPACA_MODULE = '''
-from finetune.data import encoding
-from finetune.data.formats.base import DataFormat, PromptExample, check_string
-from finetune.generation import input_output_prompt_ids
-
-
-def prompt_of(record):
-    return record["instruction"] + ("\\n" + record["input"] if record.get("input") else "")
-
-
-class Alpaca(DataFormat):
-    name = "alpaca"
-    title = "Alpaca"
-    detected_by = ("instruction",)
-    record_keys = ("instruction", "input", "output")
-    needed_limits = ("max_source_length", "max_target_length")
-    prompt_key = "instruction"
-
-    def check(self, record):
-        optional_input = check_string(record, "input") if "input" in record else []
-        return check_string(record, "instruction") + optional_input + check_string(record, "output")
-
-    def encode(self, record, tokenizer, limits):
-        pair = {"prompt": prompt_of(record), "response": record["output"]}
-        return encoding.encode_input_output_with_length(
-            pair, tokenizer, limits.max_source_length, limits.max_target_length
-        )
-
-    def longest_row(self, limits):
-        return encoding.input_output_row_length(limits.max_source_length, limits.max_target_length)
-
-    def with_empty_reply(self, record):
-        return {"output": "", **record}
-
-    def prompt_example(self, record, tokenizer, max_source_length, reference_from_record):
-        label = record["output"] if reference_from_record else None
-        prompt_ids = input_output_prompt_ids(prompt_of(record), tokenizer, max_source_length)
-        return PromptExample(prompt_of(record), prompt_ids, label, reply_has_metadata=False)
-
-    def evaluation_examples(self, record, index, tokenizer, max_source_length):
-        example = self.prompt_example(record, tokenizer, max_source_length, True)
-        example.example_id = str(index)
-        return [example]
-
-
-FORMAT = Alpaca()
-'''
-
-
-@pytest.fixture
-def alpaca_format(tmp_path):
-    """The Alpaca format, written as its own module outside the package and registered for the test."""
-    path = tmp_path / "alpaca_format.py"
-    path.write_text(ALPACA_MODULE, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("alpaca_format", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["alpaca_format"] = module  # the encoding cache and Dataset.map look the class up by its module
-    spec.loader.exec_module(module)
-    formats.register_format(module.FORMAT)
-    yield module.FORMAT
-    formats.unregister_format(module.FORMAT.name)
-    del sys.modules["alpaca_format"]
 
 
 def alpaca_records(count: int) -> list[dict]:
