@@ -11,24 +11,40 @@ string) is skipped and reported with file:line and the reason; blank lines are i
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from data_tools.conversion import ConversionReport, check_paths, finish_report
 from finetune.atomic_files import write_jsonl_atomically
 from finetune.data.records import read_source_records
 
-OUTPUT_FORMATS = ("input_output", "conversations")
 DEFAULT_OUTPUT = Path("formatted_data/advertise_gen.jsonl")
+
+
+def input_output_record(content: str, summary: str) -> dict:
+    """The pair as an input-output record."""
+    return {"prompt": content, "response": summary}
+
+
+def conversations_record(content: str, summary: str) -> dict:
+    """The pair as a one-exchange conversation."""
+    return {"conversations": [{"role": "user", "content": content}, {"role": "assistant", "content": summary}]}
+
+
+# What each output format writes (records its module of finetune/data/formats/ detects; converters start without torch,
+# so they do not import that registry).
+RECORD_BUILDERS: dict[str, Callable[[str, str], dict]] = {
+    "input_output": input_output_record,
+    "conversations": conversations_record,
+}
+OUTPUT_FORMATS = tuple(RECORD_BUILDERS)
 
 
 def make_record(content: str, summary: str, output_format: str) -> dict:
     """Build one output record from an AdvertiseGen content/summary pair in `output_format`."""
-    if output_format == "input_output":
-        return {"prompt": content, "response": summary}
-    if output_format == "conversations":
-        return {"conversations": [{"role": "user", "content": content}, {"role": "assistant", "content": summary}]}
-    raise ValueError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+    if output_format not in RECORD_BUILDERS:
+        raise ValueError(f"unknown output format {output_format!r}; expected one of {OUTPUT_FORMATS}")
+    return RECORD_BUILDERS[output_format](content, summary)
 
 
 def _content_and_summary(record: object) -> tuple[str, str]:

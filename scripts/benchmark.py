@@ -6,6 +6,10 @@ bitsandbytes for QLoRA through `load_base_model`), the memory preflight's recomp
 training does), bf16 autocast (what the Trainer's --bf16 runs under), our collator and packing. Each run prints one
 JSON line with tokens/s, samples/s, step time, measured peak memory, the estimate and the recompute plan.
 
+--method is any method of finetune/methods/; the benchmark asks it (never its name) for its size option (--lora_rank,
+--pre_seq_len, --trainable_layers), whether its base loads quantized, the prefix tokens it adds and its preference
+reference.
+
 Fixed-shape mode (the recipe of the official finetune demo: frozen bf16 base, fp32 trainables, AdamW; each row
 batch x seq tokens with the first third of its labels masked):
     python scripts/benchmark.py --method lora --batch 4 --seq 768 --memory_budget_gib 15
@@ -19,7 +23,8 @@ Realistic mode (AdvertiseGen-shaped examples: prompts of 20-60 tokens, responses
 CPU mode (a small shape, for regression tracking without a GPU):
     python scripts/benchmark.py --cpu --method lora
 Preference (DPO) mode: each step trains --batch pairs, two rows of --seq tokens each, with the reference pass (the
-method's reference context: LoRA adapter / P-Tuning prefix disabled); reports pairs/s. SFT at the same shape is the
+method's reference context: LoRA adapter / P-Tuning prefix disabled; full and freeze tuning compare with the starting
+model's log-probabilities, computed once as training caches them); reports pairs/s. SFT at the same shape is the
 fixed-shape mode with twice the batch:
     python scripts/benchmark.py --cpu --method lora --preference --batch 1 --seq 512
     python scripts/benchmark.py --cpu --method lora --batch 2 --seq 512
@@ -60,7 +65,7 @@ from finetune.memory_preflight import (
     plan_recompute,
     recompute_budget,
 )
-from finetune.methods import apply_method, method_named, method_options
+from finetune.methods import METHODS, apply_method, method_named, method_options
 from finetune.methods.base import load_base_model
 from finetune.model import ChatGLMConfig, ChatGLMForConditionalGeneration
 from finetune.model.configuration import CHATGLM3_6B_FIELDS
@@ -70,12 +75,25 @@ from finetune.recompute import RECOMPUTE_AUTO, RECOMPUTE_CHOICES, RecomputePlan,
 OFFICIAL_V1_ROW_LENGTH = 1024 + 128 + 1
 CPU_SHAPE = dict(multi_query_attention=True, num_layers=2, hidden_size=256, num_attention_heads=8, kv_channels=32,
                  multi_query_group_num=2, ffn_hidden_size=688, padded_vocab_size=8192)
+# The benchmark's default for each method's size option (FinetuneMethod.selecting_option); an option not listed here
+# has no default and must be given.
+SIZE_DEFAULTS = {"pre_seq_len": 128, "lora_rank": 8, "trainable_layers": 2}
+
+
+def size_options() -> dict[str, list[str]]:
+    """Every method's size option (its selecting_option, a field of its options dataclass) and the methods it sizes."""
+    options: dict[str, list[str]] = {}
+    for method in METHODS.values():
+        if method.selecting_option:
+            options.setdefault(method.selecting_option, []).append(method.name)
+    return options
 
 
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=["lora", "ptuning", "qlora"], default="lora")
+    parser.add_argument("--method", choices=tuple(METHODS), default="lora",
+                        help="a fine-tuning method of finetune/methods/ (its size option below)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=768)
     parser.add_argument("--steps", type=int, default=8)
@@ -84,8 +102,10 @@ def parse_args() -> argparse.Namespace:
                         help="activation recomputation; auto plans for --memory_budget_gib (default: 90%% of free GPU "
                         "memory; on CPU: none)")
     parser.add_argument("--memory_budget_gib", type=float, default=None)
-    parser.add_argument("--pre_seq_len", type=int, default=128)
-    parser.add_argument("--lora_rank", type=int, default=8)
+    for option, names in size_options().items():
+        default = SIZE_DEFAULTS.get(option)
+        parser.add_argument(f"--{option}", type=int, default=default,
+                            help=f"the size option of --method {', '.join(names)} (default: {default})")
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--cpu", action="store_true", help="small shape on the CPU, fp32")
@@ -134,22 +154,26 @@ def random_base(config: ChatGLMConfig, dtype: torch.dtype, device: str) -> ChatG
 
 
 def method_arguments(args: argparse.Namespace) -> dict:
-    """The size option of the benchmarked method: the prefix length for P-Tuning v2, else the LoRA rank."""
-    return dict(pre_seq_len=args.pre_seq_len) if args.method == "ptuning" else dict(lora_rank=args.lora_rank)
+    """The size option of the benchmarked method (its selecting_option: rank, prefix length, trained layers)."""
+    option = method_named(args.method).selecting_option
+    return {option: getattr(args, option)} if option else {}
 
 
 def build_model(args: argparse.Namespace, config: ChatGLMConfig, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The model to train, prepared by the project's method code."""
+    """The model to train, prepared by the project's method code (a base quantized to 4 bits when the method trains
+    on one; with the prefix the method adds)."""
+    method = method_named(args.method)
     method_args = method_arguments(args)
-    if args.method == "qlora":
+    if method.needs_quantized_base:
         with tempfile.TemporaryDirectory() as folder:
             random_base(config, torch.bfloat16, "cpu").save_pretrained(folder)
-            model_args = ModelArguments(model_name_or_path=folder, quantization_bit=4, **method_args)
+            model_args = ModelArguments(
+                model_name_or_path=folder, method=method.name, quantization_bit=4, **method_args
+            )
             model = load_base_model(model_args, torch.bfloat16)
     else:
-        if args.method == "ptuning":
-            config.pre_seq_len = args.pre_seq_len
-        model_args = ModelArguments(model_name_or_path="random-weights", **method_args)
+        model_args = ModelArguments(model_name_or_path="random-weights", method=method.name, **method_args)
+        config.pre_seq_len = method.prefix_tokens(model_args) or None
         model = random_base(config, dtype, device)
     return apply_method(model, model_args).train()
 
@@ -159,17 +183,18 @@ def training_setup(
 ) -> TrainingSetup:
     """The memory preflight's view of this run (rows of the longest realistic/packed length in realistic mode)."""
     seq_length = {"packed": args.pack_length, "fixed": OFFICIAL_V1_ROW_LENGTH, "dynamic": 2 + 60 + 200 + 1}
-    method = args.method
+    method = method_named(args.method)
+    options = method_options(method.name, **method_arguments(args))
     stretch = None
     if packed_rows is not None:
-        stretch = packed_attention_stretch(packed_rows, args.pre_seq_len if method == "ptuning" else 0)
+        stretch = packed_attention_stretch(packed_rows, method.prefix_tokens(options))
     return TrainingSetup(
-        method=method,
+        method=method.name,
         batch_size=args.batch,
         seq_length=seq_length[args.realistic] if args.realistic else args.seq,
         weight_dtype=dtype,
-        options=method_options(method, **method_arguments(args)),
-        quantization_bit=4 if method == "qlora" else None,
+        options=options,
+        quantization_bit=4 if method.needs_quantized_base else None,
         attention_stretch=stretch,
         sequences_per_example=2 if args.preference else 1,
         reference_pass=args.preference,
@@ -360,11 +385,24 @@ def main() -> None:
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     mixed_precision = dtype != torch.float32
 
-    reference_context = method_named(args.method).reference_context
+    method = method_named(args.method)
+    cached_reference: list[torch.Tensor] = []
+
+    def reference_log_probs(batch: dict) -> torch.Tensor:
+        """The reference pass in the method's reference context; a method that trains the base itself has none, and
+        its reference is the starting model's, computed once as training caches it (every preference batch is the
+        same fixed-shape batch)."""
+        context = method.reference_context(model)
+        if context is None and cached_reference:
+            return cached_reference[0]
+        with torch.no_grad(), contextlib.nullcontext() if context is None else context:
+            reference = model(**batch, sequence_log_probs=True).log_probs
+        if context is None:
+            cached_reference.append(reference)
+        return reference
 
     def preference_loss(batch: dict) -> torch.Tensor:
-        with torch.no_grad(), reference_context(model):
-            reference = model(**batch, sequence_log_probs=True).log_probs
+        reference = reference_log_probs(batch)
         log_probs = model(**batch, sequence_log_probs=True).log_probs
         pairs = args.batch
         return dpo_loss(log_probs[:pairs], log_probs[pairs:], reference[:pairs], reference[pairs:], 0.1).losses.mean()
@@ -406,7 +444,7 @@ def main() -> None:
         "step_s": round(elapsed / args.steps, 4),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "estimated_gib": round(estimate.total / GIB, 2),
-        "loss": round(float(loss), 4), "torch": torch.__version__,
+        "loss": round(loss.item(), 4), "torch": torch.__version__,
     }
     print(json.dumps(result), flush=True)
 

@@ -1,15 +1,18 @@
 """Preference data: pairs of a better (`chosen`) and a worse (`rejected`) reply to the same prompt or history.
 
-Two record layouts, one file holds one of them:
+A pair is a record of a registered data format (finetune/data/formats/) without its reply, the pair's "prompt part",
+plus the two replies; the format that detects the prompt part is the pair's, and one file holds one format. With the
+built-in formats:
   conversations  {"conversations": [...history...], "tools"?: [...], "chosen": REPLY, "rejected": REPLY}
                  the shared history in our SFT conversations format (system, user, assistant, tool and observation
                  turns), ending in a user or observation turn (or a tool turn, whose observation ends it);
   input_output   {"prompt": "...", "chosen": "...", "rejected": "..."}.
 A REPLY is the assistant's text, or an object: {"content": "..."} for text, {"name": "...", "parameters": {...}} for a
-tool call.
+tool call (only in a format whose replies carry metadata, i.e. tool names: conversations).
 
-Each side of a pair is encoded exactly as our SFT encoding (finetune.data.encoding) encodes the same turns, with
-labels only on the final reply (and its eos): history assistant turns carry no loss. Pairs are never truncated (a
+This module checks the replies; the format checks the prompt part (`DataFormat.prompt_problems`) and builds each side
+as one of its SFT records with only the reply learned (`DataFormat.with_reply`), which its `encode` encodes: the
+same tokens and labels as our SFT encoding (finetune.data.encoding) of the same turns. Pairs are never truncated (a
 cut reply would compare half answers); a pair whose longer side exceeds max_seq_length is dropped and counted.
 """
 
@@ -22,15 +25,10 @@ import datasets
 import torch
 
 from finetune.data.collator import RightPaddingCollator
-from finetune.data.encoding import (
-    CONVERSATIONS,
-    INPUT_OUTPUT,
-    encode_conversation_with_length,
-    encode_input_output_with_length,
-    format_tool_call,
-)
+from finetune.data.encoding import format_tool_call
+from finetune.data.formats import format_named, format_names, format_of
+from finetune.data.formats.base import DataFormat, EncodingLimits, Problem
 from finetune.data.records import DataProblem, DataValidationError, SourceRecord, read_source_records
-from finetune.data.validation import check_record
 from finetune.model.tokenization import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -38,10 +36,10 @@ logger = logging.getLogger(__name__)
 CHOSEN = "chosen"
 REJECTED = "rejected"
 SIDES = (CHOSEN, REJECTED)
-HISTORY_END_ROLES = ("user", "observation", "tool")
 # Columns of reference log-probabilities cached with the data (full and freeze tuning: no reference on the fly).
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 UNBOUNDED = 1 << 30
+NO_TRUNCATION = EncodingLimits(max_source_length=UNBOUNDED, max_target_length=UNBOUNDED, max_seq_length=UNBOUNDED)
 
 
 def is_preference_record(value: object) -> bool:
@@ -61,12 +59,18 @@ def detect_preference_file(path: str | Path) -> bool:
     return is_preference_file(records)
 
 
-def preference_layout(value: dict) -> str:
-    """conversations or input_output: the layout of one preference record."""
-    return CONVERSATIONS if "conversations" in value else INPUT_OUTPUT
+def prompt_part(value: dict) -> dict:
+    """A pair without its replies: a record of the pair's format without its reply."""
+    return {key: item for key, item in value.items() if key not in SIDES}
 
 
-def _reply_problems(reply: object, side: str) -> list[tuple[str, str]]:
+def pair_format(value: dict) -> DataFormat:
+    """The format of a pair: the registered format that detects its prompt part; a pair none detects is checked as
+    the format registered last, the plainest (input-output), whose errors name the keys a pair needs."""
+    return format_of(prompt_part(value)) or format_named(format_names()[-1])
+
+
+def _reply_problems(reply: object, side: str) -> list[Problem]:
     """Problems of one reply: empty text, or an object that is neither text nor a tool call."""
     if isinstance(reply, str):
         return [] if reply.strip() else [(side, "is empty")]
@@ -86,7 +90,8 @@ def _reply_problems(reply: object, side: str) -> list[tuple[str, str]]:
 
 
 def reply_message(reply: str | dict) -> dict:
-    """The assistant message of a reply, as the SFT conversations format writes it (tool calls as code blocks)."""
+    """The assistant message of a reply, as the SFT conversations format writes it (tool calls as code blocks, the
+    tool's name as metadata)."""
     if isinstance(reply, str):
         return {"role": "assistant", "content": reply}
     if "parameters" in reply:
@@ -94,11 +99,11 @@ def reply_message(reply: str | dict) -> dict:
     return {"role": "assistant", "content": reply["content"]}
 
 
-def check_preference_record(value: object) -> list[tuple[str | None, str]]:
+def check_preference_record(value: object) -> list[Problem]:
     """Every (field, message) problem of one preference record; empty when it is valid."""
     if not isinstance(value, dict):
         return [(None, f"record must be a JSON object, got {type(value).__name__}")]
-    problems: list[tuple[str | None, str]] = []
+    problems: list[Problem] = []
     for side in SIDES:
         if side not in value:
             problems.append((side, "is missing (a preference record needs both chosen and rejected)"))
@@ -108,41 +113,23 @@ def check_preference_record(value: object) -> list[tuple[str | None, str]]:
         return problems
     if reply_message(value[CHOSEN]) == reply_message(value[REJECTED]):
         return [(REJECTED, "is identical to chosen: the pair prefers nothing")]
-    if preference_layout(value) == INPUT_OUTPUT:
-        if not isinstance(value.get("prompt"), str):
-            return [("prompt", "is missing or not a string (a pair needs 'conversations', or 'prompt')")]
-        return [] if value["prompt"].strip() else [("prompt", "is empty")]
-    history = value["conversations"]
-    if not isinstance(history, list) or not history:
-        return [("conversations", "must be a non-empty list of messages (the history before the reply)")]
-    sft_record = {key: item for key, item in value.items() if key not in SIDES}
-    sft_record["conversations"] = [*history, reply_message(value[CHOSEN])]
-    problems = [(field, message) for field, message in check_record(sft_record, CONVERSATIONS)]
-    if problems:
+    data_format = pair_format(value)
+    problems = data_format.prompt_problems(prompt_part(value), reply_message(value[CHOSEN]))
+    if problems or data_format.reply_has_metadata:
         return problems
-    last_role = history[-1].get("role")
-    if last_role not in HISTORY_END_ROLES:
-        return [
-            (
-                f"conversations[{len(history) - 1}].role",
-                f"the history ends with a {last_role} turn; it must end with a user or observation turn, which the "
-                "chosen and rejected replies answer",
-            )
-        ]
-    return []
+    return [
+        (side, f"is a tool call, which {data_format.title} pairs cannot hold: give the reply as text")
+        for side in SIDES
+        if "metadata" in reply_message(value[side])
+    ]
 
 
 def encode_side(value: dict, side: str, tokenizer: ChatGLMTokenizer) -> dict[str, list[int] | int]:
-    """input_ids, labels and full_length of one side of a pair: labels only on that reply and its eos."""
-    reply = value[side]
-    if preference_layout(value) == INPUT_OUTPUT:
-        example = {"prompt": value["prompt"], "response": reply if isinstance(reply, str) else reply["content"]}
-        return encode_input_output_with_length(example, tokenizer, UNBOUNDED, UNBOUNDED)
-    history = [{**message, "loss": False} for message in value["conversations"]]
-    example = {"conversations": [*history, reply_message(reply)]}
-    if value.get("tools"):
-        example["tools"] = value["tools"]
-    return encode_conversation_with_length(example, tokenizer, None)
+    """input_ids, labels and full_length of one side of a valid pair, untruncated: labels only on that reply and its
+    eos, as the pair's format encodes its prompt part followed by that reply."""
+    data_format = pair_format(value)
+    record = data_format.with_reply(prompt_part(value), reply_message(value[side]))
+    return data_format.encode(record, tokenizer, NO_TRUNCATION)
 
 
 def encode_pair(value: dict, tokenizer: ChatGLMTokenizer) -> dict[str, list[int] | int]:
@@ -159,7 +146,8 @@ def encode_pair(value: dict, tokenizer: ChatGLMTokenizer) -> dict[str, list[int]
 
 @dataclass
 class PreferenceData:
-    """Encoded preference pairs, their layout, the problems of records left out, and the pairs dropped as too long."""
+    """Encoded preference pairs, their layout (the name of the pairs' data format), the problems of records left
+    out, and the pairs dropped as too long."""
 
     dataset: datasets.Dataset
     layout: str
@@ -190,10 +178,11 @@ def load_preference_data(
         problems += [record.problem(field, message) for field, message in record_problems]
         if not record_problems:
             valid.append(record)
-    layouts = {preference_layout(record.value) for record in valid}
-    if len(layouts) > 1:
-        first = next(record for record in valid if preference_layout(record.value) != preference_layout(valid[0].value))
-        problems.append(first.problem(None, "mixes conversations and prompt pairs; one file holds one layout"))
+    first_format = pair_format(valid[0].value) if valid else None
+    other = next((record for record in valid if pair_format(record.value) is not first_format), None)
+    if other is not None:
+        titles = f"{first_format.title} and {pair_format(other.value).title}"
+        problems.append(other.problem(None, f"mixes {titles} pairs; one file holds one layout"))
         valid = []
     if problems and not skip_invalid:
         raise DataValidationError(problems)
@@ -219,8 +208,7 @@ def load_preference_data(
         raise DataValidationError(problems + [left], skip_invalid_given=skip_invalid)
     for problem in problems:
         logger.warning("skipped: %s", problem)
-    layout = preference_layout(valid[0].value)
-    return PreferenceData(datasets.Dataset.from_dict(rows), layout, problems, too_long)
+    return PreferenceData(datasets.Dataset.from_dict(rows), first_format.name, problems, too_long)
 
 
 @dataclass

@@ -4,6 +4,7 @@ data_tools/ turns them into the toolkit's records. Training and evaluation both 
 
 from pathlib import Path
 
+from finetune.data.formats import format_of
 from finetune.data.records import DataProblem, DataValidationError, SourceRecord
 from finetune.data.validation import detect_file_format
 
@@ -33,7 +34,7 @@ def converter_command(path: Path, records: list[SourceRecord]) -> str | None:
             f"python -m data_tools.format_advertise_gen --train_file {path} --output formatted_data/advertise_gen.jsonl"
         )
     messages = first.get("messages")
-    if isinstance(messages, list) and "conversations" not in first:
+    if isinstance(messages, list) and format_of(first) is None:
         if _is_glm4(messages):
             return (
                 "this is GLM-4 fine-tuning data ({messages} records); convert it first: "

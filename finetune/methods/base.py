@@ -71,6 +71,8 @@ class FinetuneMethod(abc.ABC):
     selecting_option: str | None = None
     # True when the method trains weights of the base itself (its checkpoint is a whole model).
     trains_base_weights: bool = False
+    # True when the method trains on a base loaded quantized (--quantization_bit), as QLoRA does.
+    needs_quantized_base: bool = False
     # Why the method cannot train under DeepSpeed ZeRO-3, or None when it can.
     zero3_problem: str | None = None
     # True when `reference_context` gives the preference reference during training (the trained part switched off);

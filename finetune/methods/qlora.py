@@ -36,6 +36,7 @@ class QLoRA(LoRA):
 
     name = "qlora"
     options = (LoRAOptions, QuantizationOptions)
+    needs_quantized_base = True
 
     def base_dtype(self, training_args) -> torch.dtype:
         """The quantization policy's compute dtype."""

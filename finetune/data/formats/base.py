@@ -6,6 +6,11 @@ finetune/data/encoding.py, the one module where a token gets its label), the lon
 how a record splits into a prompt and the reference an evaluation compares the generated reply with: which turns
 are scored and what each one's prompt (text or message history) and reference are is the format's; the prompt's
 token ids come from finetune/generation.py, which builds every generation prompt.
+
+A format also holds preference pairs (finetune/data/preference.py): a pair is a record of the format without its
+reply (its "prompt part") plus `chosen` and `rejected` replies; the format says what is wrong with a prompt part
+(`prompt_problems`) and how a prompt part followed by one reply becomes one of its records in which only that reply
+is learned (`with_reply`), which `encode` then encodes.
 """
 
 from abc import ABC, abstractmethod
@@ -100,3 +105,14 @@ class DataFormat(ABC):
         self, record: dict, index: int, tokenizer: ChatGLMTokenizer, max_source_length: int
     ) -> list[PromptExample]:
         """The prompts evaluation scores in record number `index`, each with its reference."""
+
+    @abstractmethod
+    def with_reply(self, prompt: dict, reply: dict) -> dict:
+        """A record of this format: the prompt part `prompt` (a record without its reply) followed by `reply`, an
+        assistant message ({"role", "content"}, and "metadata" naming the tool of a tool call), the only part learned.
+        Called on any object `prompt` when `prompt_problems` is not overridden."""
+
+    def prompt_problems(self, prompt: dict, reply: dict) -> list[Problem]:
+        """Every problem of a prompt part that `reply` is to answer; empty when `with_reply(prompt, reply)` can be
+        encoded. By default the problems `check` finds in that record."""
+        return self.check(self.with_reply(prompt, reply))

@@ -4,6 +4,8 @@ Messages have a role (system, user, assistant, observation, tool); a `tool` mess
 parameters and the tool's observation. Which tokens are learned is decided in finetune/data/encoding.py
 (conversation_tokens): assistant messages and tool calls unless `"loss": false`, an observation only with
 `"loss": true`. Evaluation scores every learned assistant turn and tool call, given the reference history before it.
+As a preference pair: `{"conversations": [...history...], "tools"?: [...], "chosen": REPLY, "rejected": REPLY}`, the
+history ending in a turn the replies answer (HISTORY_END_ROLES), a reply text or a tool call.
 """
 
 from collections.abc import Sequence
@@ -16,6 +18,9 @@ from finetune.generation import conversation_prompt_ids
 from finetune.model.tokenization import ChatGLMTokenizer
 
 MESSAGE_KEYS = ("role", "content", "metadata", "loss", "name", "parameters", "observation", "tools")
+# The roles a preference pair's history may end with: the turns an assistant reply answers (a tool turn ends with
+# its observation).
+HISTORY_END_ROLES = ("user", "observation", "tool")
 
 
 def _check_message(message: object, position: int) -> list[Problem]:
@@ -185,6 +190,31 @@ class Conversations(DataFormat):
                 )
             )
         return examples
+
+    def prompt_problems(self, prompt: dict, reply: dict) -> list[Problem]:
+        """A non-empty history that, with the reply after it, is a valid conversation and ends with a turn the reply
+        answers."""
+        history = prompt.get("conversations")
+        if not isinstance(history, list) or not history:
+            return [("conversations", "must be a non-empty list of messages (the history before the reply)")]
+        problems = self.check({**prompt, "conversations": [*history, reply]})
+        if problems:
+            return problems
+        last_role = history[-1]["role"]
+        if last_role not in HISTORY_END_ROLES:
+            return [
+                (
+                    f"conversations[{len(history) - 1}].role",
+                    f"the history ends with a {last_role} turn; it must end with a user or observation turn, which "
+                    "the chosen and rejected replies answer",
+                )
+            ]
+        return []
+
+    def with_reply(self, prompt: dict, reply: dict) -> dict:
+        """The history, none of it learned, then the reply."""
+        history = [{**message, "loss": False} for message in prompt["conversations"]]
+        return {**prompt, "conversations": [*history, reply]}
 
 
 FORMAT = Conversations()

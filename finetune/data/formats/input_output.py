@@ -2,7 +2,7 @@
 
 Encoded as `[gMASK] sop` + prompt + response + eos, only the response and eos learned
 (finetune/data/encoding.py: encode_input_output_with_length); evaluation generates after the prompt and compares
-with the response.
+with the response. As a preference pair: `{"prompt": "...", "chosen": REPLY, "rejected": REPLY}`, text replies only.
 """
 
 from finetune.data import encoding
@@ -56,6 +56,16 @@ class InputOutput(DataFormat):
         example = self.prompt_example(record, tokenizer, max_source_length, reference_from_record=True)
         example.example_id = str(index)
         return [example]
+
+    def prompt_problems(self, prompt: dict, reply: dict) -> list[Problem]:
+        """A non-empty prompt text."""
+        if not isinstance(prompt.get("prompt"), str):
+            return [("prompt", "is missing or not a string (a pair needs 'conversations', or 'prompt')")]
+        return [] if prompt["prompt"].strip() else [("prompt", "is empty")]
+
+    def with_reply(self, prompt: dict, reply: dict) -> dict:
+        """The prompt and the reply's text as the response."""
+        return {"prompt": prompt["prompt"], "response": reply["content"]}
 
 
 FORMAT = InputOutput()

@@ -1,10 +1,9 @@
 """finetune/data/formats/: the registry of data formats. A format added as one module of its own is detected,
 validated (errors with file, line and field), encoded, trained on, split for evaluation and bounded by the memory
-preflight through the normal paths, with no other file touched."""
+preflight through the normal paths, with no other file touched (the format: conftest.py's `alpaca_format` here)."""
 
-import importlib.util
+import ast
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,69 +19,10 @@ from finetune.evaluate import read_checked_records
 from finetune.memory_preflight import longest_row
 from finetune.train import main as train_main
 
-# The whole of a new format: Alpaca-style records, the instruction and input as the prompt, the output learned.
-ALPACA_MODULE = '''
-from finetune.data import encoding
-from finetune.data.formats.base import DataFormat, PromptExample, check_string
-from finetune.generation import input_output_prompt_ids
-
-
-def prompt_of(record):
-    return record["instruction"] + ("\\n" + record["input"] if record.get("input") else "")
-
-
-class Alpaca(DataFormat):
-    name = "alpaca"
-    title = "Alpaca"
-    detected_by = ("instruction",)
-    record_keys = ("instruction", "input", "output")
-    needed_limits = ("max_source_length", "max_target_length")
-    prompt_key = "instruction"
-
-    def check(self, record):
-        optional_input = check_string(record, "input") if "input" in record else []
-        return check_string(record, "instruction") + optional_input + check_string(record, "output")
-
-    def encode(self, record, tokenizer, limits):
-        pair = {"prompt": prompt_of(record), "response": record["output"]}
-        return encoding.encode_input_output_with_length(
-            pair, tokenizer, limits.max_source_length, limits.max_target_length
-        )
-
-    def longest_row(self, limits):
-        return encoding.input_output_row_length(limits.max_source_length, limits.max_target_length)
-
-    def with_empty_reply(self, record):
-        return {"output": "", **record}
-
-    def prompt_example(self, record, tokenizer, max_source_length, reference_from_record):
-        label = record["output"] if reference_from_record else None
-        prompt_ids = input_output_prompt_ids(prompt_of(record), tokenizer, max_source_length)
-        return PromptExample(prompt_of(record), prompt_ids, label, reply_has_metadata=False)
-
-    def evaluation_examples(self, record, index, tokenizer, max_source_length):
-        example = self.prompt_example(record, tokenizer, max_source_length, True)
-        example.example_id = str(index)
-        return [example]
-
-
-FORMAT = Alpaca()
-'''
-
-
-@pytest.fixture
-def alpaca_format(tmp_path):
-    """The Alpaca format, written as its own module outside the package and registered for the test."""
-    path = tmp_path / "alpaca_format.py"
-    path.write_text(ALPACA_MODULE, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("alpaca_format", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["alpaca_format"] = module  # the encoding cache and Dataset.map look the class up by its module
-    spec.loader.exec_module(module)
-    formats.register_format(module.FORMAT)
-    yield module.FORMAT
-    formats.unregister_format(module.FORMAT.name)
-    del sys.modules["alpaca_format"]
+REPO_ROOT = Path(__file__).resolve().parents[4]
+# Files that may name a data format: the formats themselves and the encoding functions they share.
+FORMAT_OWNERS = ("finetune/data/formats/", "finetune/data/encoding.py")
+FORMAT_CONSTANTS = ("INPUT_OUTPUT", "CONVERSATIONS")
 
 
 def alpaca_records(count: int) -> list[dict]:
@@ -134,3 +74,45 @@ def test_a_format_in_its_own_module_trains_and_evaluates_through_the_normal_path
 
     bounds = SimpleNamespace(max_source_length=48, max_target_length=16, max_seq_length=32, data_format="alpaca")
     assert longest_row(bounds) == 65
+
+
+def _names_a_format(node: ast.expr) -> bool:
+    """True for a registered format's name (also a key that detects it), a format constant, or a collection of one."""
+    if isinstance(node, ast.Constant):
+        detecting = {key for name in formats.format_names() for key in formats.format_named(name).detected_by}
+        return node.value in {*formats.format_names(), *detecting}
+    if isinstance(node, ast.Name):
+        return node.id in FORMAT_CONSTANTS
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return any(_names_a_format(element) for element in node.elts)
+    return False
+
+
+def format_branches(path: Path, root: Path = REPO_ROOT) -> list[str]:
+    """Comparisons with a format's name or detecting key and uses of the format constants in one file, "file:line"."""
+    found = []
+    relative = path.relative_to(root).as_posix()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Compare) and any(_names_a_format(item) for item in (node.left, *node.comparators)):
+            found.append(f"{relative}:{node.lineno} compares with a data format")
+        if isinstance(node, ast.ImportFrom) and any(alias.name in FORMAT_CONSTANTS for alias in node.names):
+            found.append(f"{relative}:{node.lineno} imports a format constant")
+    return found
+
+
+def test_nothing_outside_the_formats_branches_on_a_format():
+    sources = [REPO_ROOT / "inference.py", *sorted((REPO_ROOT / "scripts").glob("*.py"))]
+    for package in ("finetune", "inference", "data_tools"):
+        sources += sorted((REPO_ROOT / package).rglob("*.py"))
+    checked = [path for path in sources if not path.relative_to(REPO_ROOT).as_posix().startswith(FORMAT_OWNERS)]
+    assert len(checked) > 30
+    assert [branch for path in checked for branch in format_branches(path)] == []
+
+
+def test_the_format_branch_finder_sees_a_name_a_key_and_a_constant(tmp_path):
+    probe = tmp_path / "pairs.py"
+    probe.write_text(
+        "from finetune.data.encoding import INPUT_OUTPUT\n"
+        'if "conversations" in value or layout == INPUT_OUTPUT or name in ("x", "input_output"):\n    pass\n'
+    )
+    assert len(format_branches(probe, root=tmp_path)) == 4

@@ -11,7 +11,9 @@ from finetune.data.encoding import (
     IGNORE_INDEX,
     encode_conversation,
     encode_input_output,
+    text_ids,
 )
+from finetune.data.formats.base import EncodingLimits
 from finetune.data.preference import (
     PreferenceCollator,
     detect_preference_file,
@@ -89,6 +91,7 @@ def test_every_bad_record_is_named_by_file_line_and_field(tiny_tokenizer, tmp_pa
         {"conversations": user, "chosen": {"name": "", "parameters": []}, "rejected": "B"},
         {"prompt": "", "chosen": "A", "rejected": "B"},
         {"conversations": [{"role": "robot", "content": "x"}], "chosen": "A", "rejected": "B"},
+        {"chosen": "A", "rejected": "B"},
     ]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     with pytest.raises(DataValidationError) as raised:
@@ -103,6 +106,7 @@ def test_every_bad_record_is_named_by_file_line_and_field(tiny_tokenizer, tmp_pa
         "pairs.jsonl:6 field 'chosen.parameters': a tool call needs its parameters as an object",
         "pairs.jsonl:7 field 'prompt': is empty",
         "pairs.jsonl:8 field 'conversations[0].role': unknown role 'robot'",
+        "pairs.jsonl:9 field 'prompt': is missing or not a string (a pair needs 'conversations', or 'prompt')",
     ]
     for line in expected:
         assert line in message, message
@@ -123,6 +127,38 @@ def test_pairs_longer_than_max_seq_length_are_dropped_and_counted(tiny_tokenizer
     assert "3 dropped as longer than max_seq_length" in data.summary
     with pytest.raises(DataValidationError, match="no preference pair left"):
         load_preference_data(write_jsonl(tmp_path / "long.jsonl", [long]), tiny_tokenizer, limit)
+
+
+def test_a_tool_call_reply_to_a_prompt_pair_is_reported_not_a_crash(tiny_tokenizer, tmp_path):
+    call = {"name": "get_weather", "parameters": {"city": "北京"}}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Weather in Beijing?", "chosen": call, "rejected": "No."}])
+    with pytest.raises(DataValidationError, match="pairs.jsonl:1 field 'chosen': is a tool call, which input-output"):
+        load_preference_data(path, tiny_tokenizer, 128)
+
+
+def test_a_format_registered_in_its_own_module_holds_preference_pairs(alpaca_format, tiny_tokenizer, tmp_path):
+    pairs = [{"instruction": "类型#裙", "input": "颜色#红色", "chosen": "这款红色连衣裙宽松舒适。", "rejected": "Bad."},
+             {"instruction": "类型#裤", "chosen": {"content": "复古的条纹长裤。"}, "rejected": "No."}]  # fmt: skip
+    data = load_preference_data(write_jsonl(tmp_path / "alpaca.jsonl", pairs), tiny_tokenizer, 128)
+    assert data.layout == "alpaca" and len(data.dataset) == 2
+    limits = EncodingLimits(max_source_length=128, max_target_length=128)
+    for pair, row in zip(pairs, data.dataset, strict=True):
+        for side in ("chosen", "rejected"):
+            reply = pair[side] if isinstance(pair[side], str) else pair[side]["content"]
+            sft = alpaca_format.encode({**pair, "output": reply}, tiny_tokenizer, limits)  # the format's own encoding
+            assert row[f"{side}_input_ids"] == sft["input_ids"] and row[f"{side}_labels"] == sft["labels"]
+            learned = [token for token in row[f"{side}_labels"] if token != IGNORE_INDEX]
+            assert learned == text_ids(tiny_tokenizer, reply) + [tiny_tokenizer.eos_token_id]
+    # The format's own checks name the field; the replies' and the one-layout-per-file checks apply as to any format.
+    bad = [*pairs, {"instruction": 3, "chosen": "A", "rejected": "B"},
+           {"instruction": "类型#裙", "chosen": {"name": "get_weather", "parameters": {}}, "rejected": "B"},
+           {"prompt": "类型#裙", "chosen": "A", "rejected": "B"}]  # fmt: skip
+    with pytest.raises(DataValidationError) as raised:
+        load_preference_data(write_jsonl(tmp_path / "bad.jsonl", bad), tiny_tokenizer, 128)
+    message = str(raised.value)
+    assert "bad.jsonl:3 field 'instruction': must be a string, got number" in message
+    assert "bad.jsonl:4 field 'chosen': is a tool call, which Alpaca pairs cannot hold" in message
+    assert "bad.jsonl:5: mixes Alpaca and input-output pairs; one file holds one layout" in message
 
 
 def test_preference_files_are_detected_from_their_first_record(tmp_path):
