@@ -70,6 +70,8 @@ class TrainingSetup:
     # and whether each step first runs the reference forward pass without gradients.
     sequences_per_example: int = 1
     reference_pass: bool = False
+    # Where the step runs ("cuda" or "cpu"): a few kernels keep different tensors for their backward pass there.
+    device_type: str = "cuda"
 
     def __post_init__(self) -> None:
         try:
@@ -220,7 +222,7 @@ def layer_activation_bytes(
         fan_in = shapes[name][0]
         if trained:
             return fan_in * element
-        return method.adapter_input_bytes(setup.options, fan_in, element) if name in adapted else 0
+        return method.adapter_input_bytes(setup.options, fan_in, element, setup.device_type) if name in adapted else 0
 
     attention_side = norm + linear_input("query_key_value") + attention + linear_input("dense")
     mlp_input_side = 2 * config.ffn_hidden_size * element + linear_input("dense_h_to_4h")
@@ -535,6 +537,7 @@ def setup_from_arguments(
         offload_params=offload_params,
         sequences_per_example=sequences_per_example,
         reference_pass=reference_pass,
+        device_type="cpu" if getattr(training_args, "use_cpu", False) or not torch.cuda.is_available() else "cuda",
     )
 
 

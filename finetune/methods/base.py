@@ -181,8 +181,9 @@ class FinetuneMethod(abc.ABC):
         """Linear layers that carry a trained adapter in every block (they keep their inputs)."""
         return ()
 
-    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
-        """Bytes per token an adapted linear layer keeps for its adapter's backward pass (see adapted_modules)."""
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int, device_type: str) -> float:
+        """Bytes per token an adapted linear layer keeps for its adapter's backward pass on `device_type` (cpu,
+        cuda; see adapted_modules)."""
         return 0
 
     def prefix_tokens(self, options: object) -> int:

@@ -31,6 +31,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 LORA_LAYER_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 LORA_TARGET_ALL = "all"
+# Bytes per input feature LoRA's dropout keeps for its backward pass, by device type (see adapter_input_bytes).
+ADAPTER_DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": 4}
 
 
 def parse_lora_target(value: str) -> list[str]:
@@ -295,9 +297,13 @@ class LoRA(FinetuneMethod):
         """The LoRA target modules."""
         return lora_targets(config, options.lora_target)
 
-    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int) -> float:
-        """A 16-bit copy of the layer's input, its dropout mask (one byte per input feature) and the rank-r product."""
-        dropout_mask = fan_in if options.lora_dropout > 0 else 0
+    def adapter_input_bytes(self, options: object, fan_in: int, element_bytes: int, device_type: str) -> float:
+        """A 16-bit copy of the layer's input, its dropout mask and the rank-r product."""
+        # PEFT casts the input to the adapter's fp32 before dropout. CUDA's fused dropout keeps a one-byte mask per
+        # input feature; on the CPU torch keeps the scaled noise itself, in the input's fp32 (measured at chatglm3-6b's
+        # width: tests/unit/finetune/test_recompute.py).
+        mask_bytes = ADAPTER_DROPOUT_MASK_BYTES.get(device_type, 1)
+        dropout_mask = fan_in * mask_bytes if options.lora_dropout > 0 else 0
         return fan_in * element_bytes + dropout_mask + options.lora_rank * element_bytes
 
     def quantized_variant(self) -> str:

@@ -32,6 +32,10 @@ METHODS = {
         dict(method="lora", options={"lora_rank": 8, "lora_dropout": 0.0, "lora_target": "all"}),
     ),
     "ptuning": (dict(pre_seq_len=16), dict(method="ptuning", options={"pre_seq_len": 16})),
+    "lora_dropout": (
+        dict(lora_rank=8, lora_dropout=0.1),
+        dict(method="lora", options={"lora_rank": 8, "lora_dropout": 0.1}),
+    ),
 }
 
 
@@ -75,7 +79,9 @@ def measured_layer_bytes(
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("mode", ["none", "mlp", "full"])
 def test_memory_model_matches_what_autograd_keeps(method, mode):
-    setup = TrainingSetup(batch_size=2, seq_length=128, weight_dtype=torch.bfloat16, **METHODS[method][1])
+    setup = TrainingSetup(
+        batch_size=2, seq_length=128, weight_dtype=torch.bfloat16, device_type="cpu", **METHODS[method][1]
+    )
     estimated = layer_activation_bytes(ChatGLMConfig(**NARROW), setup, mode)
     assert measured_layer_bytes(method, mode) == pytest.approx(estimated, rel=0.05)
 
