@@ -70,6 +70,8 @@ class TrainingSetup:
     # and whether each step first runs the reference forward pass without gradients.
     sequences_per_example: int = 1
     reference_pass: bool = False
+    # The most tokens of a row that carry a label (the chunked loss projects only those); None: every token may.
+    labelled_tokens: int | None = None
     # Where the step runs ("cuda" or "cpu"): a few kernels keep different tensors for their backward pass there.
     device_type: str = "cuda"
 
@@ -272,8 +274,10 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
 
 
 def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
-    """Peak memory of one chunk of the chunked loss: vocabulary logits of at most `logits_chunk_tokens` tokens."""
-    chunk = min(setup.logits_chunk_tokens, setup.rows * setup.seq_length)
+    """Peak memory of one chunk of the chunked loss: vocabulary logits of at most `logits_chunk_tokens` labelled
+    tokens."""
+    labelled = min(setup.seq_length, setup.labelled_tokens or setup.seq_length)
+    chunk = min(setup.logits_chunk_tokens, setup.rows * labelled)
     per_entry = _DTYPE_BYTES[setup.weight_dtype] + LOGITS_BYTES_PER_ENTRY_EXTRA
     return chunk * config.padded_vocab_size * per_entry
 
@@ -496,6 +500,20 @@ def longest_row(data_args: object, data_format: str | None = None) -> int | None
     return max(bounds) if bounds else None
 
 
+def longest_labelled(data_args: object, data_format: str | None = None) -> int | None:
+    """The most labelled tokens of a training row the data arguments allow, or None when they bound nothing (packed
+    rows, a format whose every token may be learned, or a format not known and not all bounded)."""
+    if getattr(data_args, "packing", False):
+        return None
+    data_format = data_format or getattr(data_args, "data_format", None)
+    names = ("max_source_length", "max_target_length", "max_seq_length")
+    limits = EncodingLimits(*(getattr(data_args, name, None) for name in names))
+    if data_format in FORMATS:
+        return FORMATS[data_format].longest_labelled(limits)
+    bounds = [known.longest_labelled(limits) for known in FORMATS.values()]
+    return None if None in bounds else max(bounds, default=None)
+
+
 def setup_from_arguments(
     config: ChatGLMConfig,
     model_args: object,
@@ -505,12 +523,14 @@ def setup_from_arguments(
     attention_stretch: float | None = None,
     sequences_per_example: int = 1,
     reference_pass: bool = False,
+    labelled_tokens: int | None = None,
 ) -> TrainingSetup:
     """Derive the TrainingSetup from the run's model, data and training arguments (read duck-typed).
 
     `seq_length` is the longest row the run will see (e.g. measured on the encoded data); without it, the data
     arguments' bound (see `longest_row`) or else the model's seq_length is used. `attention_stretch`: see
-    TrainingSetup (packed rows).
+    TrainingSetup (packed rows). `labelled_tokens`: the most labelled tokens of a row (measured on the encoded data);
+    without it, the data arguments' bound (see `longest_labelled`).
     """
     method = model_args.method
     seq_length = seq_length or longest_row(data_args) or config.seq_length
@@ -537,6 +557,7 @@ def setup_from_arguments(
         offload_params=offload_params,
         sequences_per_example=sequences_per_example,
         reference_pass=reference_pass,
+        labelled_tokens=labelled_tokens or longest_labelled(data_args),
         device_type="cpu" if getattr(training_args, "use_cpu", False) or not torch.cuda.is_available() else "cuda",
     )
 
@@ -559,17 +580,18 @@ def run_preflight(
     attention_stretch: float | None = None,
     sequences_per_example: int = 1,
     reference_pass: bool = False,
+    labelled_tokens: int | None = None,
 ) -> MemoryEstimate:
     """Estimate the run's memory, plan `--recompute auto`, log it, and warn with advice when it will not fit.
 
     `device_memory` (bytes) defaults to the free memory of the CUDA device; on CPU the estimate is only logged.
     `seq_length`: the longest training row when known (see `setup_from_arguments`). The returned estimate's
     `setup.recompute` is the plan to apply (finetune.recompute.apply_recompute_plan). `attention_stretch`: see
-    TrainingSetup (packed rows).
+    TrainingSetup (packed rows). `labelled_tokens`: the most labelled tokens of a row when known.
     """
     setup = setup_from_arguments(
         model_config, model_args, data_args, training_args, seq_length, attention_stretch, sequences_per_example,
-        reference_pass,
+        reference_pass, labelled_tokens,
     )
     if device_memory is None and not getattr(training_args, "use_cpu", False):
         device_memory = free_device_memory()

@@ -228,6 +228,15 @@ def training_row_length(data_args: DataArguments, splits: dict[str, TrainingData
     return train.summary.length_max
 
 
+def training_labelled_length(data_args: DataArguments, splits: dict[str, TrainingData]) -> int | None:
+    """The most labelled tokens in one training row (what the chunked loss projects), or None when packing or
+    without training data."""
+    train = splits.get("train")
+    if train is None or data_args.packing:
+        return None
+    return train.summary.learned_max or None
+
+
 def warn_rows_beyond_context(row_length: int | None, model_config: PreTrainedConfig) -> str | None:
     """Log and return a warning when training rows (plus the P-Tuning prefix) exceed the model's seq_length."""
     tokens = (row_length or 0) + (getattr(model_config, "pre_seq_len", None) or 0)
@@ -429,6 +438,7 @@ def run(
         data_args,
         training_args,
         seq_length=training_row_length(data_args, splits),
+        labelled_tokens=training_labelled_length(data_args, splits),
         attention_stretch=(
             packed_attention_stretch(train_dataset, model_args.pre_seq_len or 0)
             if data_args.packing and train_dataset is not None

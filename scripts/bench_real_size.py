@@ -207,7 +207,9 @@ def training_estimate(argv: list[str], tokens: int) -> tuple[float, float, str]:
         pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
-    estimate = run_preflight(config, model_args, data_args, training_args, seq_length=tokens)
+    estimate = run_preflight(
+        config, model_args, data_args, training_args, seq_length=tokens, labelled_tokens=row_lengths(tokens)[1] + 1
+    )
     return estimate.total / GIB, estimate.weights / GIB, estimate.setup.recompute.describe(config.num_layers)
 
 

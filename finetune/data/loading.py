@@ -143,7 +143,9 @@ def load_training_data(
 
     skipped_records = {(problem.line, problem.record_index) for problem in problems if problem.line is not None}
     truncated = sum(full_lengths[row] > lengths[row] for row in keep)
-    summary = summarize_lengths([lengths[row] for row in keep], truncated, len(skipped_records))
+    summary = summarize_lengths(
+        [lengths[row] for row in keep], truncated, len(skipped_records), [learned[row] for row in keep]
+    )
     if len(keep) < len(valid):
         dataset = dataset.select(keep)
     return TrainingData(dataset.select_columns(OUTPUT_COLUMNS), found.name, problems, summary)

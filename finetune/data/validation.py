@@ -100,6 +100,7 @@ class DataSummary:
     length_p90: float
     length_p99: float
     length_max: int
+    learned_max: int = 0  # the most tokens of one example that carry a label
 
     @property
     def truncation_rate(self) -> float:
@@ -114,12 +115,16 @@ class DataSummary:
         )
 
 
-def summarize_lengths(lengths: Sequence[int], truncated: int, skipped: int) -> DataSummary:
-    """A DataSummary of encoded example lengths."""
+def summarize_lengths(
+    lengths: Sequence[int], truncated: int, skipped: int, learned: Sequence[int] = ()
+) -> DataSummary:
+    """A DataSummary of encoded example lengths (and of their labelled token counts, `learned`)."""
     if len(lengths) == 0:
         return DataSummary(0, skipped, truncated, 0.0, 0.0, 0.0, 0)
     p50, p90, p99 = np.percentile(np.asarray(lengths), [50, 90, 99])
-    return DataSummary(len(lengths), skipped, truncated, float(p50), float(p90), float(p99), int(max(lengths)))
+    return DataSummary(
+        len(lengths), skipped, truncated, float(p50), float(p90), float(p99), int(max(lengths)), max(learned, default=0)
+    )
 
 
 def print_token_labels(example: dict, tokenizer: ChatGLMTokenizer, stream: TextIO | None = None) -> None:

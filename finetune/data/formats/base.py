@@ -85,6 +85,11 @@ class DataFormat(ABC):
     def longest_row(self, limits: EncodingLimits) -> int | None:
         """The most tokens an encoded row can have under `limits`, or None when they bound nothing."""
 
+    def longest_labelled(self, limits: EncodingLimits) -> int | None:
+        """The most tokens of an encoded row that carry a label under `limits` (the loss projects only those to the
+        vocabulary), or None when any token of the row may."""
+        return None
+
     @abstractmethod
     def with_empty_reply(self, record: dict) -> dict:
         """A prompt for inference (no reply yet) as a record of this format, so `check` applies to it."""

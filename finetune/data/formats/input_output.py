@@ -37,6 +37,10 @@ class InputOutput(DataFormat):
             return None
         return encoding.input_output_row_length(limits.max_source_length, limits.max_target_length)
 
+    def longest_labelled(self, limits: EncodingLimits) -> int | None:
+        """The response budget and eos (the prompt is never learned)."""
+        return limits.max_target_length + 1 if limits.max_target_length else None
+
     def with_empty_reply(self, record: dict) -> dict:
         """The record with an empty response unless it has one."""
         return {"response": "", **record}

@@ -17,6 +17,7 @@ from finetune.memory_preflight import (
     GIB,
     TrainingSetup,
     estimate_training_memory,
+    longest_labelled,
     longest_row,
     memory_advice,
     run_preflight,
@@ -106,6 +107,21 @@ def test_activations_scale_and_checkpointing_saves():
     # The loss never holds more than one chunk of DEFAULT_CHUNK_TOKENS x 65024 logits.
     long = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, batch_size=8, seq_length=4096))
     assert long.logits == DEFAULT_CHUNK_TOKENS * 65024 * (2 + 4 + 4 + 4)
+
+
+def test_the_loss_projects_only_the_labelled_tokens_of_a_row():
+    setup = TrainingSetup("lora", batch_size=2, seq_length=256, options={"lora_rank": 8})
+    every_token = estimate_training_memory(CHATGLM3_6B, setup)
+    reply_only = estimate_training_memory(CHATGLM3_6B, dataclasses.replace(setup, labelled_tokens=126))
+    assert every_token.logits == 2 * 256 * 65024 * 14
+    assert reply_only.logits == 2 * 126 * 65024 * 14
+    assert reply_only.total == every_token.total - 2 * 130 * 65024 * 14
+    # What the data arguments allow: input-output rows learn the response and eos; conversations and packed rows
+    # may learn any token.
+    input_output = SimpleNamespace(max_source_length=130, max_target_length=125, data_format="input_output")
+    assert longest_labelled(input_output) == 126
+    assert longest_labelled(SimpleNamespace(**vars(input_output), packing=True)) is None
+    assert longest_labelled(SimpleNamespace(max_seq_length=256, data_format="conversations")) is None
 
 
 def _resident_bytes(field: str) -> int:

@@ -157,6 +157,8 @@ def test_summary_reports_counts_truncation_and_percentiles(shared_dir: Path, tok
     assert 0 < summary.truncation_rate < 1
     assert [summary.length_p50, summary.length_p90, summary.length_p99] == list(np.percentile(lengths, [50, 90, 99]))
     assert summary.length_max == max(lengths)
+    labelled = [sum(label != -100 for label in labels) for labels in data.dataset["labels"][:]]
+    assert summary.learned_max == max(labelled) <= 150 + 1
     assert data.dataset["length"][:] == lengths
     assert "28 examples (0 skipped)" in str(summary)
 
