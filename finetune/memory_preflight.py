@@ -16,7 +16,7 @@ from .methods.base import mixed_precision_dtype
 from .model.configuration import ChatGLMConfig
 from .model.loss import DEFAULT_CHUNK_TOKENS
 from .model.shapes import base_parameter_count, layer_linear_weights, layer_small_parameters, linear_shapes
-from .quantization import QUANTIZATION_BITS
+from .quantization import COMPUTE_DTYPE, QUANTIZATION_BITS
 from .recompute import RECOMPUTE_AUTO, RECOMPUTE_FULL, RECOMPUTE_MLP, RECOMPUTE_NONE, RecomputePlan
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class MemoryEstimate:
     activations: int
     logits: int
     cpu_offload: int
+    # One layer's activations and their gradients while its backward pass runs (recomputed first if planned so).
+    layer_backward: int = 0
     reference: int = 0
     num_layers: int = 0
     device_memory: int | None = None
@@ -137,8 +139,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """Everything held on the GPU at the peak of a training step."""
-        return self.weights + self.gradients + self.optimizer_states + self.activations + self.logits + self.reference
+        """Everything held on the GPU at the peak of a training step. The loss's backward pass (the logits chunk) ends
+        before the last layer's begins, so the larger of the two counts, on top of every layer's kept activations."""
+        backward_peak = max(self.logits, self.layer_backward)
+        return self.weights + self.gradients + self.optimizer_states + self.activations + backward_peak + self.reference
 
     @property
     def fits(self) -> bool | None:
@@ -167,6 +171,7 @@ class MemoryEstimate:
             f"  optimizer       {_size(self.optimizer_states):>10}",
             f"  activations     {_size(self.activations):>10}",
             f"  logits chunk    {_size(self.logits):>10}",
+            f"  layer backward  {_size(self.layer_backward):>10}  (only the larger of these two counts)",
             *([f"  reference pass  {_size(self.reference):>10}"] if setup.reference_pass else []),
             f"  total           {_size(self.total):>10}",
         ]
@@ -237,11 +242,8 @@ def layer_activation_bytes(
 
 
 def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
-    """Activations kept for the backward pass of one micro-batch, plus the attention mask and prefix keys/values.
-
-    On top of what the layers keep: the embedding output and final norm, and, during the backward pass, one layer's
-    recomputed activations and their gradients.
-    """
+    """Activations kept for the backward pass of one micro-batch: what the layers keep, the embedding output and final
+    norm, and the prefix keys/values (one layer's backward working set is `_layer_backward_bytes`)."""
     element_bytes = _DTYPE_BYTES[setup.weight_dtype]
     tokens = setup.rows * setup.seq_length
     full_layers, mlp_layers = setup.layer_modes
@@ -257,11 +259,8 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
         layer_activation_bytes(config, setup, mode_of(index), trained=index >= first_trained)
         for index in range(config.num_layers)
     )
-    backward_working_set = 2 * layer_activation_bytes(
-        config, setup, RECOMPUTE_NONE, trained=first_trained < config.num_layers
-    )
     embedding_and_final_norm = 3 * config.hidden_size * element_bytes
-    activations = tokens * (per_token + backward_working_set + embedding_and_final_norm)
+    activations = tokens * (per_token + embedding_and_final_norm)
     prefix_keys_values = (
         setup.rows
         * config.num_layers
@@ -271,6 +270,18 @@ def _activation_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
         * setup.prefix_tokens
     ) * element_bytes
     return int(activations) + prefix_keys_values
+
+
+def _layer_backward_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
+    """One layer's backward pass: its activations (recomputed if planned so) and their gradients, and with a quantized
+    base the weight bitsandbytes dequantizes to multiply by (the block's largest linear layer in 16 bits)."""
+    trained = method_named(setup.method).trained_layer_count(config, setup.options) > 0
+    activations = 2 * setup.rows * setup.seq_length * layer_activation_bytes(config, setup, RECOMPUTE_NONE, trained)
+    dequantized = 0
+    if setup.quantization_bit:
+        largest = max(fan_in * fan_out for fan_in, fan_out in linear_shapes(config).values())
+        dequantized = largest * _DTYPE_BYTES[COMPUTE_DTYPE]
+    return int(activations) + dequantized
 
 
 def _logits_bytes(config: ChatGLMConfig, setup: TrainingSetup) -> int:
@@ -354,6 +365,7 @@ def estimate_training_memory(config: ChatGLMConfig, setup: TrainingSetup) -> Mem
         optimizer_states=optimizer_states,
         activations=_activation_bytes(config, setup),
         logits=_logits_bytes(config, setup),
+        layer_backward=_layer_backward_bytes(config, setup),
         cpu_offload=cpu_offload,
         reference=_reference_pass_bytes(config, setup),
         num_layers=config.num_layers,

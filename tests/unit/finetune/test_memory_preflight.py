@@ -124,6 +124,17 @@ def test_the_loss_projects_only_the_labelled_tokens_of_a_row():
     assert longest_labelled(SimpleNamespace(max_seq_length=256, data_format="conversations")) is None
 
 
+def test_the_backward_peak_counts_the_larger_of_the_logits_chunk_and_one_layers_backward():
+    # The loss's backward pass ends before the last layer's begins: short rows peak on the logits chunk, long rows
+    # on one layer's activations and their gradients.
+    short = estimate_training_memory(CHATGLM3_6B, TrainingSetup("lora", batch_size=1, seq_length=256, options={"lora_rank": 8}))
+    long = estimate_training_memory(CHATGLM3_6B, TrainingSetup("lora", batch_size=8, seq_length=4096, options={"lora_rank": 8}))
+    for estimate, peak in ((short, short.logits), (long, long.layer_backward)):
+        kept = estimate.weights + estimate.gradients + estimate.optimizer_states + estimate.activations
+        assert estimate.total == kept + peak == kept + max(estimate.logits, estimate.layer_backward)
+    assert short.logits > short.layer_backward and long.layer_backward > long.logits
+
+
 def _resident_bytes(field: str) -> int:
     """A /proc/self/status memory field in bytes."""
     for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
