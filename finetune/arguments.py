@@ -95,7 +95,13 @@ class ModelArguments(*reversed(METHOD_OPTIONS), BaseModelChoice):
         if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
             raise ValueError(f"--memory_budget_gib must be a positive number of GiB, got {self.memory_budget_gib}")
         self.method = selected_method_name(self)
-        trains_base = getattr(METHODS.get(self.method), "trains_base_weights", False)
+        method = METHODS.get(self.method)
+        if getattr(method, "needs_quantized_base", False) and not self.quantization_bit:
+            raise ValueError(
+                f"method {self.method!r} trains on a quantized base: add --quantization_bit 4 (or 8), or choose "
+                "--method lora for a bf16/fp16 base"
+            )
+        trains_base = getattr(method, "trains_base_weights", False)
         if self.quantization_bit and trains_base:
             raise ValueError(
                 f"--quantization_bit {self.quantization_bit} cannot be used with {self.method} fine-tuning (quantized "

@@ -103,6 +103,7 @@ def test_config_file_errors_name_the_file(tiny_model_dir, tmp_path):
     [
         ({"pre_seq_len": 4, "lora_rank": 8}, "select different methods"),
         ({"quantization_bit": 4}, "cannot be used with full fine-tuning"),
+        ({"method": "qlora", "lora_rank": 8}, "trains on a quantized base: add --quantization_bit 4"),
         ({"lora_rank": 8, "quantization_bit": 3}, "must be 4 or 8"),
         ({"prefix_projection": True}, "pass --pre_seq_len too"),
         ({"lora_rank": 8, "lora_target": "query,value"}, "unknown module name"),
