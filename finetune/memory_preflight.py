@@ -131,7 +131,7 @@ class MemoryEstimate:
     logits: int
     cpu_offload: int
     # One layer's activations and their gradients while its backward pass runs (recomputed first if planned so).
-    layer_backward: int = 0
+    layer_backward: int
     reference: int = 0
     num_layers: int = 0
     device_memory: int | None = None
@@ -495,6 +495,12 @@ def _deepspeed_settings(deepspeed: object) -> tuple[int, bool, bool]:
     return stage, offloaded("offload_optimizer"), stage == 3 and offloaded("offload_param")
 
 
+def _data_limits(data_args: object) -> EncodingLimits:
+    """The truncation lengths of (duck-typed) data arguments; a length they lack is None."""
+    names = ("max_source_length", "max_target_length", "max_seq_length")
+    return EncodingLimits(*(getattr(data_args, name, None) for name in names))
+
+
 def longest_row(data_args: object, data_format: str | None = None) -> int | None:
     """The longest training row the data arguments allow, or None when they bound nothing.
 
@@ -504,8 +510,7 @@ def longest_row(data_args: object, data_format: str | None = None) -> int | None
     if getattr(data_args, "packing", False) and getattr(data_args, "packing_length", None):
         return data_args.packing_length
     data_format = data_format or getattr(data_args, "data_format", None)
-    names = ("max_source_length", "max_target_length", "max_seq_length")
-    limits = EncodingLimits(*(getattr(data_args, name, None) for name in names))
+    limits = _data_limits(data_args)
     if data_format in FORMATS and FORMATS[data_format].longest_row(limits):
         return FORMATS[data_format].longest_row(limits)
     bounds = [bound for known in FORMATS.values() if (bound := known.longest_row(limits))]
@@ -518,8 +523,7 @@ def longest_labelled(data_args: object, data_format: str | None = None) -> int |
     if getattr(data_args, "packing", False):
         return None
     data_format = data_format or getattr(data_args, "data_format", None)
-    names = ("max_source_length", "max_target_length", "max_seq_length")
-    limits = EncodingLimits(*(getattr(data_args, name, None) for name in names))
+    limits = _data_limits(data_args)
     if data_format in FORMATS:
         return FORMATS[data_format].longest_labelled(limits)
     bounds = [known.longest_labelled(limits) for known in FORMATS.values()]

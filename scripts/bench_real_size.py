@@ -174,6 +174,7 @@ def training_argv(
     settings = {
         "model_name_or_path": model,
         "train_file": data,
+        "data_format": "input_output",
         "output_dir": output,
         "data_cache_dir": cache,
         "do_train": True,
@@ -207,9 +208,7 @@ def training_estimate(argv: list[str], tokens: int) -> tuple[float, float, str]:
         pre_seq_len=model_args.pre_seq_len,
         prefix_projection=model_args.prefix_projection,
     )
-    estimate = run_preflight(
-        config, model_args, data_args, training_args, seq_length=tokens, labelled_tokens=row_lengths(tokens)[1] + 1
-    )
+    estimate = run_preflight(config, model_args, data_args, training_args, seq_length=tokens)
     return estimate.total / GIB, estimate.weights / GIB, estimate.setup.recompute.describe(config.num_layers)
 
 
